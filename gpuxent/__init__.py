@@ -1,0 +1,29 @@
+"""gpuxent: fused softmax-cross-entropy on CPU (numba) and GPU (Triton, Numba CUDA), one API."""
+
+from . import nn
+from .functional import (
+    available_backends,
+    binary_cross_entropy,
+    binary_cross_entropy_with_logits,
+    cross_entropy,
+    cross_entropy_and_grad,
+    log_softmax,
+    predict,
+    predict_binary,
+    softmax,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "cross_entropy_and_grad",
+    "log_softmax",
+    "nn",
+    "predict",
+    "predict_binary",
+    "softmax",
+]

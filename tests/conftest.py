@@ -1,0 +1,67 @@
+"""The shared backend fixture.
+
+On a machine without a GPU the GPU backends run through their frameworks' CPU interpreters:
+``TRITON_INTERPRET=1`` and ``NUMBA_ENABLE_CUDASIM=1`` must be set before triton and numba are
+imported, which is why this happens here, at the top, before gpuxent is imported.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import gpuxent as gx  # noqa: E402
+from gpuxent import backends  # noqa: E402
+
+# Tolerances per dtype, in one place: (rtol, atol) for losses and gradients against a float64 reference.
+TOL = {
+    torch.float64: (1e-9, 1e-11),
+    torch.float32: (2e-5, 2e-6),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1e-2),
+}
+
+
+@dataclass(frozen=True)
+class BackendCase:
+    name: str
+    device: torch.device
+    interpreted: bool  # a CPU interpreter of a GPU framework: slow, keep shapes small
+
+    def __str__(self):
+        return self.name
+
+    def tensor(self, a, **kw):
+        return torch.as_tensor(a, **kw).to(self.device)
+
+
+def _cases():
+    out = []
+    for name, spec in backends.REGISTRY.items():
+        gpu = "cuda" in spec.devices
+        device = torch.device("cuda" if gpu and HAS_CUDA else "cpu")
+        ok, why = backends.status()[name]
+        marks = [] if ok else [pytest.mark.skip(reason=f"{name}: {why}")]
+        out.append(pytest.param(BackendCase(name, device, gpu and not HAS_CUDA), id=name, marks=marks))
+    return out
+
+
+@pytest.fixture(params=_cases())
+def backend(request) -> BackendCase:
+    return request.param
+
+
+@pytest.fixture
+def rng():
+    """A fresh generator per test, seeded from the OS: every run draws new inputs."""
+    seed = int(np.random.SeedSequence().entropy % (2**32))
+    print(f"rng seed: {seed}")
+    return np.random.default_rng(seed)
