@@ -1,0 +1,282 @@
+"""Fused linear + cross-entropy: the loss of ``hidden @ weight.T + bias`` without the (N, r) logits.
+
+A language model's last layer maps N hidden states of width d to r classes (the vocabulary). The
+logits alone are N*r elements (8192 x 65536 float32 = 2 GiB), and PyTorch's ``F.linear`` +
+``F.cross_entropy`` keep several tensors of that size alive at once (logits, log-softmax, their
+gradients). Here the rows go through in chunks of ``chunk_size``:
+
+1. ``logits_c = h_c @ W.T + b`` into one reusable (chunk_size, r) buffer (torch matmul);
+2. the fused backend kernel reduces the chunk to its per-row losses and writes the chunk's logit
+   gradient ``g_c``, already scaled for the reduction, back into the same buffer (in place);
+3. ``g_c`` goes straight into the parameter gradients: ``grad_hidden[c] = g_c @ W``,
+   ``grad_weight += g_c.T @ h_c``, ``grad_bias += g_c.sum(0)`` (accumulated in float32, or float64
+   for float64 inputs), and the buffer is reused by the next chunk.
+
+So the extra memory is one chunk of logits plus the gradients of the inputs, whatever N is, and the
+work is the same three matmuls as the unfused version plus one fused pass over each chunk.
+
+Like Liger-Kernel's fused linear cross-entropy, the forward computes the gradients when an input
+requires grad (the chunk's logits exist only there); the backward only scales them by
+``grad_output``. For ``reduction="mean"`` the denominator (the summed class weight of the kept rows)
+is computed first, on the device, so each chunk's gradient is scaled right away.
+
+``reduction="none"`` is the exception: its ``grad_output`` is a vector, and ``grad_weight =
+sum_i grad_output_i g_i^T h_i`` does not factor out of the sum. So its forward stores nothing and
+computes the losses only; the backward runs the chunks again (one more matmul per chunk) and scales
+each row of ``g_c`` by ``grad_output`` before the gradient matmuls. Every ``grad_output`` is then
+exact, uniform or not.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .autograd import compute_dtype, scale_grad
+from .functional import _check_device, _check_float, _denominator, _out, _prepare_ce, _select, _to_tensor
+
+# A chunk of logits of about this many bytes: large enough for efficient matmuls, small next to the
+# (N, r) logits it replaces.
+CHUNK_BYTES = 128 * 2**20
+
+
+def default_chunk_size(n_classes: int, dtype: torch.dtype) -> int:
+    """Rows per chunk so that a chunk of logits holds about ``CHUNK_BYTES`` (128 MiB)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return max(1, CHUNK_BYTES // max(1, n_classes * itemsize))
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_linear(hidden, weight, target, bias, ce_weight, chunk_size):
+    """Shape, dtype and device checks of the linear part; the CE keywords are checked by ``_prepare_ce``."""
+    _check_float(hidden, "hidden")
+    _check_float(weight, "weight")
+    if hidden.dim() == 0:
+        raise ValueError("hidden: expected shape (..., d) with the features on the last axis, got a scalar")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected shape (r, d) (classes x features), got {tuple(weight.shape)}")
+    n_classes, d = weight.shape
+    if n_classes == 0:
+        raise ValueError("weight: the class axis is empty (r = 0)")
+    if hidden.shape[-1] != d:
+        raise ValueError(
+            f"hidden: last axis has {hidden.shape[-1]} features but weight has shape {tuple(weight.shape)} (r, d); "
+            f"expected hidden of shape (..., {d})"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}; use one dtype")
+    _check_device(hidden, weight, "weight")
+    _check_device(hidden, target, "target")
+    if bias is not None:
+        _check_device(hidden, bias, "bias")
+        _check_float(bias, "bias")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias: dtype {bias.dtype} differs from hidden's {hidden.dtype}; use one dtype")
+        if bias.shape != (n_classes,):
+            raise ValueError(f"bias: expected shape ({n_classes},), one bias per class, got {tuple(bias.shape)}")
+    if ce_weight is not None:
+        _check_device(hidden, ce_weight, "ce_weight")
+        _check_float(ce_weight, "ce_weight")
+        if ce_weight.shape != (n_classes,):
+            raise ValueError(
+                f"ce_weight: expected shape ({n_classes},), one weight per class, got {tuple(ce_weight.shape)}"
+            )
+    batch_shape = hidden.shape[:-1]
+    if target.dtype.is_floating_point:
+        if target.shape != (*batch_shape, n_classes):
+            if target.shape == batch_shape:
+                raise TypeError(
+                    f"target: a float tensor of shape {tuple(target.shape)} where class indices are expected; pass "
+                    f"an integer tensor (or float probabilities of shape {(*batch_shape, n_classes)})"
+                )
+            raise ValueError(
+                f"target: probability targets must have shape hidden.shape[:-1] + (r,) = "
+                f"{(*batch_shape, n_classes)}, got {tuple(target.shape)}"
+            )
+    elif target.shape != batch_shape:
+        raise ValueError(
+            f"target: class indices must have shape hidden.shape[:-1] = {tuple(batch_shape)}, got {tuple(target.shape)}"
+        )
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected None or an int >= 1 (rows per chunk), got {chunk_size!r}")
+
+
+# --------------------------------------------------------------------------- the chunked core
+
+
+class _Problem:
+    """The checked, flattened arguments of one call, and the chunk loop over them."""
+
+    def __init__(self, hidden, weight, target, bias, ce_weight, opts, backend, chunk_size):
+        ignore_index, reduction, label_smoothing, z_loss, softcap = opts
+        _check_linear(hidden, weight, target, bias, ce_weight, chunk_size)
+        n_classes, d = weight.shape
+        # A stand-in for the logits that costs no memory (stride 0 over the rows): it lets
+        # ``_prepare_ce`` check the CE keywords and the targets exactly as ``cross_entropy`` does.
+        logits_like = hidden.new_empty(n_classes).expand(*hidden.shape[:-1], n_classes)
+        _, t, w, is_prob = _prepare_ce(
+            logits_like, target, ce_weight, ignore_index, reduction, label_smoothing, z_loss, softcap
+        )
+        self.h = hidden.detach().reshape(-1, d)
+        self.weight = weight.detach()
+        self.bias = None if bias is None else bias.detach()
+        self.t, self.w, self.is_prob = t, w, is_prob
+        self.n_rows = self.h.shape[0]
+        self.batch_shape = hidden.shape[:-1]
+        self.dtype = hidden.dtype
+        self.dt = compute_dtype(hidden.dtype)
+        self.reduction = reduction
+        self.softcap = softcap
+        self.kw = dict(ignore_index=int(ignore_index), label_smoothing=float(label_smoothing), z_loss=float(z_loss))
+        self.module = _select(self.h, backend)
+        self.chunk_size = chunk_size or default_chunk_size(n_classes, hidden.dtype)
+        self.denom = None
+        if reduction == "mean":
+            self.denom = _denominator(t, w, is_prob, int(ignore_index), self.n_rows, self.dt)
+
+    def run(self, want=(False, False, False), row_scale=None):
+        """Per-row losses, and the gradients asked for by ``want`` = (hidden, weight, bias).
+
+        The logit gradient of each chunk is scaled by 1/denominator for a mean, and row by row by
+        ``row_scale`` (a (N,) tensor) when given.
+        """
+        n_rows, dt = self.n_rows, self.dt
+        n_classes, d = self.weight.shape
+        want_grad = any(want)
+        grad_scale = None if self.denom is None else 1.0 / self.denom
+        loss_rows = torch.empty(n_rows, dtype=dt, device=self.h.device)
+        grad_h = torch.empty_like(self.h) if want[0] else None
+        acc_w = torch.zeros((n_classes, d), dtype=dt, device=self.h.device) if want[1] else None
+        acc_b = torch.zeros(n_classes, dtype=dt, device=self.h.device) if want[2] else None
+        rows = min(self.chunk_size, max(n_rows, 1))
+        buf = torch.empty((rows, n_classes), dtype=self.dtype, device=self.h.device)
+        # The kernel writes the gradient over the logits it has read; with a softcap it needs the
+        # raw logits again for the tanh's derivative, so the gradient gets its own buffer.
+        gbuf = torch.empty_like(buf) if (want_grad and self.softcap) else buf
+        wt = self.weight.t()
+        for lo in range(0, n_rows, rows):
+            hi = min(lo + rows, n_rows)
+            h_c = self.h[lo:hi]
+            logits = buf[: hi - lo]
+            if self.bias is None:
+                torch.mm(h_c, wt, out=logits)
+            else:
+                torch.addmm(self.bias, h_c, wt, out=logits)
+            g = gbuf[: hi - lo] if want_grad else None
+            loss_c, _ = self.module.cross_entropy(
+                logits, self.t[lo:hi], self.w, softcap=self.softcap, grad_scale=grad_scale, grad=g, **self.kw
+            )
+            loss_rows[lo:hi] = loss_c
+            if not want_grad:
+                continue
+            if row_scale is not None:
+                g.mul_(row_scale[lo:hi, None].to(g.dtype))
+            if want[0]:
+                torch.mm(g, self.weight, out=grad_h[lo:hi])
+            if want[1]:
+                if g.dtype == dt:
+                    acc_w.addmm_(g.t(), h_c)
+                else:  # half inputs: the matmul in half (as autograd would), the sum in float32
+                    acc_w += torch.mm(g.t(), h_c).to(dt)
+            if want[2]:
+                acc_b += g.sum(0, dtype=dt)
+        return loss_rows, grad_h, acc_w, acc_b
+
+    def reduce(self, loss_rows):
+        if self.reduction == "none":
+            return loss_rows.reshape(self.batch_shape)
+        if self.reduction == "sum":
+            return loss_rows.sum()
+        return loss_rows.sum() / self.denom
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, problem):
+        want = tuple(ctx.needs_input_grad[:3])
+        ctx.problem = problem
+        ctx.shapes = (hidden.shape, weight.dtype)
+        if problem.reduction == "none":  # grads recomputed in backward, scaled row by row
+            loss_rows = problem.run()[0]
+            ctx.save_for_backward(hidden, weight, bias)
+        else:
+            loss_rows, grad_h, grad_w, grad_b = problem.run(want)
+            ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return problem.reduce(loss_rows)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        problem = ctx.problem
+        hidden_shape, dtype = ctx.shapes
+        want = tuple(ctx.needs_input_grad[:3])
+        if problem.reduction == "none":
+            row_scale = grad_output.reshape(-1).to(problem.dt)
+            _, grad_h, grad_w, grad_b = problem.run(want, row_scale=row_scale)
+        else:
+            grad_h, grad_w, grad_b = (None if g is None else scale_grad(g, grad_output) for g in ctx.saved_tensors)
+        grad_h = None if grad_h is None else grad_h.reshape(hidden_shape)
+        grad_w = None if grad_w is None else grad_w.to(dtype)
+        grad_b = None if grad_b is None else grad_b.to(dtype)
+        return grad_h, grad_w, grad_b, None
+
+
+def linear_cross_entropy(
+    hidden,
+    weight,
+    target,
+    bias=None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    ce_weight=None,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    backend: str | None = None,
+    chunk_size: int | None = None,
+):
+    """Cross-entropy of ``hidden @ weight.T + bias`` without materialising the (N, r) logits.
+
+    Equals ``cross_entropy(F.linear(hidden, weight, bias), target, ...)`` in loss and in the
+    gradients of ``hidden``, ``weight`` and ``bias``, while holding only ``chunk_size`` rows of
+    logits at a time.
+
+    Args:
+        hidden: ``(..., d)`` float array or tensor; leading axes are flattened into N rows.
+        weight: ``(r, d)`` the linear layer's weight (as in ``torch.nn.Linear``), same dtype as ``hidden``.
+        target: class indices of shape ``hidden.shape[:-1]`` (integers), or probabilities of shape
+            ``hidden.shape[:-1] + (r,)`` (floats; they get no gradient).
+        bias: ``(r,)`` or None.
+        ignore_index, reduction, label_smoothing, z_loss, softcap, backend: as in
+            :func:`gpuxent.cross_entropy`.
+        ce_weight: ``(r,)`` class weights of the cross-entropy (``cross_entropy``'s ``weight``;
+            renamed because ``weight`` is the linear layer's here). A mean divides by the summed
+            weight of the kept rows.
+        chunk_size: rows per chunk; default: a chunk of logits of about 128 MiB.
+
+    Returns:
+        The loss as the input's kind: a 0-d tensor / numpy scalar, or per-row values of shape
+        ``hidden.shape[:-1]`` for ``reduction="none"``; float32 for half inputs.
+
+    Memory: one ``(chunk_size, r)`` buffer of logits (two with a softcap, when gradients are asked
+    for) besides the gradients themselves. When ``hidden``, ``weight`` or ``bias`` requires grad, the
+    forward computes their gradients (the backward only scales them), except for ``reduction="none"``,
+    whose backward runs the chunks again to weight each row by its ``grad_output``.
+    """
+    as_numpy = not isinstance(hidden, torch.Tensor)
+    h = _to_tensor(hidden, "hidden")
+    w = _to_tensor(weight, "weight")
+    t = _to_tensor(target, "target")
+    b = None if bias is None else _to_tensor(bias, "bias")
+    cw = None if ce_weight is None else _to_tensor(ce_weight, "ce_weight")
+    problem = _Problem(h, w, t, b, cw, (ignore_index, reduction, label_smoothing, z_loss, softcap), backend, chunk_size)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, w, b))
+    if needs_grad:
+        loss = _LinearCrossEntropy.apply(h, w, b, problem)
+    else:
+        with torch.no_grad():
+            loss = problem.reduce(problem.run()[0])
+    return _out(loss, as_numpy)
