@@ -1,0 +1,527 @@
+"""CUDA backend: fused softmax-cross-entropy kernels written with ``numba.cuda.jit``.
+
+A group of ``threads_per_row`` threads (a power of two) owns one row; a block holds one group for
+long rows and several for short ones. Each thread walks its row with a stride of
+``threads_per_row`` and keeps a running ``(max, sum of exp(x - max))`` pair, merged with the other
+threads of its group by a tree reduction in shared memory (``syncthreads`` only: the CUDA simulator
+has no warp shuffles). The gradient pass of the same launch reads the row a second time and writes
+the gradient, so forward+backward reads the logits twice and writes the gradient once.
+
+Byte model, forward+backward, class targets: read 2*N*r logits, write N*r gradient, read N targets,
+write N losses and N lse (probability targets: read N*r probabilities twice more).
+
+Arithmetic runs in the compute dtype (float32, float64 for float64 input): each dtype gets its own
+kernels whose constants carry that dtype, so no float64 literal silently widens float32 math.
+Row and element offsets are int64. Half inputs are widened to float32 by torch before the launch.
+
+Data comes as torch tensors: on a GPU they become zero-copy device arrays
+(``__cuda_array_interface__``) and kernels run on PyTorch's current stream; under
+``NUMBA_ENABLE_CUDASIM=1`` the tensors live on the CPU and are copied into the simulator's arrays.
+Tensors on the other device (CPU data on a real GPU, CUDA data under the simulator) are moved there
+and the results moved back.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from functools import cache
+
+import numba
+import numpy as np
+import torch
+
+try:  # a missing or broken numba.cuda makes the backend unavailable, not gpuxent unimportable
+    from numba import cuda
+except Exception as exc:  # pragma: no cover - depends on the installation
+    cuda = None
+    _IMPORT_ERROR = f"numba.cuda cannot be imported: {type(exc).__name__}: {exc}"
+else:
+    _IMPORT_ERROR = ""
+
+NAME = "numba_cuda"
+SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+# Shared-memory arrays need a compile-time size: the largest block; the launch picks the real one.
+MAX_THREADS = 1024
+# The simulator runs every thread as a Python thread: keep blocks tiny there.
+MAX_THREADS_PER_ROW = 8 if SIMULATOR else 1024
+MIN_THREADS_PER_ROW = 1 if SIMULATOR else 32  # a warp
+THREADS_PER_BLOCK = 16 if SIMULATOR else 256  # target block size when several rows share a block
+ELEMENTS_PER_THREAD = 4  # a row of r classes gets about r / 4 threads, up to MAX_THREADS_PER_ROW
+MAX_BLOCKS = 4 if SIMULATOR else 16384  # more rows than that loop (grid-stride over rows)
+
+
+def is_available() -> tuple[bool, str]:
+    if cuda is None:
+        return False, _IMPORT_ERROR
+    try:
+        if not cuda.is_available():
+            return False, "numba.cuda finds no CUDA GPU (set NUMBA_ENABLE_CUDASIM=1 for the simulator)"
+    except Exception as exc:  # a broken driver or toolkit
+        return False, f"numba.cuda: {type(exc).__name__}: {exc}"
+    if SIMULATOR:
+        return True, f"numba {numba.__version__} CUDA simulator (NUMBA_ENABLE_CUDASIM=1) on CPU tensors"
+    return (
+        True,
+        f"numba {numba.__version__} CUDA on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'GPU'}",
+    )
+
+
+def supports(device: torch.device) -> bool:
+    # CUDA tensors natively (under the simulator: copied to the CPU and back); CPU tensors natively
+    # under the simulator, else copied to the GPU and back.
+    return device.type in ("cuda", "cpu")
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@cache
+def _kernels(dtype: np.dtype):
+    """(cross-entropy, softmax, bce, bce-with-logits) kernels computing in ``dtype``."""
+    f = dtype.type
+    ZERO, ONE, TWO, NEG_INF, NAN = f(0), f(1), f(2), f(-math.inf), f(math.nan)
+    LOG_FLOOR, TINY = f(-100), f(1e-12)  # torch's BCE clamps each log at -100 and p(1-p) at 1e-12
+    int64 = numba.int64
+
+    @cuda.jit(device=True)
+    def push(m, s, y):
+        """Add y to the running pair (m, s = sum exp(x - m)); -inf adds nothing, NaN poisons s."""
+        if y > m:
+            return y, s * math.exp(m - y) + ONE
+        if y != NEG_INF:
+            s += math.exp(y - m)
+        return m, s
+
+    @cuda.jit(device=True)
+    def merge(m_a, s_a, m_b, s_b):
+        """The pair of two disjoint parts; parts with max -inf add their s (0 or NaN) as is."""
+        m = max(m_a, m_b)
+        if m == NEG_INF:
+            return m, s_a + s_b
+        return m, s_a * math.exp(m_a - m) + s_b * math.exp(m_b - m)
+
+    @cuda.jit(device=True)
+    def block_reduce(sm_m, sm_s, sm_a, sm_b, tid, lane, threads_per_row, m, s, a, b):
+        """Merge (m, s) and sum a, b over the ``threads_per_row`` threads of each row group.
+
+        Every thread of the block must call it (it holds ``syncthreads``); the group's result comes
+        back to all its threads.
+        """
+        sm_m[tid] = m
+        sm_s[tid] = s
+        sm_a[tid] = a
+        sm_b[tid] = b
+        cuda.syncthreads()
+        stride = threads_per_row // 2
+        while stride > 0:
+            if lane < stride:
+                m, s = merge(m, s, sm_m[tid + stride], sm_s[tid + stride])
+                a += sm_a[tid + stride]
+                b += sm_b[tid + stride]
+                sm_m[tid] = m
+                sm_s[tid] = s
+                sm_a[tid] = a
+                sm_b[tid] = b
+            cuda.syncthreads()
+            stride //= 2
+        first = tid - lane
+        m, s, a, b = sm_m[first], sm_s[first], sm_a[first], sm_b[first]
+        cuda.syncthreads()  # the slots are rewritten for the next row
+        return m, s, a, b
+
+    @cuda.jit(device=True)
+    def log_sum(m, s):
+        # s is 0 only for an all -inf row (no log(0): the simulator's math.log raises on it)
+        return NEG_INF if s == ZERO else m + math.log(s)
+
+    @cuda.jit
+    def ce_kernel(
+        logits, target, probs, weight, grad_scale, grad, loss, lse,
+        ignore_index, smoothing, eps_r, z_loss, softcap, prob, has_weight, want_grad, threads_per_row,
+    ):  # fmt: skip
+        sm_m = cuda.shared.array(MAX_THREADS, dtype)
+        sm_s = cuda.shared.array(MAX_THREADS, dtype)
+        sm_a = cuda.shared.array(MAX_THREADS, dtype)
+        sm_b = cuda.shared.array(MAX_THREADS, dtype)
+        n_rows = logits.shape[0]
+        n_classes = logits.shape[1]
+        tid = int64(cuda.threadIdx.x)
+        lane = tid % threads_per_row
+        rows_per_block = int64(cuda.blockDim.x) // threads_per_row
+        keep = ONE - smoothing
+        inv_cap = ONE / softcap if softcap > ZERO else ZERO
+        scale = grad_scale[0]
+        # Every thread runs the same number of iterations: syncthreads inside must not diverge.
+        base = int64(cuda.blockIdx.x) * rows_per_block
+        while base < n_rows:
+            row = base + tid // threads_per_row
+            live = row < n_rows
+            kept = live
+            t = int64(-1)
+            y_t = ZERO
+            w_t = ZERO
+            if live and not prob:
+                t = int64(target[row])
+                kept = t != ignore_index
+                if kept and (t < 0 or t >= n_classes):  # never read out of bounds: a NaN row instead
+                    t = -1
+                    y_t = NAN
+                    w_t = NAN
+                elif kept:  # read before any thread overwrites the row (in-place gradient)
+                    y_t = logits[row, t]
+                    if softcap > ZERO:
+                        y_t = softcap * math.tanh(y_t * inv_cap)
+                    w_t = weight[t] if has_weight else ONE
+
+            # pass 1: (max, sum exp) and, for smoothing or probability targets, the weighted sums
+            # a = sum_j w_j q'_j y_j and b = sum_j w_j q'_j, with q' = keep * q + eps_r
+            # (class targets: a = sum_j w_j y_j, b = sum_j w_j)
+            m = NEG_INF
+            s = ZERO
+            a = ZERO
+            b = ZERO
+            if kept:
+                for j in range(lane, n_classes, threads_per_row):
+                    y = logits[row, j]
+                    if softcap > ZERO:
+                        y = softcap * math.tanh(y * inv_cap)
+                    m, s = push(m, s, y)
+                    w = weight[j] if has_weight else ONE
+                    if prob:
+                        wq = w * (keep * probs[row, j] + eps_r)
+                        a += wq * y
+                        b += wq
+                    elif smoothing > ZERO:
+                        a += w * y
+                        b += w
+            m, s, a, b = block_reduce(sm_m, sm_s, sm_a, sm_b, tid, lane, threads_per_row, m, s, a, b)
+            if not live:
+                base += int64(cuda.gridDim.x) * rows_per_block
+                continue
+            if not kept:
+                if lane == 0:
+                    loss[row] = ZERO
+                    lse[row] = ZERO
+                if want_grad:
+                    for j in range(lane, n_classes, threads_per_row):
+                        grad[row, j] = ZERO
+                base += int64(cuda.gridDim.x) * rows_per_block
+                continue
+
+            lse_row = log_sum(m, s)
+            # loss = coef_p * lse - (linear terms); d loss / d y_j = coef_p * p_j - (target mass)_j
+            if prob:
+                loss_row = b * lse_row - a
+                coef_p = b
+            else:
+                loss_row = keep * w_t * (lse_row - y_t)
+                coef_p = keep * w_t
+                if smoothing > ZERO:
+                    loss_row += eps_r * (b * lse_row - a)
+                    coef_p += eps_r * b
+            if z_loss > ZERO:
+                loss_row += z_loss * lse_row * lse_row
+                coef_p += TWO * z_loss * lse_row
+            if lane == 0:
+                loss[row] = loss_row
+                lse[row] = lse_row
+
+            # pass 2: the gradient, scale * (coef_p * p_j - w_j q'_j), times the softcap's tanh'
+            if want_grad:
+                a_p = scale * coef_p
+                for j in range(lane, n_classes, threads_per_row):
+                    y = logits[row, j]
+                    th = ZERO
+                    if softcap > ZERO:
+                        th = math.tanh(y * inv_cap)
+                        y = softcap * th
+                    g = ZERO if y == NEG_INF else a_p * math.exp(y - lse_row)
+                    w = weight[j] if has_weight else ONE
+                    if prob:
+                        g -= scale * w * (keep * probs[row, j] + eps_r)
+                    elif smoothing > ZERO:
+                        g -= scale * eps_r * w
+                    if j == t:
+                        g -= scale * keep * w_t
+                    if softcap > ZERO:
+                        g *= ONE - th * th
+                    grad[row, j] = g
+            base += int64(cuda.gridDim.x) * rows_per_block
+
+    @cuda.jit
+    def softmax_kernel(x, out, log, threads_per_row):
+        sm_m = cuda.shared.array(MAX_THREADS, dtype)
+        sm_s = cuda.shared.array(MAX_THREADS, dtype)
+        sm_a = cuda.shared.array(MAX_THREADS, dtype)
+        sm_b = cuda.shared.array(MAX_THREADS, dtype)
+        n_rows = x.shape[0]
+        n_classes = x.shape[1]
+        tid = int64(cuda.threadIdx.x)
+        lane = tid % threads_per_row
+        rows_per_block = int64(cuda.blockDim.x) // threads_per_row
+        base = int64(cuda.blockIdx.x) * rows_per_block
+        while base < n_rows:
+            row = base + tid // threads_per_row
+            live = row < n_rows
+            m = NEG_INF
+            s = ZERO
+            if live:
+                for j in range(lane, n_classes, threads_per_row):
+                    m, s = push(m, s, x[row, j])
+            m, s, _, _ = block_reduce(sm_m, sm_s, sm_a, sm_b, tid, lane, threads_per_row, m, s, ZERO, ZERO)
+            if live:
+                lse_row = log_sum(m, s)
+                for j in range(lane, n_classes, threads_per_row):
+                    y = x[row, j]
+                    if log:
+                        out[row, j] = y - lse_row
+                    else:
+                        out[row, j] = ZERO if y == NEG_INF else math.exp(y - lse_row)
+            base += int64(cuda.gridDim.x) * rows_per_block
+
+    @cuda.jit
+    def bce_kernel(p, y, w, loss, grad, has_weight, want_grad):
+        start = int64(cuda.blockIdx.x) * int64(cuda.blockDim.x) + int64(cuda.threadIdx.x)
+        step = int64(cuda.gridDim.x) * int64(cuda.blockDim.x)
+        for i in range(start, p.shape[0], step):
+            pi = p[i]
+            yi = y[i]
+            wi = w[i] if has_weight else ONE
+            log_p = max(math.log(pi), LOG_FLOOR) if pi > ZERO else LOG_FLOOR
+            log_1mp = max(math.log1p(-pi), LOG_FLOOR) if pi < ONE else LOG_FLOOR
+            loss[i] = -wi * (yi * log_p + (ONE - yi) * log_1mp)
+            if want_grad:
+                grad[i] = wi * (pi - yi) / max((ONE - pi) * pi, TINY)
+
+    @cuda.jit
+    def bce_logits_kernel(x, y, w, pos_weight, loss, grad, has_weight, has_pos_weight, want_grad):
+        start = int64(cuda.blockIdx.x) * int64(cuda.blockDim.x) + int64(cuda.threadIdx.x)
+        step = int64(cuda.gridDim.x) * int64(cuda.blockDim.x)
+        for i in range(start, x.shape[0], step):
+            xi = x[i]
+            yi = y[i]
+            wi = w[i] if has_weight else ONE
+            pw = pos_weight[i] if has_pos_weight else ONE
+            lw = (pw - ONE) * yi + ONE  # the log-weight: pos_weight on the positive term
+            e = math.exp(-abs(xi))  # never overflows
+            softplus_neg = max(-xi, ZERO) + math.log1p(e)  # log(1 + exp(-x))
+            loss[i] = wi * ((ONE - yi) * xi + lw * softplus_neg)
+            if want_grad:
+                sig = ONE / (ONE + e) if xi >= ZERO else e / (ONE + e)
+                grad[i] = wi * (lw * sig - pw * yi)
+
+    return ce_kernel, softmax_kernel, bce_kernel, bce_logits_kernel
+
+
+# --------------------------------------------------------------------------- launch helpers
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    return np.dtype(np.float64) if dtype == torch.float64 else np.dtype(np.float32)
+
+
+def _row_layout(n_classes: int) -> tuple[int, int]:
+    """(threads per row, a power of two; rows per block)."""
+    want = max(1, -(-n_classes // ELEMENTS_PER_THREAD))
+    tpr = 1 << (want - 1).bit_length()
+    tpr = max(MIN_THREADS_PER_ROW, min(MAX_THREADS_PER_ROW, MAX_THREADS, tpr))
+    return tpr, max(1, min(THREADS_PER_BLOCK, MAX_THREADS) // tpr)
+
+
+def _grid(n_items: int, per_block: int) -> int:
+    return max(1, min(MAX_BLOCKS, -(-n_items // per_block)))
+
+
+def _kernel_device() -> str:
+    return "cpu" if SIMULATOR else "cuda"
+
+
+class _Launch:
+    """Kernel arguments made from torch tensors, and the launch on the right device and stream.
+
+    On a GPU a tensor becomes a zero-copy device array. The simulator copies numpy arguments into
+    its own arrays anyway (and back after the launch, once per argument, which would break an
+    aliased in-place gradient), so there each tensor is copied once here, one array per buffer, and
+    ``write_back`` copies the outputs back.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._arrays: dict[tuple, object] = {}
+
+    def _key(self, t: torch.Tensor) -> tuple:
+        return t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype
+
+    def __call__(self, t: torch.Tensor):
+        key = self._key(t)
+        if key not in self._arrays:
+            if SIMULATOR:
+                self._arrays[key] = cuda.to_device(np.ascontiguousarray(t.detach().numpy()))
+            else:
+                with cuda.gpus[self.device.index or 0]:
+                    self._arrays[key] = cuda.as_cuda_array(t.detach(), sync=False)
+        return self._arrays[key]
+
+    def launch(self, kernel, grid: int, block: int, *args) -> None:
+        if SIMULATOR:
+            kernel[grid, block](*args)
+            return
+        with cuda.gpus[self.device.index or 0]:
+            stream = cuda.external_stream(torch.cuda.current_stream(self.device).cuda_stream)
+            kernel[grid, block, stream](*args)
+
+    def write_back(self, t: torch.Tensor) -> None:
+        if SIMULATOR:
+            t.copy_(torch.from_numpy(self._arrays[self._key(t)].copy_to_host()).view(t.shape))
+
+
+def _moved(fn):
+    """Run ``fn`` on the kernels' device: tensors elsewhere are moved there, results moved back."""
+    here = torch.device(_kernel_device())
+
+    def move(v):
+        return v.to(here) if isinstance(v, torch.Tensor) else v
+
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        if first.device.type == here.type:
+            return fn(first, *args, **kwargs)
+        home = first.device
+        grad = kwargs.get("grad")
+        moved = move(first)
+        kwargs = {k: move(v) for k, v in kwargs.items()}
+        if grad is not None:  # an in-place gradient stays aliased with its logits there
+            inplace = grad.data_ptr() == first.data_ptr() and grad.dtype == first.dtype
+            kwargs["grad"] = moved if inplace else torch.empty(grad.shape, dtype=grad.dtype, device=here)
+        out = fn(moved, *[move(a) for a in args], **kwargs)
+        if grad is not None:
+            grad.copy_(kwargs["grad"])
+        return tuple(o.to(home) for o in out) if isinstance(out, tuple) else out.to(home)
+
+    return wrapper
+
+
+def _compute(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    return t.detach() if t.dtype == dt else t.detach().to(dt)
+
+
+def _grad_buffer(grad: torch.Tensor, shape, dt: torch.dtype) -> torch.Tensor:
+    """Where the kernel writes: a view of ``grad`` when it is contiguous in the compute dtype,
+    else a scratch buffer copied into ``grad`` after the launch (see ``_finish_grad``)."""
+    if grad.dtype == dt and grad.is_contiguous():
+        return grad.view(shape)
+    return torch.empty(shape, dtype=dt, device=grad.device)
+
+
+def _finish_grad(args: _Launch, g: torch.Tensor, grad: torch.Tensor | None) -> None:
+    if grad is None:
+        return
+    args.write_back(g)
+    if g.data_ptr() != grad.data_ptr() or g.dtype != grad.dtype:
+        grad.copy_(g.view(grad.shape))
+
+
+# --------------------------------------------------------------------------- the contract
+
+
+@_moved
+def cross_entropy(
+    logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap, grad_scale, grad
+):  # fmt: skip
+    """Per-row loss and lse of a (N, r) float tensor; see ``gpuxent.backends`` for the contract."""
+    dt = _compute_dtype(logits.dtype)
+    np_dt = _np_dtype(dt)
+    f = np_dt.type
+    dev = logits.device
+    n_rows, n_classes = logits.shape
+    x = _compute(logits, dt)  # half input: widened copy (numba has no bfloat16)
+    prob = target.is_floating_point()
+    loss = torch.empty(n_rows, dtype=dt, device=dev)
+    lse = torch.empty(n_rows, dtype=dt, device=dev)
+    if n_rows == 0:
+        return loss, lse
+    dummy_f = torch.zeros(1, dtype=dt, device=dev)
+    t = torch.zeros(1, dtype=torch.int64, device=dev) if prob else target.detach().to(torch.int64)
+    q = _compute(target, dt) if prob else dummy_f.view(1, 1)
+    w = dummy_f if weight is None else _compute(weight, dt)
+    if grad_scale is None or not isinstance(grad_scale, torch.Tensor):
+        scale = torch.full((1,), 1.0 if grad_scale is None else float(grad_scale), dtype=dt, device=dev)
+    else:  # stays on the device: no host sync
+        scale = grad_scale.detach().reshape(1).to(device=dev, dtype=dt)
+    g = dummy_f.view(1, 1) if grad is None else _grad_buffer(grad, (n_rows, n_classes), dt)
+    tpr, rows_per_block = _row_layout(n_classes)
+    args = _Launch(dev)
+    ce_kernel = _kernels(np_dt)[0]
+    args.launch(
+        ce_kernel, _grid(n_rows, rows_per_block), tpr * rows_per_block,
+        args(x), args(t), args(q), args(w), args(scale), args(g), args(loss), args(lse),
+        int(ignore_index), f(label_smoothing), f(label_smoothing / n_classes), f(z_loss), f(softcap or 0.0),
+        bool(prob), weight is not None, grad is not None, tpr,
+    )  # fmt: skip
+    args.write_back(loss)
+    args.write_back(lse)
+    _finish_grad(args, g, grad)
+    return loss, lse
+
+
+@_moved
+def softmax(x, *, log):
+    """Row softmax (or log-softmax) of a (N, r) tensor, returned in the compute dtype."""
+    dt = _compute_dtype(x.dtype)
+    np_dt = _np_dtype(dt)
+    a = _compute(x, dt)
+    out = torch.empty(a.shape, dtype=dt, device=a.device)
+    n_rows, n_classes = a.shape
+    if n_rows == 0:
+        return out
+    tpr, rows_per_block = _row_layout(n_classes)
+    args = _Launch(a.device)
+    args.launch(
+        _kernels(np_dt)[1], _grid(n_rows, rows_per_block), tpr * rows_per_block, args(a), args(out), bool(log), tpr
+    )
+    args.write_back(out)
+    return out
+
+
+def _elementwise(kernel_index, x, inputs, grad):
+    """Launch an elementwise BCE kernel over flat compute-dtype copies; returns the flat loss."""
+    dt = _compute_dtype(x.dtype)
+    np_dt = _np_dtype(dt)
+    dev = x.device
+    n = x.numel()
+    flat = [_compute(x, dt).reshape(-1)]
+    dummy = torch.zeros(1, dtype=dt, device=dev)
+    flags = []
+    for v in inputs:  # target first (always given), then optional weights
+        flags.append(v is not None)
+        flat.append(dummy if v is None else _compute(v, dt).reshape(-1))
+    loss = torch.empty(n, dtype=dt, device=dev)
+    g = dummy if grad is None else _grad_buffer(grad, (n,), dt)
+    if n == 0:
+        return loss
+    block = THREADS_PER_BLOCK
+    args = _Launch(dev)
+    args.launch(
+        _kernels(np_dt)[kernel_index], _grid(n, block), block,
+        *[args(v) for v in flat], args(loss), args(g), *flags[1:], grad is not None,
+    )  # fmt: skip
+    args.write_back(loss)
+    _finish_grad(args, g, grad)
+    return loss
+
+
+@_moved
+def binary_cross_entropy(probs, target, weight, *, grad):
+    """Elementwise BCE on probabilities, flat, in the compute dtype; ``grad`` gets d loss / d p."""
+    return _elementwise(2, probs, (target, weight), grad)
+
+
+@_moved
+def binary_cross_entropy_with_logits(logits, target, weight, pos_weight, *, grad):
+    """Elementwise sigmoid + BCE, flat, in the compute dtype; ``grad`` gets d loss / d x."""
+    return _elementwise(3, logits, (target, weight, pos_weight), grad)
