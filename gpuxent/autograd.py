@@ -59,9 +59,11 @@ def _is_one(t: torch.Tensor) -> bool:
 
 
 def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """``grad * grad_output``, broadcasting a per-row ``grad_output`` over the class axis."""
+    """``grad * grad_output``: a scalar, an elementwise factor, or a per-row one over the class axis."""
     if grad_output.dim() == 0 or grad_output.numel() == 1:
         return grad if _is_one(grad_output) else grad * grad_output.reshape(()).to(grad.dtype)
+    if grad_output.shape == grad.shape:
+        return grad * grad_output.to(grad.dtype)
     return grad * grad_output.reshape(*grad_output.shape, 1).to(grad.dtype)
 
 

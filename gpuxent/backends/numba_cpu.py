@@ -337,6 +337,9 @@ def _ce_kernel(
             lse[i] = lse_i
 
 
+_TORCH_DTYPE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+
+
 def _np(t: torch.Tensor, dtype=None) -> np.ndarray:
     """A numpy view of a CPU tensor (half precision is widened to float32: numpy has no bfloat16)."""
     if t.dtype in (torch.float16, torch.bfloat16):
@@ -356,7 +359,7 @@ def cross_entropy(
     t = np.zeros(1, np.int64) if prob else _np(target, np.int64)
     q = np.ascontiguousarray(_np(target, dt)) if prob else np.zeros((1, 0), dt)
     w = np.ones(n_classes, dt) if weight is None else np.ascontiguousarray(_np(weight, dt))
-    direct = grad is not None and grad.dtype == logits.dtype and grad.is_contiguous()
+    direct = grad is not None and grad.dtype == logits.dtype == _TORCH_DTYPE[dt] and grad.is_contiguous()
     direct = direct and not (softcap and grad.data_ptr() == logits.data_ptr())
     if grad is None:
         g = np.zeros((1, 0), dt)

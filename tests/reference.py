@@ -1,0 +1,53 @@
+"""Float64 PyTorch references the tests compare against, and the comparison helper."""
+
+import torch
+import torch.nn.functional as F
+
+from conftest import TOL
+
+
+def reference_cross_entropy(
+    logits, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
+    grad_output=None,
+):  # fmt: skip
+    """``(loss, grad)`` from torch in float64 on the CPU.
+
+    The loss is ``F.cross_entropy`` (torch's own reduction) plus ``z_loss * lse**2`` for each kept row,
+    reduced like the cross-entropy: a weighted mean divides by the summed weight of the kept rows,
+    probability targets by the number of rows. ``grad`` is d(loss * grad_output)/d logits.
+    """
+    x = logits.detach().cpu().double().requires_grad_()
+    r = x.shape[-1]
+    y = softcap * torch.tanh(x / softcap) if softcap else x
+    y2 = y.reshape(-1, r)
+    prob = target.is_floating_point()
+    t = target.detach().cpu()
+    t2 = t.reshape(-1, r).double() if prob else t.reshape(-1).long()
+    w = None if weight is None else weight.detach().cpu().double()
+    loss = F.cross_entropy(y2, t2, weight=w, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+    if z_loss:
+        kept = torch.ones(y2.shape[0], dtype=torch.float64) if prob else (t2 != ignore_index).double()
+        z = z_loss * torch.logsumexp(y2, -1) ** 2 * kept
+        if reduction == "none":
+            loss = loss + z
+        elif reduction == "sum":
+            loss = loss + z.sum()
+        elif prob:
+            loss = loss + z.sum() / y2.shape[0]
+        else:
+            tw = kept if w is None else w[t2.clamp(0, r - 1)] * kept
+            loss = loss + z.sum() / tw.sum()
+    if reduction == "none":
+        loss = loss.reshape(logits.shape[:-1])
+    go = torch.ones_like(loss) if grad_output is None else grad_output.detach().cpu().double()
+    (loss * go).sum().backward()
+    return loss.detach(), x.grad
+
+
+def assert_close(actual, expected, dtype, what="", scale=1.0):
+    """Compare against a float64 reference with the dtype's tolerances (``scale`` loosens them)."""
+    rtol, atol = TOL[dtype]
+    a = torch.as_tensor(actual).detach().cpu().double()
+    e = torch.as_tensor(expected).detach().cpu().double()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    torch.testing.assert_close(a, e, rtol=rtol * scale, atol=atol * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")
