@@ -1,0 +1,472 @@
+"""GPU backend: fused softmax-cross-entropy kernels written in Triton.
+
+One program handles ``ROWS`` rows (one for large vocabularies, several for small ones) and walks
+each row in chunks of ``BLOCK`` classes, twice:
+
+1. an online softmax: the running max ``m`` and sum ``d = sum exp(y - m)``, rescaled whenever the
+   max grows, plus whatever sums the loss needs (``sum_c w_c y_c`` for label smoothing,
+   ``sum_c w_c q'_c`` and ``sum_c w_c q'_c y_c`` for probability targets). The target logit is
+   gathered before this loop, so the gradient may overwrite the logits (in-place gradient).
+   ``lse = m + log(d)`` and the row loss come out of it.
+2. when a gradient is asked for, a second read of the row writes
+   ``grad_j = scale * (coef * p_j - target_term_j)`` (times the softcap's ``1 - tanh^2``), computed in
+   the accumulation dtype before the store, so ``p_t - 1`` stays accurate in bfloat16.
+
+Byte model, forward+backward with class targets: read N*r logits, write N*r gradient, read N
+targets, write N losses and N lse; the second read of a row mostly hits L2 for r up to a few 10^4.
+Forward only: read N*r logits, write 2N. Probability targets add one read of the (N, r) targets per
+loop.
+
+Accumulation is float32 (float64 for float64 inputs). Offsets are 64-bit (the row index is cast to
+int64 before it meets a stride), so N*r above 2^31 works. Float arguments reach a compiled kernel
+as float32, so every float scalar travels as a (hi, lo) pair of float32s that the kernel adds in
+the accumulation dtype: float64 inputs keep 48 bits of ``label_smoothing``, ``z_loss``... .
+
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors through Triton's interpreter, with small
+blocks so that short rows still span several chunks and end in a masked tail.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+NAME = "triton"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Chunk and tile sizes. On a GPU a chunk is 16 KiB of logits; a program of the small-r path covers
+# about TILE elements. The interpreter uses tiny blocks: tests with r of a few hundred then cover
+# several chunks per row, masked tails and several rows per program.
+CHUNK_BYTES = 16384
+TILE = 64 if INTERPRET else 4096
+MAX_BLOCK_INTERPRET = 64
+MAX_ROWS = 4 if INTERPRET else 64
+
+NEG_INF = tl.constexpr(float("-inf"))
+NAN = tl.constexpr(float("nan"))
+
+
+def is_available() -> tuple[bool, str]:
+    if torch.cuda.is_available():
+        return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+    if INTERPRET:
+        return True, f"triton {triton.__version__} interpreter on CPU (TRITON_INTERPRET=1)"
+    return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)"
+
+
+def supports(device: torch.device) -> bool:
+    return device.type == "cuda" or (INTERPRET and device.type == "cpu")
+
+
+# --------------------------------------------------------------------------- host helpers
+
+
+def _split(v: float) -> tuple[float, float]:
+    """``v`` as two float32 values whose sum recovers ~48 bits of it (see the module docstring)."""
+    hi = float(np.float32(v))
+    return hi, float(np.float32(v - hi))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _launch_config(n_classes: int, element_size: int) -> tuple[int, int, int]:
+    """``(BLOCK, ROWS, num_warps)`` for rows of ``n_classes`` elements of ``element_size`` bytes."""
+    max_block = MAX_BLOCK_INTERPRET if INTERPRET else CHUNK_BYTES // element_size
+    block = min(triton.next_power_of_2(n_classes), max_block)
+    rows = max(1, min(MAX_ROWS, TILE // block))
+    num_warps = max(1, min(16, rows * block * element_size // 1024))
+    return block, rows, num_warps
+
+
+def _device_ctx(t: torch.Tensor):
+    """Launch on ``t``'s GPU (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else _nullcontext()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _unit_class_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+# --------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _scalar(hi, lo, like):
+    """The float ``hi + lo`` in ``like``'s dtype and shape (a per-row vector)."""
+    return tl.zeros_like(like) + hi + lo
+
+
+@triton.jit
+def _tanh(u):
+    """tanh without cancellation: odd Taylor series near 0, (1 - e) / (1 + e) with e = exp(-2|u|) beyond."""
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    far = (1 - e) / (1 + e)
+    a2 = a * a
+    near = a * (
+        1
+        + a2
+        * (-0.3333333333333333 + a2 * (0.13333333333333333 + a2 * (-0.05396825396825397 + a2 * 0.021869488536155203)))
+    )
+    t = tl.where(a < 0.125, near, far)
+    return tl.where(u < 0, -t, t)
+
+
+# --------------------------------------------------------------------------- fused cross-entropy
+
+
+@triton.jit
+def _cross_entropy_kernel(
+    logits_ptr, target_ptr, weight_ptr, grad_scale_ptr, grad_ptr, loss_ptr, lse_ptr,
+    stride_logits, stride_target, stride_grad,
+    n_rows, n_classes, ignore_index,
+    smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softcap_lo, scale_hi, scale_lo,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, WANT_GRAD: tl.constexpr, SCALE_IS_PTR: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    acc_dtype = loss_ptr.dtype.element_ty  # float32, or float64 for float64 inputs
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_rows
+    zero = tl.zeros([ROWS], dtype=acc_dtype)
+    smoothing = _scalar(smoothing_hi, smoothing_lo, zero)
+    softcap = _scalar(softcap_hi, softcap_lo, zero)
+    eps_r = smoothing / n_classes
+    x_rows = logits_ptr + rows * stride_logits
+    t_rows = target_ptr + rows * stride_target
+
+    if PROB_TARGET:
+        kept = row_mask
+    else:
+        target = tl.load(t_rows, mask=row_mask, other=ignore_index)
+        kept = row_mask & (target != ignore_index)
+        # functional.py checks the indices on the host; a bad one that slips through (compile mode)
+        # reads nothing out of bounds and gives NaN.
+        valid = (target >= 0) & (target < n_classes)
+        target_safe = tl.where(valid, target, 0)
+        # read before the second loop overwrites the row (in-place gradient)
+        y_t = tl.load(x_rows + target_safe, mask=kept, other=0).to(acc_dtype)
+        if HAS_SOFTCAP:
+            y_t = softcap * _tanh(y_t / softcap)
+        y_t = tl.where(valid, y_t, NAN)
+        if HAS_WEIGHT:
+            w_t = tl.load(weight_ptr + target_safe, mask=kept, other=0).to(acc_dtype)
+        else:
+            w_t = zero + 1
+        w_t = tl.where(valid, w_t, NAN)
+
+    # loop 1: online max and sum of exp, and the sums of the smoothing / probability-target terms
+    m = tl.full([ROWS], NEG_INF, dtype=acc_dtype)
+    d = zero
+    sum_w = zero  # sum_c w_c (label smoothing)
+    sum_wy = zero  # sum_c w_c y_c (label smoothing) or sum_c w_c q'_c y_c (probability targets)
+    sum_wq = zero  # sum_c w_c q'_c, q' = (1 - smoothing) q + smoothing / r (probability targets)
+    for start in range(0, n_classes, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        col_mask = cols < n_classes
+        mask = kept[:, None] & col_mask[None, :]
+        y = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(acc_dtype)
+        if HAS_SOFTCAP:
+            y = tl.where(mask, softcap[:, None] * _tanh(y / softcap[:, None]), NEG_INF)
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=col_mask, other=0).to(acc_dtype)
+        if PROB_TARGET or HAS_SMOOTHING:
+            y_in = tl.where(mask, y, 0)  # masked lanes stay out of every sum
+        if PROB_TARGET:
+            q = tl.load(t_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
+            wq = tl.where(mask, (1 - smoothing[:, None]) * q + eps_r[:, None], 0)
+            if HAS_WEIGHT:
+                wq = wq * w[None, :]
+            sum_wq += tl.sum(wq, axis=1)
+            sum_wy += tl.sum(wq * y_in, axis=1)
+        elif HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                sum_wy += tl.sum(y_in * w[None, :], axis=1)
+                sum_w += tl.sum(w, axis=0)
+            else:
+                sum_wy += tl.sum(y_in, axis=1)
+        m_new = tl.maximum(m, tl.max(y, axis=1))
+        m_shift = tl.where(m_new == NEG_INF, 0, m_new)  # a row of -inf so far must not give -inf - -inf
+        d = d * tl.exp(m - m_shift) + tl.sum(tl.exp(y - m_shift[:, None]), axis=1)
+        m = m_new
+    lse = m + tl.log(tl.where(kept, d, 1))  # ignored rows: no log(0)
+
+    # loss and the coefficient of p_j in the gradient
+    if PROB_TARGET:
+        loss = sum_wq * lse - sum_wy
+        coef = sum_wq
+    else:
+        loss = (1 - smoothing) * w_t * (lse - y_t)
+        coef = (1 - smoothing) * w_t
+        if HAS_SMOOTHING:
+            if not HAS_WEIGHT:
+                sum_w = zero + n_classes
+            loss += eps_r * (sum_w * lse - sum_wy)
+            coef += eps_r * sum_w
+    if HAS_Z_LOSS:
+        z_loss = _scalar(z_loss_hi, z_loss_lo, zero)
+        loss += z_loss * lse * lse
+        coef += 2 * z_loss * lse
+    tl.store(loss_ptr + rows, tl.where(kept, loss, 0), mask=row_mask)
+    tl.store(lse_ptr + rows, tl.where(kept, lse, 0), mask=row_mask)
+
+    # loop 2: grad_j = scale * (coef p_j - w_j q'_j)               (probability targets)
+    #         grad_j = scale * (coef p_j - eps_r w_j - (1 - eps) w_t [j == t])   (class targets)
+    # times 1 - tanh^2 under a softcap; ignored rows get 0.
+    if WANT_GRAD:
+        if SCALE_IS_PTR:
+            scale = zero + tl.load(grad_scale_ptr).to(acc_dtype)
+        else:
+            scale = _scalar(scale_hi, scale_lo, zero)
+        coef = scale * coef
+        g_rows = grad_ptr + rows * stride_grad
+        for start in range(0, n_classes, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            col_mask = cols < n_classes
+            mask = kept[:, None] & col_mask[None, :]
+            x = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
+            if HAS_SOFTCAP:
+                th = _tanh(x / softcap[:, None])
+                y = softcap[:, None] * th
+            else:
+                y = x
+            g = coef[:, None] * tl.exp(y - lse[:, None])
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + cols, mask=col_mask, other=0).to(acc_dtype)
+            if PROB_TARGET:
+                q = tl.load(t_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
+                q = (1 - smoothing[:, None]) * q + eps_r[:, None]
+                if HAS_WEIGHT:
+                    q = q * w[None, :]
+                g -= scale[:, None] * q
+            else:
+                if HAS_SMOOTHING:
+                    if HAS_WEIGHT:
+                        g -= (scale * eps_r)[:, None] * w[None, :]
+                    else:
+                        g -= (scale * eps_r)[:, None]
+                hit = cols[None, :] == target[:, None]
+                g = tl.where(hit, g - (scale * (1 - smoothing) * w_t)[:, None], g)
+            if HAS_SOFTCAP:
+                g = g * (1 - th * th)
+            g = tl.where(kept[:, None], g, 0)
+            tl.store(
+                g_rows[:, None] + cols[None, :],
+                g.to(grad_ptr.dtype.element_ty),
+                mask=row_mask[:, None] & col_mask[None, :],
+            )
+
+
+def cross_entropy(
+    logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap, grad_scale, grad
+):  # fmt: skip
+    """Per-row loss and lse of a (N, r) float tensor; see ``gpuxent.backends`` for the contract."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits: expected a (N, r) tensor, got shape {tuple(logits.shape)}")
+    n_rows, n_classes = logits.shape
+    logits = _unit_class_stride(logits)
+    prob = target.is_floating_point()
+    if prob:
+        target = _unit_class_stride(target)
+    dt = _compute_dtype(logits.dtype)
+    loss = torch.empty(n_rows, dtype=dt, device=logits.device)
+    lse = torch.empty(n_rows, dtype=dt, device=logits.device)
+    if weight is not None:
+        weight = weight.contiguous()
+    scale_is_ptr = isinstance(grad_scale, torch.Tensor)
+    if scale_is_ptr:
+        grad_scale = grad_scale.to(device=logits.device).reshape(1)
+    out = grad
+    if grad is not None and (grad.dim() != 2 or (grad.stride(1) != 1 and n_classes > 1)):
+        out = torch.empty((n_rows, n_classes), dtype=grad.dtype, device=logits.device)
+    if n_rows == 0:
+        return loss, lse
+    block, rows, num_warps = _launch_config(n_classes, logits.element_size())
+    grid = (triton.cdiv(n_rows, rows),)
+    with _device_ctx(logits):
+        _cross_entropy_kernel[grid](
+            logits, target, weight if weight is not None else loss, grad_scale if scale_is_ptr else loss,
+            out if out is not None else loss, loss, lse,
+            logits.stride(0), target.stride(0), out.stride(0) if out is not None else 0,
+            n_rows, n_classes, int(ignore_index),
+            *_split(label_smoothing), *_split(z_loss), *_split(softcap or 1.0),
+            *_split(1.0 if grad_scale is None or scale_is_ptr else float(grad_scale)),
+            PROB_TARGET=prob, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0,
+            HAS_Z_LOSS=z_loss > 0, HAS_SOFTCAP=bool(softcap), WANT_GRAD=grad is not None,
+            SCALE_IS_PTR=scale_is_ptr, ROWS=rows, BLOCK=block, num_warps=num_warps,
+        )  # fmt: skip
+    if out is not grad:
+        grad.copy_(out)
+    return loss, lse
+
+
+# --------------------------------------------------------------------------- softmax
+
+
+@triton.jit
+def _softmax_kernel(
+    x_ptr, out_ptr,
+    stride_x, stride_out,
+    n_rows, n_classes,
+    LOG: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    acc_dtype = out_ptr.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_rows
+    x_rows = x_ptr + rows * stride_x
+    o_rows = out_ptr + rows * stride_out
+    m = tl.full([ROWS], NEG_INF, dtype=acc_dtype)
+    d = tl.zeros([ROWS], dtype=acc_dtype)
+    for start in range(0, n_classes, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = row_mask[:, None] & (cols < n_classes)[None, :]
+        x = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(acc_dtype)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        m_shift = tl.where(m_new == NEG_INF, 0, m_new)
+        d = d * tl.exp(m - m_shift) + tl.sum(tl.exp(x - m_shift[:, None]), axis=1)
+        m = m_new
+    lse = m + tl.log(d)
+    for start in range(0, n_classes, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = row_mask[:, None] & (cols < n_classes)[None, :]
+        x = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
+        if LOG:
+            y = x - lse[:, None]
+        else:
+            y = tl.exp(x - lse[:, None])
+        tl.store(o_rows[:, None] + cols[None, :], y, mask=mask)
+
+
+def softmax(x, *, log):
+    """Row softmax (or log-softmax) of a (N, r) tensor, returned in the compute dtype."""
+    x = _unit_class_stride(x)
+    n_rows, n_classes = x.shape
+    out = torch.empty((n_rows, n_classes), dtype=_compute_dtype(x.dtype), device=x.device)
+    if out.numel() == 0:
+        return out
+    block, rows, num_warps = _launch_config(n_classes, x.element_size())
+    with _device_ctx(x):
+        _softmax_kernel[(triton.cdiv(n_rows, rows),)](
+            x, out, x.stride(0), out.stride(0), n_rows, n_classes,
+            LOG=log, ROWS=rows, BLOCK=block, num_warps=num_warps,
+        )  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------- binary cross-entropy
+# Elementwise: read the input, target (and weights), write the loss and the gradient.
+
+
+@triton.jit
+def _log1p(v):
+    """log(1 + v) accurate for small v (Goldberg's trick: the rounding of 1 + v cancels out)."""
+    u = 1 + v
+    return tl.where(u == 1, v, tl.log(u) * (v / (u - 1)))
+
+
+@triton.jit
+def _bce_kernel(
+    probs_ptr, target_ptr, weight_ptr, loss_ptr, grad_ptr,
+    n_elements,
+    HAS_WEIGHT: tl.constexpr, WANT_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    acc_dtype = loss_ptr.dtype.element_ty
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    p = tl.load(probs_ptr + offs, mask=mask, other=0.5).to(acc_dtype)
+    y = tl.load(target_ptr + offs, mask=mask, other=0).to(acc_dtype)
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + offs, mask=mask, other=0).to(acc_dtype)
+    else:
+        w = tl.zeros_like(p) + 1
+    log_p = tl.maximum(tl.log(p), -100.0)  # torch clamps each log at -100
+    log_1mp = tl.maximum(_log1p(-p), -100.0)
+    tl.store(loss_ptr + offs, -w * (y * log_p + (1 - y) * log_1mp), mask=mask)
+    if WANT_GRAD:
+        g = w * (p - y) / tl.maximum((1 - p) * p, 1e-12)
+        tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bce_logits_kernel(
+    logits_ptr, target_ptr, weight_ptr, pos_weight_ptr, loss_ptr, grad_ptr,
+    n_elements,
+    HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, WANT_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    acc_dtype = loss_ptr.dtype.element_ty
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    x = tl.load(logits_ptr + offs, mask=mask, other=0).to(acc_dtype)
+    y = tl.load(target_ptr + offs, mask=mask, other=0).to(acc_dtype)
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + offs, mask=mask, other=0).to(acc_dtype)
+    else:
+        w = tl.zeros_like(x) + 1
+    if HAS_POS_WEIGHT:
+        pw = tl.load(pos_weight_ptr + offs, mask=mask, other=1).to(acc_dtype)
+        lw = (pw - 1) * y + 1
+        pw_y = pw * y
+    else:
+        lw = tl.zeros_like(x) + 1
+        pw_y = y
+    e = tl.exp(-tl.abs(x))
+    softplus_neg = tl.maximum(-x, 0) + _log1p(e)  # log(1 + exp(-x)), stable for any x
+    tl.store(loss_ptr + offs, w * ((1 - y) * x + lw * softplus_neg), mask=mask)
+    if WANT_GRAD:
+        sig = tl.where(x >= 0, 1 / (1 + e), e / (1 + e))
+        g = w * (lw * sig - pw_y)
+        tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+BCE_BLOCK = 1024 if INTERPRET else 2048
+
+
+def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.reshape(-1).contiguous()
+
+
+def _bce_launch(kernel, x, tensors, grad, **flags):
+    """Flatten, allocate the loss (and a contiguous gradient when ``grad`` is not), launch."""
+    xf = _flat(x)
+    n = xf.numel()
+    loss = torch.empty(n, dtype=_compute_dtype(x.dtype), device=x.device)
+    out = grad
+    if grad is not None and not grad.is_contiguous():
+        out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+    args = [t if t is not None else loss for t in map(_flat, tensors)]
+    if n:
+        with _device_ctx(x):
+            kernel[(triton.cdiv(n, BCE_BLOCK),)](
+                xf, *args, loss, out if out is not None else loss, n,
+                WANT_GRAD=grad is not None, BLOCK=BCE_BLOCK, num_warps=4, **flags,
+            )  # fmt: skip
+    if out is not grad:
+        grad.copy_(out)
+    return loss
+
+
+def binary_cross_entropy(probs, target, weight, *, grad):
+    """Elementwise BCE on probabilities; see ``gpuxent.backends`` for the contract."""
+    return _bce_launch(_bce_kernel, probs, (target, weight), grad, HAS_WEIGHT=weight is not None)
+
+
+def binary_cross_entropy_with_logits(logits, target, weight, pos_weight, *, grad):
+    """Elementwise sigmoid + BCE; see ``gpuxent.backends`` for the contract."""
+    return _bce_launch(
+        _bce_logits_kernel, logits, (target, weight, pos_weight), grad,
+        HAS_WEIGHT=weight is not None, HAS_POS_WEIGHT=pos_weight is not None,
+    )  # fmt: skip
