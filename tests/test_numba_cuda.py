@@ -1,0 +1,353 @@
+"""numba_cuda-specific tests: launch layouts, the kernel-level contract, in-place gradients, bad input.
+
+The shared suite runs every backend through the ``backend`` fixture; here the ``numba_cuda`` module is
+called directly, with its launch layout forced (threads per row, rows per block, blocks) so that the
+grid-stride loops, masked tails and multi-row blocks are all exercised. Without a GPU this runs in the
+CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set by conftest), where every thread is a Python thread:
+rows stay few and short.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HAS_CUDA, TOL
+
+import gpuxent as gx
+from gpuxent import backends
+
+nc = pytest.importorskip("gpuxent.backends.numba_cuda")
+if not nc.is_available()[0]:
+    pytest.skip(f"numba_cuda: {nc.is_available()[1]}", allow_module_level=True)
+
+DEVICE = torch.device("cpu" if nc.SIMULATOR else "cuda")
+
+# (threads per row, threads per block, max blocks): one row per thread group of 8 with 4 strided
+# visits and a masked tail for r=37; two rows per block (the second block half empty for odd N);
+# a single block looping over all rows; one thread per row.
+LAYOUTS = [(8, 8, 4), (8, 16, 4), (4, 16, 1), (1, 4, 2)]
+
+
+@pytest.fixture
+def layout(monkeypatch):
+    def set_layout(tpr, block, blocks):
+        monkeypatch.setattr(nc, "MIN_THREADS_PER_ROW", tpr)
+        monkeypatch.setattr(nc, "MAX_THREADS_PER_ROW", tpr)
+        monkeypatch.setattr(nc, "THREADS_PER_BLOCK", block)
+        monkeypatch.setattr(nc, "MAX_BLOCKS", blocks)
+
+    return set_layout
+
+
+def _t(a, dtype=None):
+    return torch.as_tensor(a, dtype=dtype).to(DEVICE)
+
+
+def _poisoned(shape, dtype):
+    return torch.full(shape, math.nan, dtype=dtype, device=DEVICE)
+
+
+def reference_ce(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, scale=1.0):
+    """Float64 PyTorch: per-row loss (z-loss included), lse (0 for ignored rows) and the scaled gradient."""
+    x64 = x.detach().double().cpu().requires_grad_()
+    t = target.cpu()
+    if t.is_floating_point():
+        t = t.double()
+    w = None if weight is None else weight.double().cpu()
+    y = softcap * torch.tanh(x64 / softcap) if softcap else x64
+    loss = F.cross_entropy(y, t, weight=w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    lse = torch.logsumexp(y, -1)
+    kept = torch.ones_like(lse, dtype=torch.bool) if t.is_floating_point() else t != ignore_index
+    loss = loss + torch.where(kept, z_loss * lse**2, 0.0)
+    (loss.sum() * scale).backward()
+    return loss.detach(), torch.where(kept, lse, 0.0).detach(), x64.grad
+
+
+def run_ce(
+    x, target, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, scale=None, grad=True
+):
+    g = _poisoned(x.shape, x.dtype) if grad is True else grad
+    loss, lse = nc.cross_entropy(
+        x, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        softcap=softcap, grad_scale=scale, grad=g,
+    )  # fmt: skip
+    return loss, lse, g
+
+
+def assert_close(actual, expected, dtype):
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(actual.cpu().double(), expected.double(), rtol=rtol, atol=atol)
+
+
+def class_inputs(rng, n, r, dtype=torch.float32, ignore=()):
+    x = _t(rng.standard_normal((n, r)) * 3, dtype)
+    t = rng.integers(0, r, n)
+    for i in ignore:
+        t[i] = -100
+    return x, _t(t, torch.int64)
+
+
+# --------------------------------------------------------------------------- backend basics
+
+
+def test_available_and_registered():
+    ok, why = nc.is_available()
+    assert ok, why
+    assert nc.NAME == "numba_cuda" and "numba_cuda" in gx.available_backends()
+    assert nc.supports(DEVICE)
+    assert backends.select(DEVICE, "numba_cuda") is nc
+
+
+@pytest.mark.parametrize("n_classes", [1, 3, 5, 33, 200, 5000])
+def test_row_layout(n_classes):
+    tpr, rows_per_block = nc._row_layout(n_classes)
+    assert tpr & (tpr - 1) == 0 and nc.MIN_THREADS_PER_ROW <= tpr <= nc.MAX_THREADS_PER_ROW
+    assert tpr * rows_per_block <= nc.MAX_THREADS
+
+
+# --------------------------------------------------------------------------- cross-entropy, class targets
+
+
+@pytest.mark.parametrize("layout_args", LAYOUTS, ids=lambda v: "tpr{}-block{}-grid{}".format(*v))
+def test_layouts(rng, layout, layout_args):
+    layout(*layout_args)
+    x, t = class_inputs(rng, 5, 37, ignore=(2,))
+    w = _t(rng.random(37) + 0.5, torch.float32)
+    kw = dict(weight=w, label_smoothing=0.1, z_loss=1e-3)
+    loss, lse, g = run_ce(x, t, scale=0.25, **kw)
+    ref_loss, ref_lse, ref_g = reference_ce(x, t, scale=0.25, **kw)
+    assert_close(loss, ref_loss, torch.float32)
+    assert_close(lse, ref_lse, torch.float32)
+    assert_close(g, ref_g, torch.float32)
+    assert (g[2] == 0).all() and loss[2] == 0
+
+
+KEYWORDS = {
+    "plain": {},
+    "weight": {"weight": True},
+    "ignore_index": {"ignore_index": 3},
+    "label_smoothing": {"label_smoothing": 0.2},
+    "smoothing_weight": {"label_smoothing": 0.3, "weight": True},
+    "z_loss": {"z_loss": 1e-2},
+    "softcap": {"softcap": 2.5},
+    "everything": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0, "ignore_index": 0},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", KEYWORDS)
+def test_keywords(rng, layout, name, dtype):
+    layout(8, 16, 4)
+    n, r = 6, 45
+    kw = dict(KEYWORDS[name])
+    if kw.pop("weight", False):
+        kw["weight"] = _t(rng.random(r) * 2, dtype)
+    x, t = class_inputs(rng, n, r, dtype)
+    ignore_index = kw.get("ignore_index", -100)
+    t[1] = ignore_index  # one ignored row, in whichever convention
+    loss, lse, g = run_ce(x, t, scale=1 / 3, **kw)
+    ref_loss, ref_lse, ref_g = reference_ce(x, t, scale=1 / 3, **kw)
+    assert loss.dtype == lse.dtype == dtype
+    assert_close(loss, ref_loss, dtype)
+    assert_close(lse, ref_lse, dtype)
+    assert_close(g, ref_g, dtype)
+
+
+def test_grad_scale_device_tensor_and_forward_only(rng, layout):
+    layout(8, 16, 4)
+    x, t = class_inputs(rng, 4, 20)
+    scale = _t([0.125], torch.float32).reshape(())  # a 0-d device tensor, as the mean's 1/denominator
+    loss, lse, g = run_ce(x, t, scale=scale)
+    ref_loss, ref_lse, ref_g = reference_ce(x, t, scale=0.125)
+    assert_close(g, ref_g, torch.float32)
+    loss2, lse2, _ = run_ce(x, t, grad=None)
+    assert_close(loss2, ref_loss, torch.float32)
+    assert_close(lse2, ref_lse, torch.float32)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_inplace_gradient(rng, layout, softcap):
+    """grad is logits itself: the target logit and the row stats must be read before any write."""
+    layout(4, 16, 2)  # two row groups per block, so groups write while others still read
+    x, t = class_inputs(rng, 5, 30, ignore=(3,))
+    ref_loss, _, ref_g = reference_ce(x, t, label_smoothing=0.1, softcap=softcap, scale=0.5)
+    loss, _, g = run_ce(x, t, label_smoothing=0.1, softcap=softcap, scale=0.5, grad=x)
+    assert g is x
+    assert_close(loss, ref_loss, torch.float32)
+    assert_close(x, ref_g, torch.float32)
+
+
+def test_strided_logits(rng, layout):
+    """Rows with a stride larger than r (a slice of a wider buffer)."""
+    layout(8, 8, 4)
+    wide = _t(rng.standard_normal((4, 50)), torch.float32)
+    x = wide[:, 5:40]
+    t = _t(rng.integers(0, 35, 4), torch.int64)
+    loss, lse, g = run_ce(x, t, z_loss=1e-2)
+    ref_loss, ref_lse, ref_g = reference_ce(x, t, z_loss=1e-2)
+    assert_close(loss, ref_loss, torch.float32)
+    assert_close(g, ref_g, torch.float32)
+
+
+def test_out_of_range_targets_never_read_out_of_bounds(rng, layout):
+    """The functional layer rejects them; called directly, the kernel masks them into NaN rows."""
+    layout(8, 16, 4)
+    x, t = class_inputs(rng, 4, 12)
+    t[1] = 12
+    t[2] = -7
+    loss, lse, g = run_ce(x, t)
+    ref_loss, _, ref_g = reference_ce(x[[0, 3]], t[[0, 3]])
+    assert torch.isnan(loss[1]) and torch.isnan(loss[2])
+    assert torch.isnan(g[1]).all() and torch.isnan(g[2]).all()
+    assert_close(loss[[0, 3]], ref_loss, torch.float32)
+    assert_close(g[[0, 3]], ref_g, torch.float32)
+
+
+def test_nonfinite_logits(layout):
+    layout(4, 8, 2)
+    x = _t([[0.0, -math.inf, 1.0, 2.0, -math.inf], [0.5, math.nan, 1.0, 0.0, 0.0]], torch.float32)
+    t = _t([0, 2], torch.int64)
+    loss, lse, g = run_ce(x, t)
+    ref_loss, ref_lse, ref_g = reference_ce(x[:1], t[:1])
+    assert_close(loss[:1], ref_loss, torch.float32)
+    assert_close(g[:1], ref_g, torch.float32)
+    assert g[0, 1] == 0 and g[0, 4] == 0
+    assert torch.isnan(loss[1]) and torch.isnan(lse[1])
+
+
+# --------------------------------------------------------------------------- probability targets
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "kw", [{}, {"weight": True, "label_smoothing": 0.2}, {"z_loss": 1e-2, "softcap": 3.0}], ids=["plain", "ws", "zs"]
+)
+def test_probability_targets(rng, layout, kw, dtype):
+    layout(8, 16, 4)
+    n, r = 5, 40
+    kw = dict(kw)
+    if kw.pop("weight", False):
+        kw["weight"] = _t(rng.random(r) + 0.5, dtype)
+    x = _t(rng.standard_normal((n, r)) * 2, dtype)
+    q = _t(rng.dirichlet(np.ones(r), n), dtype)
+    loss, lse, g = run_ce(x, q, scale=0.2, **kw)
+    ref_loss, ref_lse, ref_g = reference_ce(x, q, scale=0.2, **kw)
+    assert_close(loss, ref_loss, dtype)
+    assert_close(lse, ref_lse, dtype)
+    assert_close(g, ref_g, dtype)
+
+
+# --------------------------------------------------------------------------- half inputs, public API
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_inplace(rng, layout, dtype):
+    layout(8, 16, 4)
+    x, t = class_inputs(rng, 3, 24, dtype)
+    ref_loss, _, ref_g = reference_ce(x, t, scale=0.5)
+    loss, _, g = run_ce(x, t, scale=0.5, grad=x)
+    assert loss.dtype == torch.float32 and g.dtype == dtype
+    assert_close(loss, ref_loss, dtype)
+    assert_close(x, ref_g, dtype)
+
+
+def test_public_api_end_to_end(rng):
+    """gx.cross_entropy on (..., r) non-contiguous input, backward through autograd, mean reduction."""
+    x = _t(rng.standard_normal((7, 2, 3)), torch.float32).transpose(0, 2)  # (3, 2, 7): r = 7, strided
+    t = _t(rng.integers(0, 7, (3, 2)), torch.int64)
+    t[0, 1] = -100
+    xr = x.detach().clone().requires_grad_()
+    loss = gx.cross_entropy(xr, t, label_smoothing=0.1, z_loss=1e-3, backend="numba_cuda")
+    loss.backward()
+    x64 = x.detach().double().cpu().requires_grad_()
+    rows = F.cross_entropy(x64.reshape(-1, 7), t.reshape(-1).cpu(), reduction="none", label_smoothing=0.1)
+    lse = torch.logsumexp(x64.reshape(-1, 7), -1)
+    kept = t.reshape(-1).cpu() != -100
+    ref = (rows + torch.where(kept, 1e-3 * lse**2, 0.0)).sum() / kept.sum()
+    ref.backward()
+    assert_close(loss, ref.detach(), torch.float32)
+    assert_close(xr.grad, x64.grad, torch.float32)
+
+
+def test_public_api_inplace_and_numpy(rng):
+    x = rng.standard_normal((4, 9)).astype(np.float32)
+    t = rng.integers(0, 9, 4)
+    ref_loss = F.cross_entropy(torch.from_numpy(x).double(), torch.from_numpy(t))
+    loss, grad = gx.cross_entropy_and_grad(x.copy(), t, backend="numba_cuda")
+    loss2, grad2 = gx.cross_entropy_and_grad(x.copy(), t, backend="numba_cuda", inplace_grad=True)
+    assert isinstance(loss, (np.ndarray, np.generic)) and abs(float(loss) - ref_loss.item()) < 1e-5
+    np.testing.assert_allclose(grad, grad2, rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- softmax, BCE
+
+
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax(rng, layout, log, dtype):
+    layout(8, 16, 2)
+    x = _t(rng.standard_normal((5, 30)) * 4, dtype)
+    x[2, 3] = -math.inf
+    out = nc.softmax(x, log=log)
+    x64 = x.double().cpu()
+    ref = torch.log_softmax(x64, -1) if log else torch.softmax(x64, -1)
+    assert out.dtype == dtype
+    if log:
+        assert out[2, 3] == -math.inf
+        out, ref = out[torch.isfinite(ref)], ref[torch.isfinite(ref)]
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bce(rng, layout, dtype):
+    layout(1, 8, 2)  # 16 threads for 30 elements: two strided visits, a masked tail
+    p = _t(rng.random((3, 10)), dtype)
+    p[0, 0], p[0, 1] = 0.0, 1.0  # the clamp of the logs at -100
+    y = _t(rng.random((3, 10)), dtype)
+    w = _t(rng.random((3, 10)), dtype)
+    g = _poisoned(p.shape, dtype)
+    loss = nc.binary_cross_entropy(p, y, w, grad=g)
+    p64 = p.double().cpu().requires_grad_()
+    ref = F.binary_cross_entropy(p64, y.double().cpu(), weight=w.double().cpu(), reduction="none")
+    ref.sum().backward()
+    assert loss.shape == (30,)
+    assert_close(loss, ref.detach().reshape(-1), dtype)
+    mask = (p64 > 0) & (p64 < 1)  # torch's gradient at exactly 0 or 1 is its own clamp; skip those
+    assert_close(g[mask.to(g.device)], p64.grad[mask], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bce_with_logits_pos_weight(rng, layout, dtype):
+    layout(1, 8, 2)
+    x = _t(rng.standard_normal((3, 10)) * 30, dtype)  # large |x|: the stable form matters
+    y = _t(rng.integers(0, 2, (3, 10)), dtype)
+    w = _t(rng.random((3, 10)), dtype)
+    pw = _t(rng.random(10) * 3, dtype)
+    g = _poisoned(x.shape, dtype)
+    loss = nc.binary_cross_entropy_with_logits(x, y, w, torch.broadcast_to(pw, x.shape), grad=g)
+    x64 = x.double().cpu().requires_grad_()
+    ref = F.binary_cross_entropy_with_logits(
+        x64, y.double().cpu(), weight=w.double().cpu(), pos_weight=pw.double().cpu(), reduction="none"
+    )
+    ref.sum().backward()
+    assert_close(loss, ref.detach().reshape(-1), dtype)
+    assert_close(g, x64.grad, dtype)
+    loss_plain = nc.binary_cross_entropy_with_logits(x, y, None, None, grad=None)
+    ref_plain = F.binary_cross_entropy_with_logits(x.double().cpu(), y.double().cpu(), reduction="none")
+    assert_close(loss_plain, ref_plain.reshape(-1), dtype)
+
+
+@pytest.mark.skipif(not HAS_CUDA or nc.SIMULATOR, reason="needs a real GPU: CPU tensors are copied there and back")
+def test_cpu_tensors_on_a_gpu(rng):
+    x = torch.from_numpy(rng.standard_normal((4, 300)).astype(np.float32))
+    t = torch.from_numpy(rng.integers(0, 300, 4))
+    g = torch.full_like(x, math.nan)
+    ref_loss, _, ref_g = reference_ce(x, t)
+    loss, _ = nc.cross_entropy(
+        x, t, None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, grad_scale=None, grad=g
+    )
+    assert loss.device.type == "cpu"
+    assert_close(loss, ref_loss, torch.float32)
+    assert_close(g, ref_g, torch.float32)
