@@ -1,0 +1,143 @@
+"""Datasets for the tiny trainer: all bundled with a package, nothing is downloaded.
+
+``load_dataset("digits" | "breast_cancer" | "and")`` or ``load_csv(path, target)`` give a
+:class:`Dataset`: raw float32 features and int64 labels ``0..k-1``, already split into a train and a
+stratified test part. Standardisation is the model's job (``gpuxent.mlp.MLP`` keeps the train split's
+mean and std as buffers), so a checkpoint predicts on raw features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DATASETS = ("digits", "breast_cancer", "and")
+
+
+@dataclass
+class Dataset:
+    """A classification data set, split. ``classes[k]`` is the original label of class index ``k``."""
+
+    name: str
+    X_train: np.ndarray  # (n_train, n_features) float32
+    y_train: np.ndarray  # (n_train,) int64 in [0, n_classes)
+    X_test: np.ndarray
+    y_test: np.ndarray
+    classes: list
+    feature_names: list[str]
+
+    @property
+    def n_features(self) -> int:
+        return self.X_train.shape[1]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def binary(self) -> bool:
+        """Two classes: one logit and BCE-with-logits; otherwise ``n_classes`` logits and softmax CE."""
+        return self.n_classes == 2
+
+
+def encode_labels(y) -> tuple[np.ndarray, list]:
+    """Map labels to ``0..k-1`` (sorted order: for two classes the larger label becomes 1).
+
+    Raises:
+        ValueError: fewer than two distinct labels.
+    """
+    classes, codes = np.unique(np.asarray(y), return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"target: needs at least two classes, found {len(classes)} ({classes.tolist()})")
+    return codes.astype(np.int64).reshape(-1), classes.tolist()
+
+
+def stratified_split(y: np.ndarray, test_size: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(train, test)``: each class contributes ``round(test_size * n_c)`` rows to the test part,
+    but always leaves at least one in train. Both index arrays are shuffled."""
+    if not 0.0 < test_size < 1.0:
+        raise ValueError(f"test_size: expected a number in (0, 1), got {test_size!r}")
+    train, test = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_test = min(int(round(test_size * len(idx))), len(idx) - 1)
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    train, test = np.concatenate(train), np.concatenate(test)
+    if len(test) == 0:
+        raise ValueError(f"test_size={test_size} leaves no test rows for {len(y)} rows; use more data")
+    return rng.permutation(train), rng.permutation(test)
+
+
+def make_dataset(name, X, y, *, test_size=0.2, seed=0, feature_names=None, same_split=False) -> Dataset:
+    """Encode the labels, split (stratified, seeded) and wrap as a :class:`Dataset`.
+
+    ``same_split=True`` trains and tests on all rows (the lecture's AND gate has only four).
+    """
+    X = np.asarray(X, dtype=np.float32)
+    y, classes = encode_labels(y)
+    if same_split:
+        tr = te = np.arange(len(y))
+    else:
+        tr, te = stratified_split(y, test_size, np.random.default_rng(seed))
+    names = list(feature_names) if feature_names is not None else [f"x{i}" for i in range(X.shape[1])]
+    return Dataset(name, X[tr], y[tr], X[te], y[te], classes, names)
+
+
+def and_gate() -> tuple[np.ndarray, np.ndarray]:
+    """The lecture's AND example: inputs 00, 01, 10, 11 and ``y = x1 AND x2``."""
+    X = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
+    return X, np.array([0, 0, 0, 1], dtype=np.int64)
+
+
+def load_dataset(name: str, *, test_size: float = 0.2, seed: int = 0) -> Dataset:
+    """One of :data:`DATASETS`: scikit-learn's bundled ``digits`` (10 classes, 1797 rows of 8x8 pixels)
+    and ``breast_cancer`` (binary, 569 rows, 30 features), or the lecture's ``and`` gate."""
+    if name == "and":
+        X, y = and_gate()
+        return make_dataset("and", X, y, feature_names=["x1", "x2"], same_split=True)
+    if name == "digits":
+        from sklearn.datasets import load_digits as load
+    elif name == "breast_cancer":
+        from sklearn.datasets import load_breast_cancer as load
+    else:
+        raise ValueError(f"dataset: unknown dataset {name!r}; choose one of {DATASETS} or pass a CSV")
+    bunch = load()
+    names = [str(n) for n in getattr(bunch, "feature_names", [])] or None
+    return make_dataset(name, bunch.data, bunch.target, test_size=test_size, seed=seed, feature_names=names)
+
+
+def load_csv(path, target: str, *, test_size: float = 0.2, seed: int = 0) -> Dataset:
+    """A user CSV with a header row: column ``target`` holds the labels (any type), every other column
+    must be a numeric feature without missing values.
+
+    Raises:
+        ValueError: the target column is missing, a feature is not numeric or has missing values,
+            or the target has a single class.
+    """
+    import pandas as pd
+
+    df = pd.read_csv(path)
+    if target not in df.columns:
+        raise ValueError(f"target: column {target!r} not found in {path}; columns are {list(df.columns)}")
+    features = df.drop(columns=[target])
+    if features.shape[1] == 0:
+        raise ValueError(f"{path}: no feature columns besides the target {target!r}")
+    non_numeric = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
+    if non_numeric:
+        raise ValueError(f"{path}: feature columns must be numeric; non-numeric: {non_numeric}")
+    missing = [str(c) for c in features.columns if features[c].isna().any()]
+    if missing:
+        raise ValueError(f"{path}: feature columns with missing values: {missing}")
+    if df[target].isna().any():
+        raise ValueError(f"{path}: target column {target!r} has missing values")
+    name = str(path)
+    return make_dataset(
+        name,
+        features.to_numpy(np.float32),
+        df[target].to_numpy(),
+        test_size=test_size,
+        seed=seed,
+        feature_names=[str(c) for c in features.columns],
+    )

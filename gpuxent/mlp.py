@@ -1,0 +1,87 @@
+"""The tiny MLP and its loss: gpuxent's fused kernels in place of ``torch.nn.functional``.
+
+Two classes: one logit per row, ``gx.binary_cross_entropy_with_logits`` (the lecture's BCE on
+``sigmoid(z)``); ``k > 2`` classes: ``k`` logits, ``gx.cross_entropy`` (softmax + categorical CE).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import gpuxent as gx
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+
+class MLP(nn.Module):
+    """``standardise -> [Linear -> activation] * len(hidden) -> Linear``.
+
+    The feature mean and std (fitted on the train split, see :meth:`set_standardization`) are buffers,
+    so they travel in the ``state_dict`` and a loaded checkpoint predicts on raw features.
+    """
+
+    def __init__(self, n_features: int, n_classes: int, hidden=(64, 64), activation: str = "relu"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if n_classes < 2:
+            raise ValueError(f"n_classes: expected at least 2, got {n_classes}")
+        self.n_features, self.n_classes = n_features, n_classes
+        self.hidden, self.activation = tuple(hidden), activation
+        self.register_buffer("x_mean", torch.zeros(n_features))
+        self.register_buffer("x_std", torch.ones(n_features))
+        layers, width = [], n_features
+        for h in self.hidden:
+            layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
+            width = h
+        layers.append(nn.Linear(width, 1 if self.binary else n_classes))
+        self.net = nn.Sequential(*layers)
+
+    @property
+    def binary(self) -> bool:
+        return self.n_classes == 2
+
+    def config(self) -> dict:
+        """The constructor's arguments, as plain values (what a checkpoint needs to rebuild the model)."""
+        return dict(
+            n_features=self.n_features, n_classes=self.n_classes, hidden=list(self.hidden), activation=self.activation
+        )
+
+    @torch.no_grad()
+    def set_standardization(self, X_train: torch.Tensor) -> None:
+        """Fit the per-feature mean and std on the train split (constant features keep std 1)."""
+        self.x_mean.copy_(X_train.mean(0))
+        std = X_train.std(0, unbiased=False)
+        self.x_std.copy_(torch.where(std > 1e-8, std, torch.ones_like(std)))
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        """Logits: ``(N,)`` for a binary task, ``(N, n_classes)`` otherwise."""
+        logits = self.net((X - self.x_mean) / self.x_std)
+        return logits.squeeze(-1) if self.binary else logits
+
+    @torch.no_grad()
+    def predict(self, X: torch.Tensor) -> torch.Tensor:
+        """int64 class indices in ``[0, n_classes)``."""
+        logits = self(X)
+        if self.binary:
+            return gx.predict_binary(torch.sigmoid(logits))
+        return gx.predict(logits)
+
+
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, *, backend: str | None = None, impl: str = "gpuxent"):
+    """Mean loss of a batch: BCE-with-logits for ``(N,)`` logits, softmax cross-entropy for ``(N, k)``.
+
+    ``impl="torch"`` computes the same with ``torch.nn.functional`` (the reference the tests compare to).
+    """
+    binary = logits.dim() == 1
+    if impl == "gpuxent":
+        if binary:
+            return gx.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), backend=backend)
+        return gx.cross_entropy(logits, target, backend=backend)
+    if impl == "torch":
+        F = torch.nn.functional
+        if binary:
+            return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
+        return F.cross_entropy(logits, target)
+    raise ValueError(f"impl: expected 'gpuxent' or 'torch', got {impl!r}")
