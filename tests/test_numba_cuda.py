@@ -217,6 +217,18 @@ def test_nonfinite_logits(layout):
     assert torch.isnan(loss[1]) and torch.isnan(lse[1])
 
 
+@pytest.mark.parametrize("tpr", [1, 8])
+def test_positive_inf_makes_the_row_nan_in_every_layout(layout, tpr):
+    layout(tpr, 8, 2)
+    x = _t([[0.0, math.inf, 1.0], [0.0, 1.0, 2.0]], torch.float32)
+    t = _t([0, 2], torch.int64)
+    loss, lse, g = run_ce(x, t)
+    ref_loss, _, ref_g = reference_ce(x, t)
+    assert torch.isnan(ref_loss[0]) and torch.isnan(loss[0]) and torch.isnan(lse[0])
+    assert_close(loss[1:], ref_loss[1:], torch.float32)
+    assert_close(g[1:], ref_g[1:], torch.float32)
+
+
 # --------------------------------------------------------------------------- probability targets
 
 

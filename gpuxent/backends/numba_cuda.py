@@ -44,7 +44,7 @@ SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 # Shared-memory arrays need a compile-time size: the largest block; the launch picks the real one.
 MAX_THREADS = 1024
 # The simulator runs every thread as a Python thread: keep blocks tiny there.
-MAX_THREADS_PER_ROW = 8 if SIMULATOR else 1024
+MAX_THREADS_PER_ROW = 8 if SIMULATOR else 512  # 512 x up to 128 registers fits any GPU
 MIN_THREADS_PER_ROW = 1 if SIMULATOR else 32  # a warp
 THREADS_PER_BLOCK = 16 if SIMULATOR else 256  # target block size when several rows share a block
 ELEMENTS_PER_THREAD = 4  # a row of r classes gets about r / 4 threads, up to MAX_THREADS_PER_ROW
@@ -87,8 +87,8 @@ def _kernels(dtype: np.dtype):
     @cuda.jit(device=True)
     def push(m, s, y):
         """Add y to the running pair (m, s = sum exp(x - m)); -inf adds nothing, NaN poisons s."""
-        if y > m:
-            return y, s * math.exp(m - y) + ONE
+        if y > m:  # exp(y - y): 1, or NaN for y = +inf, which makes the row NaN as in PyTorch
+            return y, s * math.exp(m - y) + math.exp(y - y)
         if y != NEG_INF:
             s += math.exp(y - m)
         return m, s
