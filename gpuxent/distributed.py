@@ -120,7 +120,7 @@ def _exchange_headers(header, device, group, world) -> torch.Tensor:
     return torch.stack(out).cpu()
 
 
-def _check_global(headers: torch.Tensor, rank: int, error: Exception | None, ignore_index) -> None:
+def _check_global(headers: torch.Tensor, error: Exception | None, ignore_index) -> None:
     """Every rank runs the same checks on the same headers, so they all raise or none does."""
     bad = [k for k in range(headers.shape[0]) if headers[k, _OK] == 0]
     if bad:
@@ -342,7 +342,7 @@ def vocab_parallel_cross_entropy(
     rank = dist.get_rank(group)
     header = _header(local_logits, target, weight, ignore_index, error)
     headers = _exchange_headers(header, device, group, world)
-    _check_global(headers, rank, error, ignore_index)
+    _check_global(headers, error, ignore_index)
 
     problem = _Problem(local_logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, group)
     problem.offset = int(headers[:rank, _N_CLASSES].sum())
