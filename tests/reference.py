@@ -36,7 +36,8 @@ def reference_cross_entropy(
             loss = loss + z.sum() / y2.shape[0]
         else:
             tw = kept if w is None else w[t2.clamp(0, r - 1)] * kept
-            loss = loss + z.sum() / tw.sum()
+            if tw.sum() > 0:  # no kept row: the loss is already NaN and the gradient 0, as in torch
+                loss = loss + z.sum() / tw.sum()
     if reduction == "none":
         loss = loss.reshape(logits.shape[:-1])
     go = torch.ones_like(loss) if grad_output is None else grad_output.detach().cpu().double()
