@@ -1,6 +1,6 @@
 """gpuxent: fused softmax-cross-entropy on CPU (numba) and GPU (Triton, Numba CUDA), one API."""
 
-from . import nn
+from . import distributed, nn
 from .functional import (
     available_backends,
     binary_cross_entropy,
@@ -12,6 +12,7 @@ from .functional import (
     predict_binary,
     softmax,
 )
+from .linear import linear_cross_entropy
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,8 @@ __all__ = [
     "binary_cross_entropy_with_logits",
     "cross_entropy",
     "cross_entropy_and_grad",
+    "distributed",
+    "linear_cross_entropy",
     "log_softmax",
     "nn",
     "predict",
