@@ -44,7 +44,7 @@ SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 # Shared-memory arrays need a compile-time size: the largest block; the launch picks the real one.
 MAX_THREADS = 1024
 # The simulator runs every thread as a Python thread: keep blocks tiny there.
-MAX_THREADS_PER_ROW = 8 if SIMULATOR else 512  # 512 x up to 128 registers fits any GPU
+MAX_THREADS_PER_ROW = 8 if SIMULATOR else 512  # the float64 CE kernel needs 75 registers (sm_90): 1024 would not launch
 MIN_THREADS_PER_ROW = 1 if SIMULATOR else 32  # a warp
 THREADS_PER_BLOCK = 16 if SIMULATOR else 256  # target block size when several rows share a block
 ELEMENTS_PER_THREAD = 4  # a row of r classes gets about r / 4 threads, up to MAX_THREADS_PER_ROW
@@ -83,6 +83,8 @@ def _kernels(dtype: np.dtype):
     ZERO, ONE, TWO, NEG_INF, NAN = f(0), f(1), f(2), f(-math.inf), f(math.nan)
     LOG_FLOOR, TINY = f(-100), f(1e-12)  # torch's BCE clamps each log at -100 and p(1-p) at 1e-12
     int64 = numba.int64
+    # No builtin max/min in kernels: numba's varargs overload of them does not compile for CUDA.
+    acc_t = numba.from_dtype(dtype)  # the numba type of the accumulators and shared slots
 
     @cuda.jit(device=True)
     def push(m, s, y):
@@ -96,7 +98,7 @@ def _kernels(dtype: np.dtype):
     @cuda.jit(device=True)
     def merge(m_a, s_a, m_b, s_b):
         """The pair of two disjoint parts; parts with max -inf add their s (0 or NaN) as is."""
-        m = max(m_a, m_b)
+        m = m_a if m_a > m_b else m_b  # never NaN: push only keeps ordered values
         if m == NEG_INF:
             return m, s_a + s_b
         return m, s_a * math.exp(m_a - m) + s_b * math.exp(m_b - m)
@@ -140,10 +142,10 @@ def _kernels(dtype: np.dtype):
         logits, target, probs, weight, grad_scale, grad, loss, lse,
         ignore_index, smoothing, eps_r, z_loss, softcap, prob, has_weight, want_grad, threads_per_row,
     ):  # fmt: skip
-        sm_m = cuda.shared.array(MAX_THREADS, dtype)
-        sm_s = cuda.shared.array(MAX_THREADS, dtype)
-        sm_a = cuda.shared.array(MAX_THREADS, dtype)
-        sm_b = cuda.shared.array(MAX_THREADS, dtype)
+        sm_m = cuda.shared.array(MAX_THREADS, acc_t)
+        sm_s = cuda.shared.array(MAX_THREADS, acc_t)
+        sm_a = cuda.shared.array(MAX_THREADS, acc_t)
+        sm_b = cuda.shared.array(MAX_THREADS, acc_t)
         n_rows = logits.shape[0]
         n_classes = logits.shape[1]
         tid = int64(cuda.threadIdx.x)
@@ -251,10 +253,10 @@ def _kernels(dtype: np.dtype):
 
     @cuda.jit
     def softmax_kernel(x, out, log, threads_per_row):
-        sm_m = cuda.shared.array(MAX_THREADS, dtype)
-        sm_s = cuda.shared.array(MAX_THREADS, dtype)
-        sm_a = cuda.shared.array(MAX_THREADS, dtype)
-        sm_b = cuda.shared.array(MAX_THREADS, dtype)
+        sm_m = cuda.shared.array(MAX_THREADS, acc_t)
+        sm_s = cuda.shared.array(MAX_THREADS, acc_t)
+        sm_a = cuda.shared.array(MAX_THREADS, acc_t)
+        sm_b = cuda.shared.array(MAX_THREADS, acc_t)
         n_rows = x.shape[0]
         n_classes = x.shape[1]
         tid = int64(cuda.threadIdx.x)
@@ -280,6 +282,10 @@ def _kernels(dtype: np.dtype):
                         out[row, j] = ZERO if y == NEG_INF else math.exp(y - lse_row)
             base += int64(cuda.gridDim.x) * rows_per_block
 
+    @cuda.jit(device=True)
+    def clamp_log(v):
+        return v if v > LOG_FLOOR else LOG_FLOOR
+
     @cuda.jit
     def bce_kernel(p, y, w, loss, grad, has_weight, want_grad):
         start = int64(cuda.blockIdx.x) * int64(cuda.blockDim.x) + int64(cuda.threadIdx.x)
@@ -288,11 +294,12 @@ def _kernels(dtype: np.dtype):
             pi = p[i]
             yi = y[i]
             wi = w[i] if has_weight else ONE
-            log_p = max(math.log(pi), LOG_FLOOR) if pi > ZERO else LOG_FLOOR
-            log_1mp = max(math.log1p(-pi), LOG_FLOOR) if pi < ONE else LOG_FLOOR
+            log_p = clamp_log(math.log(pi)) if pi > ZERO else LOG_FLOOR
+            log_1mp = clamp_log(math.log1p(-pi)) if pi < ONE else LOG_FLOOR
             loss[i] = -wi * (yi * log_p + (ONE - yi) * log_1mp)
             if want_grad:
-                grad[i] = wi * (pi - yi) / max((ONE - pi) * pi, TINY)
+                denom = (ONE - pi) * pi
+                grad[i] = wi * (pi - yi) / (denom if denom > TINY else TINY)
 
     @cuda.jit
     def bce_logits_kernel(x, y, w, pos_weight, loss, grad, has_weight, has_pos_weight, want_grad):
@@ -305,7 +312,7 @@ def _kernels(dtype: np.dtype):
             pw = pos_weight[i] if has_pos_weight else ONE
             lw = (pw - ONE) * yi + ONE  # the log-weight: pos_weight on the positive term
             e = math.exp(-abs(xi))  # never overflows
-            softplus_neg = max(-xi, ZERO) + math.log1p(e)  # log(1 + exp(-x))
+            softplus_neg = (ZERO if xi > ZERO else -xi) + math.log1p(e)  # log(1 + exp(-x))
             loss[i] = wi * ((ONE - yi) * xi + lw * softplus_neg)
             if want_grad:
                 sig = ONE / (ONE + e) if xi >= ZERO else e / (ONE + e)
