@@ -22,10 +22,16 @@ def main():
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", default=str(pathlib.Path(__file__).with_name("results_cpu.json")))
     args = p.parse_args()
-    result = bench.run(bench.parse_sizes(args.sizes), getattr(torch, args.dtype), args.repeats, device=torch.device("cpu"))
+    result = bench.run(
+        bench.parse_sizes(args.sizes), getattr(torch, args.dtype), args.repeats, device=torch.device("cpu")
+    )
     pathlib.Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(bench.markdown(result))
-    goal = [r for r in result["rows"] if (r["n_rows"], r["n_classes"], r["pass"]) == (4096, 32768, "fwd+bwd") and r["impl"].startswith("gpuxent")]
+    goal = [
+        r
+        for r in result["rows"]
+        if (r["n_rows"], r["n_classes"], r["pass"]) == (4096, 32768, "fwd+bwd") and r["impl"].startswith("gpuxent")
+    ]
     if goal:
         g = goal[0]
         print(

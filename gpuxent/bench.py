@@ -10,6 +10,7 @@ Byte model (the same for every implementation, so GB/s compare like for like):
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -84,7 +85,10 @@ def _implementations(device, compile_: bool):
     def torch_fwd(x, t):
         return F.cross_entropy(x, t)
 
-    impls = {f"gpuxent ({gx.functional._select(torch.empty(0, device=device), None).NAME})": gx_fwd, "torch eager": torch_fwd}
+    impls = {
+        f"gpuxent ({gx.functional._select(torch.empty(0, device=device), None).NAME})": gx_fwd,
+        "torch eager": torch_fwd,
+    }
     if compile_:
         impls["torch.compile"] = torch.compile(torch_fwd, dynamic=False)
     if device.type == "cuda":
@@ -122,21 +126,23 @@ def run(sizes, dtype=torch.float32, repeats=5, compile_=True, device=None, progr
         xg = x.clone().requires_grad_()
         base = {}
         for name, (fwd, fwd_bwd) in impls.items():
-            for pass_, fn, nbytes in (
-                ("fwd", lambda: fwd(x, t), n * r * elt),
-                ("fwd+bwd", lambda: fwd_bwd(xg, t), 2 * n * r * elt),
-            ):
+            cases = (
+                ("fwd", functools.partial(fwd, x, t), n * r * elt),
+                ("fwd+bwd", functools.partial(fwd_bwd, xg, t), 2 * n * r * elt),
+            )
+            for pass_, fn, nbytes in cases:
                 bar.set_postfix_str(f"{n}x{r} {name} {pass_}")
                 with torch.no_grad() if pass_ == "fwd" else torch.enable_grad():
                     ms = time_ms(fn, device, repeats)
                 bar.update()
                 gbps = nbytes / ms / 1e6
-                row = dict(
-                    impl=name, n_rows=n, n_classes=r, dtype=str(dtype).replace("torch.", ""), pass_=pass_,
-                    median_ms=round(ms, 3), gbps=round(gbps, 2), pct_copy=round(100 * gbps / copy_gbps, 1),
+                rows.append(
+                    {
+                        "impl": name, "n_rows": n, "n_classes": r, "dtype": str(dtype).replace("torch.", ""),
+                        "pass": pass_, "median_ms": round(ms, 3), "gbps": round(gbps, 2),
+                        "pct_copy": round(100 * gbps / copy_gbps, 1),
+                    }
                 )  # fmt: skip
-                row["pass"] = row.pop("pass_")
-                rows.append(row)
                 if name == "torch eager":
                     base[pass_] = ms
         for row in rows:
@@ -145,7 +151,12 @@ def run(sizes, dtype=torch.float32, repeats=5, compile_=True, device=None, progr
         del x, xg
     bar.close()
     for row in rows:  # the ratio to torch.compile, measured in the same run
-        ref = [q for q in rows if q["impl"] == "torch.compile" and (q["n_rows"], q["n_classes"], q["pass"]) == (row["n_rows"], row["n_classes"], row["pass"])]
+        ref = [
+            q
+            for q in rows
+            if q["impl"] == "torch.compile"
+            and (q["n_rows"], q["n_classes"], q["pass"]) == (row["n_rows"], row["n_classes"], row["pass"])
+        ]
         if ref:
             row["speedup_vs_compile"] = round(ref[0]["median_ms"] / row["median_ms"], 2)
     return {

@@ -16,7 +16,11 @@ def _info(args) -> int:
     import gpuxent
     from gpuxent import backends
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()})"
+    )
     info = {
         "gpuxent": gpuxent.__version__,
         "python": platform.python_version(),
@@ -50,7 +54,9 @@ def _train(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpuxent", description="Fused softmax cross-entropy: info, benchmarks, a tiny MLP trainer.")
+    parser = argparse.ArgumentParser(
+        prog="gpuxent", description="Fused softmax cross-entropy: info, benchmarks, a tiny MLP trainer."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="version, device, backends and why the others are not available")
     p.add_argument("--json", action="store_true", help="print one JSON object")

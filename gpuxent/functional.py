@@ -102,7 +102,8 @@ def _prepare_ce(logits, target, weight, ignore_index, reduction, label_smoothing
                     "pass an integer tensor (or float probabilities of the logits' shape)"
                 )
             raise ValueError(
-                f"target: probability targets must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}"
+                f"target: probability targets must have the logits' shape {tuple(logits.shape)}, "
+                f"got {tuple(target.shape)}"
             )
     else:
         if target.shape != batch_shape:
@@ -112,7 +113,8 @@ def _prepare_ce(logits, target, weight, ignore_index, reduction, label_smoothing
                     "must be floating, class indices must have shape logits.shape[:-1]"
                 )
             raise ValueError(
-                f"target: class indices must have shape {tuple(batch_shape)} (logits.shape[:-1]), got {tuple(target.shape)}"
+                f"target: class indices must have shape {tuple(batch_shape)} (logits.shape[:-1]), "
+                f"got {tuple(target.shape)}"
             )
     if weight is not None:
         _check_device(logits, weight, "weight")
@@ -182,7 +184,9 @@ def _cross_entropy_core(
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, backend, inplace):
+    def forward(
+        ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, backend, inplace
+    ):
         loss, grad, lse = _cross_entropy_core(
             logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, backend, True, inplace
         )
@@ -337,7 +341,9 @@ def _broadcast(t: torch.Tensor | None, shape, name: str) -> torch.Tensor | None:
     try:
         return torch.broadcast_to(t, shape)
     except RuntimeError:
-        raise ValueError(f"{name}: shape {tuple(t.shape)} does not broadcast to the input's shape {tuple(shape)}") from None
+        raise ValueError(
+            f"{name}: shape {tuple(t.shape)} does not broadcast to the input's shape {tuple(shape)}"
+        ) from None
 
 
 def _reduce_elementwise(loss: torch.Tensor, shape, reduction: str):

@@ -18,7 +18,6 @@ if not HAS_CUDA:
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-import gpuxent as gx  # noqa: E402
 from gpuxent import backends  # noqa: E402
 
 # Tolerances per dtype, in one place: (rtol, atol) for losses and gradients against a float64 reference.

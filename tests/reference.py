@@ -2,7 +2,6 @@
 
 import torch
 import torch.nn.functional as F
-
 from conftest import TOL
 
 
@@ -24,7 +23,9 @@ def reference_cross_entropy(
     t = target.detach().cpu()
     t2 = t.reshape(-1, r).double() if prob else t.reshape(-1).long()
     w = None if weight is None else weight.detach().cpu().double()
-    loss = F.cross_entropy(y2, t2, weight=w, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+    loss = F.cross_entropy(
+        y2, t2, weight=w, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+    )
     if z_loss:
         kept = torch.ones(y2.shape[0], dtype=torch.float64) if prob else (t2 != ignore_index).double()
         z = z_loss * torch.logsumexp(y2, -1) ** 2 * kept

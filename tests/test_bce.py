@@ -41,8 +41,16 @@ def test_bce_with_logits_matches_torch(backend, rng, reduction, keywords):
     x_np[0, :4] = [100.0, -100.0, 1e4, -1e4]
     x = backend.tensor(x_np).requires_grad_()
     y = backend.tensor(rng.integers(0, 2, shape), dtype=torch.float32)
-    w = backend.tensor(rng.uniform(0.5, 2, (shape[0], 1)), dtype=torch.float32) if keywords in ("weight", "both") else None
-    pw = backend.tensor(rng.uniform(0.5, 3, shape[1]), dtype=torch.float32) if keywords in ("pos_weight", "both") else None
+    w = (
+        backend.tensor(rng.uniform(0.5, 2, (shape[0], 1)), dtype=torch.float32)
+        if keywords in ("weight", "both")
+        else None
+    )
+    pw = (
+        backend.tensor(rng.uniform(0.5, 3, shape[1]), dtype=torch.float32)
+        if keywords in ("pos_weight", "both")
+        else None
+    )
     loss = gx.binary_cross_entropy_with_logits(x, y, w, pw, reduction, backend=backend.name)
     go = torch.rand_like(loss) + 0.5
     loss.backward(go)

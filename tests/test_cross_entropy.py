@@ -53,7 +53,9 @@ def test_matches_torch(backend, rng, spec, reduction, prob):
     kw, weighted, ignore = split_kwargs(KEYWORDS[spec])
     if prob and ignore:
         pytest.skip("ignore_index does not apply to probability targets")
-    x, t, w = make_inputs(backend, rng, shape_for(backend, big=spec == "all"), prob=prob, weight=weighted, ignore=ignore)
+    x, t, w = make_inputs(
+        backend, rng, shape_for(backend, big=spec == "all"), prob=prob, weight=weighted, ignore=ignore
+    )
     x.requires_grad_()
     loss = gx.cross_entropy(x, t, w, reduction=reduction, backend=backend.name, **kw)
     go = torch.as_tensor(rng.random(loss.shape) + 0.5, dtype=loss.dtype, device=loss.device)

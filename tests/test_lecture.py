@@ -28,7 +28,9 @@ def test_sum_of_bce_is_negative_log_likelihood(backend, rng):
     likelihood = np.prod(np.where(y == 1, p, 1 - p))  # V_T = prod over (x, y) of Pr[y | x]
     total = gx.binary_cross_entropy(backend.tensor(p), backend.tensor(y), reduction="sum", backend=backend.name)
     np.testing.assert_allclose(total.item(), -np.log(likelihood), rtol=1e-10)
-    np.testing.assert_allclose(total.item(), F.binary_cross_entropy(torch.from_numpy(p), torch.from_numpy(y), reduction="sum"))
+    np.testing.assert_allclose(
+        total.item(), F.binary_cross_entropy(torch.from_numpy(p), torch.from_numpy(y), reduction="sum")
+    )
     assert gx.predict_binary(p).tolist() == (p >= 0.5).astype(int).tolist()
 
 

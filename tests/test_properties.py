@@ -33,7 +33,11 @@ def problems(draw, interpreted):
     weighted = draw(st.booleans())
     scale = draw(st.sampled_from([1.0, 10.0, 1e4]))
     values = draw(st.sampled_from(["normal", "neg_inf", "equal_rows"]))
-    targets = draw(st.sampled_from(["random", "all_ignored", "none_ignored"] if not prob else ["one_hot", "uniform", "sparse", "random"]))
+    targets = draw(
+        st.sampled_from(
+            ["random", "all_ignored", "none_ignored"] if not prob else ["one_hot", "uniform", "sparse", "random"]
+        )
+    )
     layout = draw(st.sampled_from(["contiguous", "transposed", "sliced", "expanded"]))
     seed = draw(st.integers(0, 2**32 - 1))
     return n, r, dtype, prob, kw, weighted, scale, values, targets, layout, seed

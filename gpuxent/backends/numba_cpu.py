@@ -33,6 +33,23 @@ ROWS_PER_TASK = 16
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
+# Below this many elements a call runs on one thread: waking the pool costs more than the work, and
+# a parallel region stalls whenever another process holds one of the cores.
+PARALLEL_MIN_ELEMENTS = 1 << 18
+
+
+def _launch(kernel, n_elements: int, *args) -> None:
+    if n_elements >= PARALLEL_MIN_ELEMENTS:
+        kernel(*args)
+        return
+    threads = nb.get_num_threads()
+    nb.set_num_threads(1)
+    try:
+        kernel(*args)
+    finally:
+        nb.set_num_threads(threads)
+
+
 def is_available() -> tuple[bool, str]:
     return True, f"numba {nb.__version__} on {nb.config.NUMBA_NUM_THREADS} CPU threads"
 
@@ -348,9 +365,7 @@ def _np(t: torch.Tensor, dtype=None) -> np.ndarray:
     return a if dtype is None else a.astype(dtype, copy=False)
 
 
-def cross_entropy(
-    logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap, grad_scale, grad
-):
+def cross_entropy(logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap, grad_scale, grad):
     """Per-row loss and lse of a (N, r) float tensor; see ``gpuxent.backends`` for the contract."""
     x = np.ascontiguousarray(_np(logits))
     dt = x.dtype
@@ -368,8 +383,8 @@ def cross_entropy(
     loss = np.empty(n_rows, dt)
     lse = np.empty(n_rows, dt)
     if n_rows:
-        _ce_kernel(
-            x, t, q, prob, w, float(w.sum(dtype=np.float64)), int(ignore_index),
+        _launch(
+            _ce_kernel, x.size, x, t, q, prob, w, float(w.sum(dtype=np.float64)), int(ignore_index),
             float(label_smoothing), float(z_loss), float(softcap or 0.0),
             1.0 if grad_scale is None else float(grad_scale), g, grad is not None, loss, lse,
         )  # fmt: skip
@@ -422,7 +437,7 @@ def softmax(x, *, log):
     a = np.ascontiguousarray(_np(x))
     out = np.empty_like(a)
     if a.shape[0]:
-        _softmax_kernel(a, out, log)
+        _launch(_softmax_kernel, a.size, a, out, log)
     return torch.from_numpy(out)
 
 
@@ -469,7 +484,7 @@ def binary_cross_entropy(probs, target, weight, *, grad):
     w = np.ones_like(p) if weight is None else _flat(weight, dt)
     loss = np.empty_like(p)
     g = np.empty_like(p) if grad is not None else np.empty(0, dt)
-    _bce_kernel(p, _flat(target, dt), w, loss, g)
+    _launch(_bce_kernel, p.size, p, _flat(target, dt), w, loss, g)
     if grad is not None:
         grad.copy_(torch.from_numpy(g).view(grad.shape))
     return torch.from_numpy(loss)
@@ -482,7 +497,7 @@ def binary_cross_entropy_with_logits(logits, target, weight, pos_weight, *, grad
     pw = np.empty(0, dt) if pos_weight is None else _flat(pos_weight, dt)
     loss = np.empty_like(x)
     g = np.empty_like(x) if grad is not None else np.empty(0, dt)
-    _bce_logits_kernel(x, _flat(target, dt), w, pw, loss, g)
+    _launch(_bce_logits_kernel, x.size, x, _flat(target, dt), w, pw, loss, g)
     if grad is not None:
         grad.copy_(torch.from_numpy(g).view(grad.shape))
     return torch.from_numpy(loss)
