@@ -10,7 +10,8 @@ each row in chunks of ``BLOCK`` classes, twice:
    ``lse = m + log(d)`` and the row loss come out of it.
 2. when a gradient is asked for, a second read of the row writes
    ``grad_j = scale * (coef * p_j - target_term_j)`` (times the softcap's ``1 - tanh^2``), computed in
-   the accumulation dtype before the store, so ``p_t - 1`` stays accurate in bfloat16.
+   the accumulation dtype before the store, with ``p_j = exp((y_j - m) - log(d))``: so ``p_t - 1``
+   stays accurate in bfloat16 even when ``p_t`` is close to 1.
 
 Byte model, forward+backward with class targets: read N*r logits, write N*r gradient, read N
 targets, write N losses and N lse; the second read of a row mostly hits L2 for r up to a few 10^4.
@@ -104,16 +105,22 @@ def _scalar(hi, lo, like):
 
 
 @triton.jit
+def _const(value: tl.constexpr, like):
+    """``value`` in ``like``'s dtype and shape: a bare float literal would be rounded to float32 first."""
+    return tl.full(like.shape, value, like.dtype)
+
+
+@triton.jit
 def _tanh(u):
     """tanh without cancellation: odd Taylor series near 0, (1 - e) / (1 + e) with e = exp(-2|u|) beyond."""
     a = tl.abs(u)
     e = tl.exp(-2.0 * a)
     far = (1 - e) / (1 + e)
-    a2 = a * a
-    near = 0.021869488536155203  # 62/2835: the series up to a^9 is exact to 1e-11 for a < 0.125
-    near = near * a2 - 0.05396825396825397
-    near = near * a2 + 0.13333333333333333
-    near = near * a2 - 0.3333333333333333
+    a2 = tl.minimum(a, 0.125) * tl.minimum(a, 0.125)  # clamped: the series is only used below 0.125
+    near = _const(0.021869488536155203, a2)  # 62/2835: the series up to a^9 is exact to 1e-11 for a < 0.125
+    near = near * a2 + _const(-0.05396825396825397, a2)
+    near = near * a2 + _const(0.13333333333333333, a2)
+    near = near * a2 + _const(-0.3333333333333333, a2)
     near = a + a * a2 * near
     t = tl.where(a < 0.125, near, far)
     return tl.where(u < 0, -t, t)
@@ -172,9 +179,11 @@ def _cross_entropy_kernel(
         cols = start + tl.arange(0, BLOCK)
         col_mask = cols < n_classes
         mask = kept[:, None] & col_mask[None, :]
-        y = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(acc_dtype)
         if HAS_SOFTCAP:
+            y = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
             y = tl.where(mask, softcap[:, None] * _tanh(y / softcap[:, None]), NEG_INF)
+        else:
+            y = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(acc_dtype)
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + cols, mask=col_mask, other=0).to(acc_dtype)
         if PROB_TARGET or HAS_SMOOTHING:
@@ -196,14 +205,17 @@ def _cross_entropy_kernel(
         m_shift = tl.where(m_new == NEG_INF, 0, m_new)  # a row of -inf so far must not give -inf - -inf
         d = d * tl.exp(m - m_shift) + tl.sum(tl.exp(y - m_shift[:, None]), axis=1)
         m = m_new
-    lse = m + tl.log(tl.where(kept, d, 1))  # ignored rows: no log(0)
+    # lse = m + log_d; the two parts stay apart where a sum of them would round away p_t - 1 when p_t ~ 1
+    m = tl.where(kept, m, 0)
+    log_d = tl.log(tl.where(kept, d, 1))  # 0 for ignored rows, not log(0)
+    lse = m + log_d
 
     # loss and the coefficient of p_j in the gradient
     if PROB_TARGET:
         loss = sum_wq * lse - sum_wy
         coef = sum_wq
     else:
-        loss = (1 - smoothing) * w_t * (lse - y_t)
+        loss = (1 - smoothing) * w_t * ((m - y_t) + log_d)
         coef = (1 - smoothing) * w_t
         if HAS_SMOOTHING:
             if not HAS_WEIGHT:
@@ -215,7 +227,7 @@ def _cross_entropy_kernel(
         loss += z_loss * lse * lse
         coef += 2 * z_loss * lse
     tl.store(loss_ptr + rows, tl.where(kept, loss, 0), mask=row_mask)
-    tl.store(lse_ptr + rows, tl.where(kept, lse, 0), mask=row_mask)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
 
     # loop 2: grad_j = scale * (coef p_j - w_j q'_j)               (probability targets)
     #         grad_j = scale * (coef p_j - eps_r w_j - (1 - eps) w_t [j == t])   (class targets)
@@ -237,7 +249,7 @@ def _cross_entropy_kernel(
                 y = softcap[:, None] * th
             else:
                 y = x
-            g = coef[:, None] * tl.exp(y - lse[:, None])
+            g = coef[:, None] * tl.exp((y - m[:, None]) - log_d[:, None])
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + cols, mask=col_mask, other=0).to(acc_dtype)
             if PROB_TARGET:
@@ -368,7 +380,8 @@ def softmax(x, *, log):
 def _log1p(v):
     """log(1 + v) accurate for small v (Goldberg's trick: the rounding of 1 + v cancels out)."""
     u = 1 + v
-    return tl.where(u == 1, v, tl.log(u) * (v / (u - 1)))
+    exact = u == 1
+    return tl.where(exact, v, tl.log(u) * (v / tl.where(exact, 1, u - 1)))
 
 
 @triton.jit
@@ -390,7 +403,8 @@ def _bce_kernel(
     log_1mp = tl.maximum(_log1p(-p), -100.0)
     tl.store(loss_ptr + offs, -w * (y * log_p + (1 - y) * log_1mp), mask=mask)
     if WANT_GRAD:
-        g = w * (p - y) / tl.maximum((1 - p) * p, 1e-12)
+        # torch clamps the denominator at its float32 EPSILON = 1e-12, whatever the dtype
+        g = w * (p - y) / tl.maximum((1 - p) * p, _const(9.999999960041972e-13, p))
         tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
