@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-from functools import cache
 
 import numba
 import numpy as np
@@ -42,9 +41,11 @@ else:
 NAME = "numba_cuda"
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 # Shared-memory arrays need a compile-time size: the largest block; the launch picks the real one.
-MAX_THREADS = 1024
+# 512, not 1024: the float64 cross-entropy kernel needs 75 registers per thread (sm_90), and
+# 1024 x 75 exceeds the 64K registers of a block.
+MAX_THREADS = 512
 # The simulator runs every thread as a Python thread: keep blocks tiny there.
-MAX_THREADS_PER_ROW = 8 if SIMULATOR else 512  # the float64 CE kernel needs 75 registers (sm_90): 1024 would not launch
+MAX_THREADS_PER_ROW = 8 if SIMULATOR else MAX_THREADS
 MIN_THREADS_PER_ROW = 1 if SIMULATOR else 32  # a warp
 THREADS_PER_BLOCK = 16 if SIMULATOR else 256  # target block size when several rows share a block
 ELEMENTS_PER_THREAD = 4  # a row of r classes gets about r / 4 threads, up to MAX_THREADS_PER_ROW
@@ -76,7 +77,7 @@ def supports(device: torch.device) -> bool:
 # --------------------------------------------------------------------------- kernels
 
 
-@cache
+@functools.cache
 def _kernels(dtype: np.dtype):
     """(cross-entropy, softmax, bce, bce-with-logits) kernels computing in ``dtype``."""
     f = dtype.type
