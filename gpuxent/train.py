@@ -32,6 +32,7 @@ from . import backends
 from .data import DATASETS, Dataset, load_csv, load_dataset
 from .mlp import ACTIVATIONS, MLP, loss_fn
 
+LOG_LINE = "epoch {epoch}: loss {loss:.4f}, train_acc {train_acc:.2f}, test_acc {test_acc:.2f}, time {time_ms:.1f}ms"
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
@@ -55,12 +56,24 @@ class TrainConfig:
     device: str | None = None  # None: cuda if available, else cpu
     loss_impl: str = "gpuxent"  # "torch" trains with torch.nn.functional instead (the tests' reference)
     nproc: int = 1
+    threads: int | None = 1  # CPU threads of torch and numba per process; None leaves them alone
     plot: str | None = None  # PNG of loss and accuracy per epoch
     checkpoint: str | None = None  # torch.save'd dict: state_dict + config
     json: bool = False  # machine-readable run: logs go to stderr, no progress bar
 
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def set_threads(n: int | None) -> None:
+    """Use ``n`` CPU threads in torch and numba (process-wide). A 64-wide MLP gains nothing from more,
+    and on a shared machine idle OpenMP workers spinning between tiny ops cost more than the ops."""
+    if n is None:
+        return
+    import numba
+
+    torch.set_num_threads(n)
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 def load_data(cfg: TrainConfig) -> Dataset:
@@ -108,6 +121,8 @@ def train(cfg: TrainConfig, data: Dataset | None = None, *, rank: int = 0, world
         raise ValueError(f"optimizer: expected one of {sorted(OPTIMIZERS)}, got {cfg.optimizer!r}")
     if cfg.batch_size < 1 or epochs < 0:
         raise ValueError(f"batch_size >= 1 and epochs >= 0 expected, got {cfg.batch_size} and {epochs}")
+    if device.type == "cpu":
+        set_threads(cfg.threads)
     backend = backend_name(cfg, device)  # fails early, with the reason, for a backend that cannot run here
 
     X_train, y_train = (torch.from_numpy(a).to(device) for a in (data.X_train, data.y_train))
@@ -157,9 +172,7 @@ def train(cfg: TrainConfig, data: Dataset | None = None, *, rank: int = 0, world
         row = dict(epoch=epoch, loss=epoch_loss, train_acc=train_acc, test_acc=test_acc, time_ms=time_ms)
         for key, value in row.items():
             history[key].append(value)
-        log(
-            f"epoch {epoch}: loss {epoch_loss:.4f}, train_acc {train_acc:.2f}, test_acc {test_acc:.2f}, time {time_ms:.1f}ms"
-        )
+        log(LOG_LINE.format(**row))
         bar.update(1)
     if bar is not None:
         bar.close()
@@ -200,7 +213,6 @@ def _worker(rank: int, world_size: int, port: int, cfg: TrainConfig, out_path: s
     """One data-parallel process: join the group, train, and (rank 0) save the result for the parent."""
     import torch.distributed as dist
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # K processes share the cores
     device = cfg.resolved_device()
     use_nccl = device.type == "cuda" and torch.cuda.device_count() >= world_size  # nccl wants a GPU per rank
     dist.init_process_group(

@@ -1,0 +1,159 @@
+"""The tiny MLP trainer: accuracy on the bundled data sets, the AND gate, gpuxent's losses against
+torch.nn.functional step by step, CSV input and its errors, checkpoints, the CLI and data parallelism."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gpuxent import cli
+from gpuxent.data import load_csv, load_dataset
+from gpuxent.train import TrainConfig, load_checkpoint, run, train
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """The default run (digits, 20 epochs), with a plot and a checkpoint, shared by several tests."""
+    tmp = tmp_path_factory.mktemp("digits")
+    cfg = TrainConfig(dataset="digits", plot=str(tmp / "curves.png"), checkpoint=str(tmp / "mlp.pt"), device="cpu")
+    return run(cfg)
+
+
+def test_digits_reaches_95_percent(digits_run):
+    s = digits_run["summary"]
+    assert s["task"] == "multiclass" and s["n_classes"] == 10 and s["epochs"] == 20
+    assert s["test_accuracy"] >= 0.95, s
+    losses = digits_run["history"]["loss"]
+    assert losses[-1] < losses[0] / 10
+
+
+def test_breast_cancer_reaches_95_percent():
+    out = run(TrainConfig(dataset="breast_cancer", device="cpu"))
+    s = out["summary"]
+    assert s["task"] == "binary" and s["n_classes"] == 2
+    assert s["test_accuracy"] >= 0.95, s
+
+
+def test_and_gate_learnt_exactly():
+    out = train(TrainConfig(dataset="and", device="cpu"))
+    X = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    assert out["model"].predict(X).tolist() == [0, 0, 0, 1]
+
+
+@pytest.mark.parametrize(
+    "dataset, epochs, activation",
+    [("digits", 1, "relu"), ("breast_cancer", 3, "tanh")],  # >= 20 steps of 64 rows each
+)
+def test_first_losses_match_torch(dataset, epochs, activation):
+    """The same seed, model and batches: gpuxent's fused loss and torch's give the same trajectory."""
+    data = load_dataset(dataset)
+    cfg = dict(dataset=dataset, epochs=epochs, activation=activation, device="cpu")
+    runs = {impl: train(TrainConfig(**cfg, loss_impl=impl), data) for impl in ("gpuxent", "torch")}
+    ours, ref = (np.array(runs[impl]["history"]["step_losses"][:20]) for impl in ("gpuxent", "torch"))
+    assert len(ours) == 20
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+    assert runs["torch"]["backend"] == "torch" and runs["gpuxent"]["backend"] == "numba_cpu"
+
+
+def test_split_is_stratified_and_seeded():
+    a, b, c = load_dataset("digits", seed=0), load_dataset("digits", seed=0), load_dataset("digits", seed=1)
+    np.testing.assert_array_equal(a.y_test, b.y_test)
+    assert not np.array_equal(a.y_test, c.y_test)
+    counts_test = np.bincount(a.y_test, minlength=10) / len(a.y_test)
+    counts_train = np.bincount(a.y_train, minlength=10) / len(a.y_train)
+    np.testing.assert_allclose(counts_test, counts_train, atol=0.01)
+
+
+def _breast_cancer_frame():
+    import pandas as pd
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer()
+    df = pd.DataFrame(bunch.data, columns=bunch.feature_names)
+    df["diagnosis"] = np.array(bunch.target_names)[bunch.target]  # string labels: "benign" / "malignant"
+    return df
+
+
+def test_csv_round_trip(tmp_path):
+    path = tmp_path / "cancer.csv"
+    _breast_cancer_frame().to_csv(path, index=False)
+    data = load_csv(path, "diagnosis")
+    assert data.classes == ["benign", "malignant"] and data.binary and data.n_features == 30
+    out = run(TrainConfig(csv=str(path), target="diagnosis", device="cpu"))
+    assert out["summary"]["test_accuracy"] >= 0.93, out["summary"]
+
+
+def test_csv_multiclass(tmp_path):
+    import pandas as pd
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    df = pd.DataFrame(bunch.data[:600], columns=[f"p{i}" for i in range(64)])
+    df["digit"] = bunch.target[:600] + 10  # labels 10..19 map to 0..9
+    df.to_csv(tmp_path / "digits.csv", index=False)
+    data = load_csv(tmp_path / "digits.csv", "digit")
+    assert data.n_classes == 10 and data.classes == list(range(10, 20))
+    assert set(np.unique(data.y_train)) == set(range(10))
+
+
+def test_bad_csvs(tmp_path):
+    df = _breast_cancer_frame()
+    good = tmp_path / "good.csv"
+    df.to_csv(good, index=False)
+    with pytest.raises(ValueError, match="column 'label' not found"):
+        load_csv(good, "label")
+
+    text = df.copy()
+    text["mean radius"] = "r" + text["mean radius"].astype(str)
+    text.to_csv(tmp_path / "text.csv", index=False)
+    with pytest.raises(ValueError, match=r"non-numeric: \['mean radius'\]"):
+        load_csv(tmp_path / "text.csv", "diagnosis")
+
+    one = df[df["diagnosis"] == "benign"]
+    one.to_csv(tmp_path / "one.csv", index=False)
+    with pytest.raises(ValueError, match="at least two classes"):
+        load_csv(tmp_path / "one.csv", "diagnosis")
+
+    holes = df.copy()
+    holes.loc[3, "mean area"] = np.nan
+    holes.to_csv(tmp_path / "holes.csv", index=False)
+    with pytest.raises(ValueError, match="missing values"):
+        load_csv(tmp_path / "holes.csv", "diagnosis")
+
+
+def test_bad_csv_through_cli(tmp_path, capsys):
+    _breast_cancer_frame().to_csv(tmp_path / "c.csv", index=False)
+    assert cli.main(["train", "--csv", str(tmp_path / "c.csv"), "--target", "nope", "--json"]) == 2
+    assert "column 'nope' not found" in capsys.readouterr().err
+
+
+def test_checkpoint_round_trip(digits_run):
+    s = digits_run["summary"]
+    model, ckpt = load_checkpoint(s["checkpoint"])
+    assert ckpt["train_config"]["dataset"] == "digits" and ckpt["classes"] == list(range(10))
+    X = torch.from_numpy(digits_run["data"].X_test)  # raw features: the standardisation is in the model
+    trained = digits_run["model"].cpu()
+    torch.testing.assert_close(model(X), trained(X), rtol=0, atol=0)
+    assert torch.equal(model.predict(X), trained.predict(X))
+    with open(s["plot"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_json(capsys):
+    argv = ["train", "--dataset", "breast_cancer", "--epochs", "3", "--hidden", "16", "--activation", "gelu", "--json"]
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"dataset", "test_accuracy", "final_loss", "epochs", "backend"} <= set(out)
+    assert out["dataset"] == "breast_cancer" and out["epochs"] == 3 and out["hidden"] == [16]
+    assert out["backend"] in ("numba_cpu", "triton", "numba_cuda")
+    assert 0.0 <= out["test_accuracy"] <= 1.0 and np.isfinite(out["final_loss"])
+
+
+def test_data_parallel_matches_one_process(digits_run):
+    """Two gloo processes, each with half of every mini-batch: the same trajectory up to rounding."""
+    out = run(TrainConfig(dataset="digits", nproc=2, device="cpu"))
+    one, two = digits_run["summary"], out["summary"]
+    assert two["nproc"] == 2 and two["test_accuracy"] >= 0.95
+    assert abs(two["test_accuracy"] - one["test_accuracy"]) <= 0.02
+    np.testing.assert_allclose(out["history"]["loss"][:5], digits_run["history"]["loss"][:5], rtol=1e-3)
