@@ -344,15 +344,14 @@ def _softmax_kernel(
         m_shift = tl.where(m_new == NEG_INF, 0, m_new)
         d = d * tl.exp(m - m_shift) + tl.sum(tl.exp(x - m_shift[:, None]), axis=1)
         m = m_new
-    lse = m + tl.log(d)
+    log_d = tl.log(d)
     for start in range(0, n_classes, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = row_mask[:, None] & (cols < n_classes)[None, :]
         x = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
-        if LOG:
-            y = x - lse[:, None]
-        else:
-            y = tl.exp(x - lse[:, None])
+        y = (x - m[:, None]) - log_d[:, None]  # not x - (m + log d): m + log d rounds at the scale of m
+        if not LOG:
+            y = tl.exp(y)
         tl.store(o_rows[:, None] + cols[None, :], y, mask=mask)
 
 
