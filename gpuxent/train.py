@@ -188,14 +188,14 @@ def train(cfg: TrainConfig, data: Dataset | None = None, *, rank: int = 0, world
 
 
 def _logger(cfg: TrainConfig):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     stream = sys.stderr if cfg.json else sys.stdout
     return lambda msg: tqdm.write(msg, file=stream)
 
 
 def _progress(epochs: int, cfg: TrainConfig):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     return tqdm(total=epochs, desc="train", unit="epoch", leave=False, disable=cfg.json or not sys.stderr.isatty())
 
@@ -282,6 +282,7 @@ def plot_history(history: dict, path=None, title: str = ""):
     and leaves a notebook's backend alone; the figure is returned (a notebook displays it).
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(9, 3.5), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
@@ -292,6 +293,8 @@ def plot_history(history: dict, path=None, title: str = ""):
     ax_acc.plot(epochs, history["test_acc"], marker=".", label="test")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     ax_acc.legend()
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     if path is not None:
