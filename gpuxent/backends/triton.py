@@ -30,6 +30,7 @@ blocks so that short rows still span several chunks and end in a masked tail.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import numpy as np
@@ -70,7 +71,7 @@ def supports(device: torch.device) -> bool:
 def _split(v: float) -> tuple[float, float]:
     """``v`` as two float32 values whose sum recovers ~48 bits of it (see the module docstring)."""
     hi = float(np.float32(v))
-    return hi, float(np.float32(v - hi))
+    return hi, float(np.float32(v - hi)) if math.isfinite(hi) else 0.0
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
