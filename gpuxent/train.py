@@ -4,8 +4,8 @@ Read top to bottom: the config, the data, one training loop (the same one for 1 
 data-parallel processes), the checkpoint and the plot, then the command line.
 
     from gpuxent.train import TrainConfig, run
-    result = run(TrainConfig(dataset="breast_cancer", epochs=20))
-    result["test_accuracy"], result["model"]
+    out = run(TrainConfig(dataset="breast_cancer", epochs=20))
+    out["summary"]["test_accuracy"], out["model"], out["history"]["loss"]
 
 With ``nproc=K`` the K processes (torch.multiprocessing, spawn) each hold a replica wrapped in
 DistributedDataParallel (gloo on CPU, nccl on GPUs) and take every K-th row of each epoch's
@@ -114,6 +114,8 @@ def train(cfg: TrainConfig, data: Dataset | None = None, *, rank: int = 0, world
     """
     data = data if data is not None else load_data(cfg)
     device = cfg.resolved_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device} asked for, but CUDA is not available here")
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", rank % torch.cuda.device_count())
     epochs = cfg.epochs if cfg.epochs is not None else default_epochs(data)
@@ -215,6 +217,8 @@ def _worker(rank: int, world_size: int, port: int, cfg: TrainConfig, out_path: s
 
     device = cfg.resolved_device()
     use_nccl = device.type == "cuda" and torch.cuda.device_count() >= world_size  # nccl wants a GPU per rank
+    if device.type == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(
         "nccl" if use_nccl else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
     )
@@ -232,19 +236,20 @@ def train_parallel(cfg: TrainConfig) -> dict:
     import torch.multiprocessing as mp
 
     data = load_data(cfg)  # here too: errors surface in the parent, and the result needs it
+    device = cfg.resolved_device()
+    backend = backend_name(cfg, device)  # as early: a backend that cannot run fails before any spawn
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "rank0.pt")
         mp.spawn(_worker, args=(cfg.nproc, _free_port(), cfg, out_path), nprocs=cfg.nproc, join=True)
         saved = torch.load(out_path, weights_only=True)
     model = MLP(data.n_features, data.n_classes, cfg.hidden, cfg.activation)
     model.load_state_dict(saved["state_dict"])
-    device = cfg.resolved_device()
     return {
         "model": model.to(device).eval(),
         "history": saved["history"],
         "data": data,
         "epochs": saved["epochs"],
-        "backend": backend_name(cfg, device),
+        "backend": backend,
         "device": str(device),
     }
 
