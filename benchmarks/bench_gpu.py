@@ -113,6 +113,11 @@ _COMPILED = None
 def make_compile(x, t):
     global _COMPILED
     if _COMPILED is None:
+        # sizes x dtypes x grad modes: more recompiles than the default limit, past which dynamo
+        # silently falls back to eager
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 64)
         # dynamic=None: the first shape compiles static, the next one recompiles with dynamic sizes
         _COMPILED = torch.compile(lambda x_, t_: F.cross_entropy(x_, t_))
     xr = x.detach().requires_grad_()
