@@ -211,7 +211,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, cfg: TrainConfig, out_path: str) -> None:
+def _worker(rank: int, world_size: int, port: int, cfg: TrainConfig, data: Dataset, out_path: str) -> None:
     """One data-parallel process: join the group, train, and (rank 0) save the result for the parent."""
     import torch.distributed as dist
 
@@ -223,7 +223,7 @@ def _worker(rank: int, world_size: int, port: int, cfg: TrainConfig, out_path: s
         "nccl" if use_nccl else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
     )
     try:
-        out = train(cfg, rank=rank, world_size=world_size)
+        out = train(cfg, data, rank=rank, world_size=world_size)
         if rank == 0:
             state = {k: v.cpu() for k, v in out["model"].state_dict().items()}
             torch.save({"state_dict": state, "history": out["history"], "epochs": out["epochs"]}, out_path)
@@ -235,12 +235,12 @@ def train_parallel(cfg: TrainConfig) -> dict:
     """:func:`train` on ``cfg.nproc`` processes; returns what rank 0's :func:`train` returns."""
     import torch.multiprocessing as mp
 
-    data = load_data(cfg)  # here too: errors surface in the parent, and the result needs it
+    data = load_data(cfg)  # once, in the parent: errors surface here and the workers skip importing sklearn
     device = cfg.resolved_device()
     backend = backend_name(cfg, device)  # as early: a backend that cannot run fails before any spawn
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "rank0.pt")
-        mp.spawn(_worker, args=(cfg.nproc, _free_port(), cfg, out_path), nprocs=cfg.nproc, join=True)
+        mp.spawn(_worker, args=(cfg.nproc, _free_port(), cfg, data, out_path), nprocs=cfg.nproc, join=True)
         saved = torch.load(out_path, weights_only=True)
     model = MLP(data.n_features, data.n_classes, cfg.hidden, cfg.activation)
     model.load_state_dict(saved["state_dict"])
