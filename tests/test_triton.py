@@ -343,22 +343,11 @@ def _compiled_step(compile_backend):
     assert model.proj.weight.grad is not None and torch.isfinite(model.proj.weight.grad).all()
 
 
-# Dynamo inlines the functools.cache around gpuxent.backends._load and stops at importlib.import_module
-# inside it: a graph break that fullgraph=True turns into an error, whatever the backend.
-REGISTRY_BREAK = pytest.mark.xfail(
-    reason="graph break at importlib.import_module in gpuxent.backends._load (functools.cache); "
-    "a plain dict cache filled outside the compiled region fixes it",
-    strict=False,
-)
-
-
-@REGISTRY_BREAK
 def test_torch_compile_fullgraph_traces_without_break():
     """Dynamo traces gx.cross_entropy in one graph (the "eager" compiler runs it, so the interpreter works)."""
     _compiled_step("eager")
 
 
-@REGISTRY_BREAK
 @pytest.mark.skipif(not HAS_CUDA, reason="inductor-compiled Triton needs a CUDA GPU")
 def test_torch_compile_fullgraph_inductor():
     _compiled_step("inductor")

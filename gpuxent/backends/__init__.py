@@ -1,4 +1,4 @@
-"""THE backend registry: one table, the selection rule, lazy imports.
+"""THE backend registry: one table, the selection rule.
 
 Every backend is one module of this package with the same functions, called by
 ``gpuxent.functional`` on validated torch tensors (numpy inputs arrive as zero-copy CPU tensors):
@@ -24,6 +24,9 @@ Every backend is one module of this package with the same functions, called by
     shape, or None), returned flat in the compute dtype; ``grad`` (None or a tensor of the input's
     shape) receives the elementwise derivative times ``weight``.
 
+Backends are imported once, when this package is; an import that fails makes that backend
+unavailable (``status()`` says why) and nothing else.
+
 Selection: the ``backend=`` argument, else ``GPUXENT_BACKEND``, else by device (CPU -> ``numba_cpu``,
 CUDA -> ``triton``, or ``numba_cuda`` where triton is missing). An automatic choice falls back
 quietly; a backend asked for by name that cannot run raises ``RuntimeError`` saying why.
@@ -34,7 +37,6 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from functools import cache
 from types import ModuleType
 
 import torch
@@ -58,15 +60,26 @@ REGISTRY: dict[str, Backend] = {
 ENV_VAR = "GPUXENT_BACKEND"
 
 
-@cache
+_LOADED: dict[str, tuple[ModuleType | None, str]] = {}
+
+
 def _load(name: str) -> tuple[ModuleType | None, str]:
-    """The backend's module and why it can (not) run here; imports are lazy and cached."""
-    try:
-        module = importlib.import_module(REGISTRY[name].module)
-    except Exception as exc:  # a missing or broken framework makes the backend unavailable
-        return None, f"cannot import: {type(exc).__name__}: {exc}"
-    ok, reason = module.is_available()
-    return (module if ok else None), reason
+    """The backend's module (None if it cannot run here) and the reason."""
+    if name not in _LOADED:
+        try:
+            module = importlib.import_module(REGISTRY[name].module)
+        except Exception as exc:  # a missing or broken framework makes the backend unavailable
+            _LOADED[name] = None, f"cannot import: {type(exc).__name__}: {exc}"
+        else:
+            ok, reason = module.is_available()
+            _LOADED[name] = (module if ok else None), reason
+    return _LOADED[name]
+
+
+# Loaded now, not on first use: torch.compile traces the dispatch inside a model, and dynamo cannot
+# trace an import (a graph break, an error under fullgraph=True); a plain dict lookup it can.
+for _name in REGISTRY:
+    _load(_name)
 
 
 def status() -> dict[str, tuple[bool, str]]:
