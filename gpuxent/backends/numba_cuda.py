@@ -233,13 +233,16 @@ def _kernels(dtype: np.dtype):
             # pass 2: the gradient, scale * (coef_p * p_j - w_j q'_j), times the softcap's tanh'
             if want_grad:
                 a_p = scale * coef_p
+                # p_j = exp((y_j - m) - log s): no rounded lse of the size of m, so p_t - 1 stays
+                # accurate when p_t is close to 1
+                log_s = ZERO if s == ZERO else math.log(s)  # s = 0: an all -inf row
                 for j in range(lane, n_classes, threads_per_row):
                     y = logits[row, j]
                     th = ZERO
                     if softcap > ZERO:
                         th = math.tanh(y * inv_cap)
                         y = softcap * th
-                    g = ZERO if y == NEG_INF else a_p * math.exp(y - lse_row)
+                    g = ZERO if y == NEG_INF else a_p * math.exp((y - m) - log_s)
                     w = weight[j] if has_weight else ONE
                     if prob:
                         g -= scale * w * (keep * probs[row, j] + eps_r)
@@ -275,12 +278,13 @@ def _kernels(dtype: np.dtype):
             m, s, _, _ = block_reduce(sm_m, sm_s, sm_a, sm_b, tid, lane, threads_per_row, m, s, ZERO, ZERO)
             if live:
                 lse_row = log_sum(m, s)
+                log_s = ZERO if s == ZERO else math.log(s)  # s = 0: an all -inf row
                 for j in range(lane, n_classes, threads_per_row):
                     y = x[row, j]
                     if log:
                         out[row, j] = y - lse_row
                     else:
-                        out[row, j] = ZERO if y == NEG_INF else math.exp(y - lse_row)
+                        out[row, j] = ZERO if y == NEG_INF else math.exp((y - m) - log_s)
             base += int64(cuda.gridDim.x) * rows_per_block
 
     @cuda.jit(device=True)
