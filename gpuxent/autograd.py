@@ -33,8 +33,9 @@ def cross_entropy_rows(
     want_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row loss, lse and (when ``want_grad``) the scaled gradient of an (N, r) tensor."""
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if want_grad else None
-    loss, lse = backends.get(backend).cross_entropy(
+    module = backends.get(backend)
+    grad = backends.empty(module, logits.shape, logits.dtype, logits.device) if want_grad else None
+    loss, lse = module.cross_entropy(
         logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
         z_loss=z_loss, softcap=softcap or None, grad_scale=grad_scale, grad=grad,
     )  # fmt: skip

@@ -16,6 +16,8 @@ Every backend is one module of this package with the same functions, called by
     d logits_i`` (ignored rows get 0); it may be ``logits`` itself (in-place gradient).
     Returns ``(loss, lse)``: (N,) per-row losses (0 for ignored rows; ``z_loss * lse**2`` included)
     and log-sum-exp of the (soft-capped) logits, in the compute dtype (float32 for half inputs).
+``empty(shape, dtype)`` (optional)
+    Allocates the gradient buffers the backend writes; ``torch.empty`` on the device otherwise.
 ``softmax(x, *, log)``
     (N, r) -> (N, r) row softmax or log-softmax, in the compute dtype.
 ``binary_cross_entropy(probs, target, weight, *, grad)`` and
@@ -100,6 +102,12 @@ def get(name: str) -> ModuleType:
     if module is None:
         raise RuntimeError(f"backend {name!r} cannot run here: {reason}")
     return module
+
+
+def empty(module: ModuleType, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A new output buffer from the backend's allocator, if it has one."""
+    alloc = getattr(module, "empty", None)
+    return alloc(tuple(shape), dtype) if alloc is not None else torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
 def select(device: torch.device, backend: str | None = None) -> ModuleType:

@@ -18,6 +18,7 @@ write N losses and N lse.
 from __future__ import annotations
 
 import math
+import mmap
 
 import numba as nb
 import numpy as np
@@ -48,6 +49,25 @@ def _launch(kernel, n_elements: int, *args) -> None:
         kernel(*args)
     finally:
         nb.set_num_threads(threads)
+
+
+# Outputs at least this large are backed by transparent huge pages (see ``empty``).
+HUGEPAGE_MIN_BYTES = 1 << 22
+
+
+def empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A new CPU tensor for a kernel's output; a large one is backed by transparent huge pages.
+
+    Faulting a fresh buffer in 4 KiB page by page costs more than the fused kernel itself: at
+    4096 x 32768 float32 on 2 cores, kernel + ``torch.empty`` gradient took 260 ms, kernel + a
+    ``MADV_HUGEPAGE`` mapping 67 ms, and the kernel alone 35 ms.
+    """
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes < HUGEPAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
 
 
 def is_available() -> tuple[bool, str]:
@@ -379,7 +399,7 @@ def cross_entropy(logits, target, weight, *, ignore_index, label_smoothing, z_lo
     if grad is None:
         g = np.zeros((1, 0), dt)
     else:
-        g = grad.detach().numpy() if direct else np.empty((n_rows, n_classes), dt)
+        g = grad.detach().numpy() if direct else empty((n_rows, n_classes), _TORCH_DTYPE[dt]).numpy()
     loss = np.empty(n_rows, dt)
     lse = np.empty(n_rows, dt)
     if n_rows:
@@ -435,7 +455,7 @@ def _softmax_kernel(x, out, log):
 def softmax(x, *, log):
     """Row softmax (or log-softmax) of a (N, r) tensor, returned in the compute dtype."""
     a = np.ascontiguousarray(_np(x))
-    out = np.empty_like(a)
+    out = empty(a.shape, _TORCH_DTYPE[a.dtype]).numpy()
     if a.shape[0]:
         _launch(_softmax_kernel, a.size, a, out, log)
     return torch.from_numpy(out)
