@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from .autograd import compute_dtype
-from .functional import FLOAT_DTYPES, REDUCTIONS
+from .functional import FLOAT_DTYPES, check_options
 
 # Integer codes of the compute dtypes, exchanged so that the ranks can check that they agree.
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
@@ -50,16 +49,7 @@ def _check_local(local_logits, target, weight, ignore_index, reduction, label_sm
         raise TypeError(f"local_logits: expected a floating tensor, got {local_logits.dtype}")
     if local_logits.dim() == 0:
         raise ValueError("local_logits: expected shape (..., r_local) with the classes on the last axis, got a scalar")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing: expected a number in [0, 1], got {label_smoothing!r}")
-    if not isinstance(z_loss, (int, float)) or not (z_loss >= 0 and math.isfinite(z_loss)):
-        raise ValueError(f"z_loss: expected a finite number >= 0, got {z_loss!r}")
-    if softcap is not None and (not isinstance(softcap, (int, float)) or not softcap > 0 or not math.isfinite(softcap)):
-        raise ValueError(f"softcap: expected None or a finite number > 0, got {softcap!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     if target.device != local_logits.device:
         raise ValueError(f"target: on {target.device}, but local_logits is on {local_logits.device}")
     batch_shape = local_logits.shape[:-1]

@@ -71,14 +71,8 @@ def _backend_name(module) -> str:
 # --------------------------------------------------------------------------- cross-entropy
 
 
-def _prepare_ce(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
-    """Checked, flattened arguments: (x2d, target1d_or_2d, weight, is_prob)."""
-    _check_float(logits, "logits")
-    if logits.dim() == 0:
-        raise ValueError("logits: expected shape (..., r) with the classes on the last axis, got a scalar")
-    n_classes = logits.shape[-1]
-    if n_classes == 0:
-        raise ValueError("logits: the class axis is empty (r = 0)")
+def check_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> None:
+    """The scalar keywords of every cross-entropy entry point."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
@@ -89,6 +83,17 @@ def _prepare_ce(logits, target, weight, ignore_index, reduction, label_smoothing
         raise ValueError(f"softcap: expected None or a finite number > 0, got {softcap!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+
+
+def _prepare_ce(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    """Checked, flattened arguments: (x2d, target1d_or_2d, weight, is_prob)."""
+    _check_float(logits, "logits")
+    if logits.dim() == 0:
+        raise ValueError("logits: expected shape (..., r) with the classes on the last axis, got a scalar")
+    n_classes = logits.shape[-1]
+    if n_classes == 0:
+        raise ValueError("logits: the class axis is empty (r = 0)")
+    check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     _check_device(logits, target, "target")
     batch_shape = logits.shape[:-1]
     is_prob = target.dtype.is_floating_point

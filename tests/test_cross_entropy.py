@@ -325,3 +325,18 @@ def test_torch_compile_fullgraph(backend, rng, reduction):
     logits.backward(ref_grad.float().to(backend.device))
     for got, p in zip(grads, proj.parameters()):
         assert_close(got, p.grad, torch.float32, "parameter grad", scale=10)
+
+
+def test_inplace_grad_through_autograd(backend, rng):
+    """With inplace_grad=True the backward gets the gradient that was written over the logits."""
+    n, r = shape_for(backend, big=True)
+    proj = torch.nn.Linear(6, r).to(backend.device)
+    h = backend.tensor(rng.standard_normal((n, 6)), dtype=torch.float32)
+    t = backend.tensor(rng.integers(0, r, n), dtype=torch.int64)
+    logits = proj(h)
+    ref_loss, ref_grad = reference_cross_entropy(logits, t, label_smoothing=0.1)
+    loss = gx.cross_entropy(logits, t, label_smoothing=0.1, backend=backend.name, inplace_grad=True)
+    loss.backward()
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert_close(logits.detach(), ref_grad, torch.float32, "gradient in the logits buffer")
+    assert_close(proj.bias.grad, ref_grad.sum(0), torch.float32, "bias grad", scale=10)
