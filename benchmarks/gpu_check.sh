@@ -37,7 +37,7 @@ PY
 
     local status=0 bench_status=0
     echo "== tests"
-    timeout 200 python -m pytest -x -q -p no:cacheprovider tests || status=$?
+    timeout 200 python -m pytest -q -p no:cacheprovider -ra tests || status=$?
     echo "== tests exit status: $status"
 
     echo "== benchmark"
