@@ -4,6 +4,23 @@ import torch
 import torch.nn.functional as F
 from conftest import TOL
 
+# Keyword sets of the cross-entropy tests: "weight" and "ignore" ask for class weights and ignored
+# rows, "prob" for probability targets; the rest are the keywords themselves.
+KEYWORDS = {
+    "plain": {},
+    "weight": {"weight": True},
+    "ignore": {"ignore": True},
+    "smoothing": {"label_smoothing": 0.1},
+    "smoothing+weight+ignore": {"label_smoothing": 0.2, "weight": True, "ignore": True},
+    "z_loss": {"z_loss": 1e-2},
+    "softcap": {"softcap": 3.0},
+    "all": {"label_smoothing": 0.15, "weight": True, "ignore": True, "z_loss": 1e-3, "softcap": 4.0},
+}
+PROB_KEYWORDS = {
+    "prob": {"prob": True},
+    "prob+all": {"prob": True, "label_smoothing": 0.1, "weight": True, "z_loss": 1e-2, "softcap": 3.0},
+}
+
 
 def reference_cross_entropy(
     logits, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,

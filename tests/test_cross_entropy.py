@@ -3,21 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from reference import assert_close, reference_cross_entropy
+from reference import KEYWORDS, assert_close, reference_cross_entropy
 
 import gpuxent as gx
 from gpuxent import backends
-
-KEYWORDS = {
-    "plain": {},
-    "weight": {"weight": True},
-    "ignore": {"ignore": True},
-    "smoothing": {"label_smoothing": 0.1},
-    "smoothing+weight+ignore": {"label_smoothing": 0.2, "weight": True, "ignore": True},
-    "z_loss": {"z_loss": 1e-2},
-    "softcap": {"softcap": 3.0},
-    "all": {"label_smoothing": 0.15, "weight": True, "ignore": True, "z_loss": 1e-3, "softcap": 4.0},
-}
 
 
 def shape_for(backend, big=False):

@@ -14,23 +14,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from reference import assert_close, reference_cross_entropy
+from reference import KEYWORDS as CE_KEYWORDS
+from reference import PROB_KEYWORDS, assert_close, reference_cross_entropy
 
 import gpuxent as gx
 from gpuxent.distributed import vocab_parallel_cross_entropy
 
-KEYWORDS = {
-    "plain": {},
-    "weight": {"weight": True},
-    "ignore": {"ignore": True},
-    "smoothing": {"label_smoothing": 0.1},
-    "smoothing+weight+ignore": {"label_smoothing": 0.2, "weight": True, "ignore": True},
-    "z_loss": {"z_loss": 1e-2},
-    "softcap": {"softcap": 3.0},
-    "all": {"label_smoothing": 0.15, "weight": True, "ignore": True, "z_loss": 1e-3, "softcap": 4.0},
-    "prob": {"prob": True},
-    "prob+all": {"prob": True, "label_smoothing": 0.1, "weight": True, "z_loss": 1e-2, "softcap": 3.0},
-}
+KEYWORDS = {**CE_KEYWORDS, **PROB_KEYWORDS}
 REDUCTIONS = ("mean", "sum", "none")
 # Class slices per world size: unequal sizes, and an empty slice on one rank of four.
 SLICES = {2: [4, 7], 4: [3, 0, 6, 4]}

@@ -4,24 +4,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import assert_close, reference_cross_entropy
+from reference import KEYWORDS as CE_KEYWORDS
+from reference import PROB_KEYWORDS, assert_close, reference_cross_entropy
 
 import gpuxent as gx
 from gpuxent import linear as linear_mod
 from gpuxent.linear import default_chunk_size, linear_cross_entropy
 
-KEYWORDS = {
-    "plain": {},
-    "no-bias": {"no_bias": True},
-    "weight": {"weight": True},
-    "ignore": {"ignore": True},
-    "smoothing+weight+ignore": {"label_smoothing": 0.2, "weight": True, "ignore": True},
-    "z_loss": {"z_loss": 1e-2},
-    "softcap": {"softcap": 3.0},
-    "all": {"label_smoothing": 0.15, "weight": True, "ignore": True, "z_loss": 1e-3, "softcap": 4.0},
-    "prob": {"prob": True},
-    "prob+all": {"prob": True, "label_smoothing": 0.1, "weight": True, "z_loss": 1e-2, "softcap": 3.0},
-}
+KEYWORDS = {**CE_KEYWORDS, "no-bias": {"no_bias": True}, **PROB_KEYWORDS}
 
 
 def sizes_for(backend):
