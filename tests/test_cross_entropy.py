@@ -329,3 +329,18 @@ def test_inplace_grad_through_autograd(backend, rng):
     assert_close(loss, ref_loss, torch.float32, "loss")
     assert_close(logits.detach(), ref_grad, torch.float32, "gradient in the logits buffer")
     assert_close(proj.bias.grad, ref_grad.sum(0), torch.float32, "bias grad", scale=10)
+
+
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_blocks_of_neg_inf_keep_the_smoothing_gradient(backend, rng, prob):
+    """Whole chunks/blocks of -inf logits: p = 0 there, but label smoothing and soft targets still
+    give those classes a gradient (regression: a skipped all -inf chunk left it at 0)."""
+    n, r = shape_for(backend, big=True)
+    x, t, w = make_inputs(backend, rng, (n, r), torch.float64, prob=prob, weight=True)
+    x[:, r // 2 :] = -float("inf")
+    if not prob:
+        t = t % (r // 2)
+    loss, grad = gx.cross_entropy_and_grad(x, t, w, label_smoothing=0.1, backend=backend.name)
+    ref_loss, ref_grad = reference_cross_entropy(x, t, w, label_smoothing=0.1)
+    assert_close(loss, ref_loss, torch.float64, "loss")
+    assert_close(grad, ref_grad, torch.float64, "grad")

@@ -321,11 +321,13 @@ def _ce_row(
     for c in range(n_chunks):
         lo = c * CHUNK
         hi = min(lo + CHUNK, n_classes)
-        if chunk_max[c] == -np.inf:
-            continue
+        if chunk_max[c] == -np.inf and not (prob or smoothing > 0):
+            continue  # p_j = 0 and no target mass: the zeros of the first sweep stay
         gc = g[lo:hi]
         wc = w[lo:hi]
-        a = _cast(g, grad_scale * coef_p * math.exp(chunk_max[c] - lse))
+        # a chunk of -inf holds p_j = 0 (its g_j are 0), but the smoothing / target terms still apply
+        p_scale = math.exp(chunk_max[c] - lse) if chunk_max[c] > -np.inf else 0.0
+        a = _cast(g, grad_scale * coef_p * p_scale)
         if prob:
             qc = q[lo:hi]
             b = _cast(g, grad_scale * (1 - smoothing))
