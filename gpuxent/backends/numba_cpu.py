@@ -228,12 +228,14 @@ def _chunk_sumexp(y, m, e, store):
 @nb.njit
 def _combine(m_row, s_row, m, s):
     """Merge a chunk's (max, sum of exp) into the row's running pair."""
+    if m_row == -np.inf:  # the first chunk (or only -inf so far): no rescaling, no exp call
+        return m, s_row + s
     if m > m_row:
         return m, s_row * math.exp(m_row - m) + s
     return m_row, s_row + s * math.exp(m - m_row)
 
 
-@nb.njit(fastmath=FASTMATH)
+@nb.njit(fastmath=FASTMATH, inline="always")
 def _ce_row(
     x, t, q, prob, w, sum_w, ignore_index, smoothing, z_loss, softcap, grad_scale, g, want_grad,
     ybuf, chunk_max,
