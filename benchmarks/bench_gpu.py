@@ -6,6 +6,8 @@
 Implementations, each timed with ``triton.testing.do_bench`` (median, L2 flushed between runs):
   gpuxent-triton      the Triton backend's kernel (``gpuxent.backends.triton.cross_entropy``) + the mean
   gpuxent-numba_cuda  the same contract on the Numba CUDA backend, when it is available
+  gpuxent-*-api       the public API (``gx.cross_entropy(x, t, backend=...)``, ``.backward()``), host
+                      checks and autograd included: what a user gets
   torch-eager         ``F.cross_entropy``; fwd+bwd is ``loss.backward()``
   torch-compile       ``torch.compile`` of ``F.cross_entropy`` (compiled before timing)
   liger               Liger-Kernel's fused cross-entropy, when ``liger_kernel`` is importable (on a copy
@@ -94,6 +96,26 @@ def make_gpuxent(backend_name: str):
     return make
 
 
+def make_gpuxent_api(backend_name: str):
+    """The public API as a user calls it: ``gx.cross_entropy`` and ``.backward()``, including its
+    host-side checks (one sync for the class-index check, one for ``grad_output == 1``)."""
+    import gpuxent as gx
+
+    def make(x, t):
+        xr = x.detach().requires_grad_()
+
+        def fwd():
+            with torch.no_grad():
+                return gx.cross_entropy(x, t, backend=backend_name)
+
+        def fwd_bwd():
+            gx.cross_entropy(xr, t, backend=backend_name).backward()
+
+        return {"fwd": (fwd, None), "fwd+bwd": (fwd_bwd, [xr])}
+
+    return make
+
+
 def make_eager(x, t):
     xr = x.detach().requires_grad_()
 
@@ -156,6 +178,7 @@ def implementations(args) -> dict:
     for name in ("triton", "numba_cuda"):
         if status[name][0]:
             impls[f"gpuxent-{name}"] = make_gpuxent(name)
+            impls[f"gpuxent-{name}-api"] = make_gpuxent_api(name)
         else:
             print(f"# skipping gpuxent-{name}: {status[name][1]}")
     impls["torch-eager"] = make_eager
