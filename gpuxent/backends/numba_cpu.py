@@ -441,9 +441,12 @@ def _softmax_kernel(x, out, log):
             m_row, s_row = _combine(m_row, s_row, m, _chunk_sumexp(row[lo:hi], m, o[lo:hi], not log))
         lse = m_row + math.log(s_row)
         if log:
-            v = _cast(row, lse)
+            # (x - m) - log(s): x - m is exact and log(s) small, where a rounded lse of the size of
+            # m would cost up to half an ulp of m (5e-4 at |x| ~ 1e4 in float32)
+            m = _cast(row, m_row)
+            log_s = _cast(row, math.log(s_row))
             for j in range(n_classes):
-                o[j] = row[j] - v
+                o[j] = (row[j] - m) - log_s
             continue
         for c in range(n_chunks):
             lo = c * CHUNK

@@ -282,7 +282,7 @@ def _kernels(dtype: np.dtype):
                 for j in range(lane, n_classes, threads_per_row):
                     y = x[row, j]
                     if log:
-                        out[row, j] = y - lse_row
+                        out[row, j] = (y - m) - log_s  # no rounded lse of the size of m
                     else:
                         out[row, j] = ZERO if y == NEG_INF else math.exp((y - m) - log_s)
             base += int64(cuda.gridDim.x) * rows_per_block
