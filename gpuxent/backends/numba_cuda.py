@@ -277,7 +277,6 @@ def _kernels(dtype: np.dtype):
                     m, s = push(m, s, x[row, j])
             m, s, _, _ = block_reduce(sm_m, sm_s, sm_a, sm_b, tid, lane, threads_per_row, m, s, ZERO, ZERO)
             if live:
-                lse_row = log_sum(m, s)
                 log_s = ZERO if s == ZERO else math.log(s)  # s = 0: an all -inf row
                 for j in range(lane, n_classes, threads_per_row):
                     y = x[row, j]
