@@ -63,3 +63,13 @@ def test_nan_propagates(backend):
     ref = torch.softmax(x.cpu(), -1)
     assert torch.isnan(p[0]).all() and torch.isnan(ref[0]).all()
     assert_close(p[1], ref[1], torch.float32, "clean row")
+
+
+def test_log_softmax_of_large_logits(backend, rng):
+    """Logits around 1e4 in float32: log p must come from (x - max) - log(sum), not from x minus a
+    float32-rounded lse (half an ulp of 1e4 is 5e-4, far above the tolerance)."""
+    x = backend.tensor(1e4 + rng.standard_normal((4, 50)), dtype=torch.float32)
+    out = gx.log_softmax(x, backend=backend.name)
+    assert_close(out, torch.log_softmax(x.double().cpu(), -1), torch.float32, "log_softmax")
+    loss = gx.cross_entropy(x, x.argmax(-1), reduction="none", backend=backend.name)
+    assert_close(loss, -torch.log_softmax(x.double().cpu(), -1).max(-1).values, torch.float32, "loss at the max")

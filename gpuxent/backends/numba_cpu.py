@@ -32,6 +32,9 @@ CHUNK = 2048
 ROWS_PER_TASK = 16
 # Every fast-math flag except nnan/ninf: NaN and inf must propagate as in PyTorch.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+# The exp's range reduction must not be reassociated: ``(x - m) - k ln2`` would become
+# ``x - (m + k ln2)``, rounding at the size of the logits (5e-4 at |x| ~ 1e4 in float32).
+EXP_FASTMATH = FASTMATH - {"reassoc"}
 
 
 # Below this many elements a call runs on one thread: waking the pool costs more than the work, and
@@ -144,7 +147,7 @@ _EXP_NEG32 = _make_exp_neg(np.dtype(np.float32), -87.0, 7)
 _EXP_NEG64 = _make_exp_neg(np.dtype(np.float64), -708.0, 12)
 
 
-@overload(_exp_neg, fastmath=FASTMATH)
+@overload(_exp_neg, fastmath=EXP_FASTMATH)
 def _exp_neg_overload(x):
     if x == types.float32:
         return _EXP_NEG32
@@ -421,7 +424,9 @@ def cross_entropy(logits, target, weight, *, ignore_index, label_smoothing, z_lo
 
 
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _softmax_kernel(x, out, log):
+def _softmax_kernel(x, out, log, row_max, row_log_sum):
+    """Row max and log of the sum of exp(x - max) of every row; for a softmax (not ``log``) also
+    ``out = exp(x - lse)``, stored chunk by chunk and rescaled like the cross-entropy gradient."""
     n_rows, n_classes = x.shape
     n_chunks = (n_classes + CHUNK - 1) // CHUNK
     for i in prange(n_rows):
@@ -439,15 +444,11 @@ def _softmax_kernel(x, out, log):
                 s_row += _empty_chunk_sum(row[lo:hi])
                 continue
             m_row, s_row = _combine(m_row, s_row, m, _chunk_sumexp(row[lo:hi], m, o[lo:hi], not log))
-        lse = m_row + math.log(s_row)
+        row_max[i] = m_row
+        row_log_sum[i] = math.log(s_row)
         if log:
-            # (x - m) - log(s): x - m is exact and log(s) small, where a rounded lse of the size of
-            # m would cost up to half an ulp of m (5e-4 at |x| ~ 1e4 in float32)
-            m = _cast(row, m_row)
-            log_s = _cast(row, math.log(s_row))
-            for j in range(n_classes):
-                o[j] = (row[j] - m) - log_s
             continue
+        lse = m_row + row_log_sum[i]
         for c in range(n_chunks):
             lo = c * CHUNK
             oc = o[lo : min(lo + CHUNK, n_classes)]
@@ -459,12 +460,29 @@ def _softmax_kernel(x, out, log):
                 oc[j] = oc[j] * a
 
 
+@nb.njit(parallel=True, cache=True)  # no fast-math: reassociation would make it x - (m + log_sum)
+def _log_softmax_kernel(x, row_max, row_log_sum, out):
+    """out = (x - max) - log_sum: x - max is exact and log_sum small, where x - lse with an lse
+    rounded to x's precision would cost up to half an ulp of the logits (5e-4 at |x| ~ 1e4 in float32)."""
+    for i in prange(x.shape[0]):
+        m = _cast(x, row_max[i])
+        log_sum = _cast(x, row_log_sum[i])
+        row = x[i]
+        o = out[i]
+        for j in range(row.shape[0]):
+            o[j] = (row[j] - m) - log_sum
+
+
 def softmax(x, *, log):
     """Row softmax (or log-softmax) of a (N, r) tensor, returned in the compute dtype."""
     a = np.ascontiguousarray(_np(x))
     out = empty(a.shape, _TORCH_DTYPE[a.dtype]).numpy()
+    row_max = np.empty(a.shape[0])
+    row_log_sum = np.empty(a.shape[0])
     if a.shape[0]:
-        _launch(_softmax_kernel, a.size, a, out, log)
+        _launch(_softmax_kernel, a.size, a, out, log, row_max, row_log_sum)
+        if log:
+            _launch(_log_softmax_kernel, a.size, a, row_max, row_log_sum, out)
     return torch.from_numpy(out)
 
 

@@ -213,12 +213,14 @@ def _kernels(dtype: np.dtype):
                 continue
 
             lse_row = log_sum(m, s)
+            log_s = ZERO if s == ZERO else math.log(s)  # s = 0: an all -inf row
             # loss = coef_p * lse - (linear terms); d loss / d y_j = coef_p * p_j - (target mass)_j
             if prob:
                 loss_row = b * lse_row - a
                 coef_p = b
             else:
-                loss_row = keep * w_t * (lse_row - y_t)
+                # lse - y_t as (m - y_t) + log s: exact where a rounded lse loses half an ulp of m
+                loss_row = keep * w_t * ((m - y_t) + log_s)
                 coef_p = keep * w_t
                 if smoothing > ZERO:
                     loss_row += eps_r * (b * lse_row - a)
@@ -235,7 +237,6 @@ def _kernels(dtype: np.dtype):
                 a_p = scale * coef_p
                 # p_j = exp((y_j - m) - log s): no rounded lse of the size of m, so p_t - 1 stays
                 # accurate when p_t is close to 1
-                log_s = ZERO if s == ZERO else math.log(s)  # s = 0: an all -inf row
                 for j in range(lane, n_classes, threads_per_row):
                     y = logits[row, j]
                     th = ZERO
