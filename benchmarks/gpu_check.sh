@@ -4,8 +4,8 @@
 #
 #     bash benchmarks/gpu_check.sh        # writes $OUT/gpu_check.log and $OUT/bench.json
 #
-# Time limits keep the whole run under 8 minutes: tests 200 s, benchmark 260 s (and the benchmark
-# starts no new size after 200 s). The benchmark runs even when a test fails; the exit status is
+# Time limits keep the whole run under 8 minutes: tests 240 s, benchmark 220 s (and the benchmark
+# starts no new size after 170 s). The benchmark runs even when a test fails; the exit status is
 # the first failure's.
 set -euo pipefail
 
@@ -37,11 +37,13 @@ PY
 
     local status=0 bench_status=0
     echo "== tests"
-    timeout 200 python -m pytest -q -p no:cacheprovider -ra tests || status=$?
+    # The GPU backends' share of the suite (numba_cpu, the trainer, gloo and the notebooks run in CI
+    # on every push); 8 workers compile Triton's kernel variants in parallel on the 16 cores.
+    timeout 240 python -m pytest -q -p no:cacheprovider -ra -n 8 -k "triton or numba_cuda" tests || status=$?
     echo "== tests exit status: $status"
 
     echo "== benchmark"
-    timeout 260 python benchmarks/bench_gpu.py --budget-s 200 --json-out "$OUT_DIR/bench.json" || bench_status=$?
+    timeout 220 python benchmarks/bench_gpu.py --budget-s 170 --json-out "$OUT_DIR/bench.json" || bench_status=$?
     echo "== benchmark exit status: $bench_status"
 
     if [ "$status" -eq 0 ]; then
