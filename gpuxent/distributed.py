@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .autograd import compute_dtype
-from .functional import FLOAT_DTYPES, check_options
+from .functional import FLOAT_DTYPES, check_options, reduce_rows
 
 # Integer codes of the compute dtypes, exchanged so that the ranks can check that they agree.
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
@@ -223,11 +223,7 @@ class _Problem:
         return loss
 
     def reduce(self, loss_rows):
-        if self.reduction == "none":
-            return loss_rows.reshape(self.shape[:-1])
-        if self.reduction == "sum":
-            return loss_rows.sum()
-        return loss_rows.sum() / self.denom
+        return reduce_rows(loss_rows, self.reduction, self.denom, self.shape[:-1])
 
     def grad(self, x2d, grad_output):
         """d loss / d local_logits (2-D), from the saved logits and the forward's row numbers."""

@@ -156,6 +156,15 @@ def _denominator(t: torch.Tensor, w: torch.Tensor | None, is_prob: bool, ignore_
     return torch.where(kept, w[t.clamp(0, w.shape[0] - 1)], 0).sum(dtype=dt)
 
 
+def reduce_rows(loss_rows: torch.Tensor, reduction: str, denom, batch_shape) -> torch.Tensor:
+    """Per-row losses reduced: reshaped to the batch shape, summed, or summed over ``denom``."""
+    if reduction == "none":
+        return loss_rows.reshape(batch_shape)
+    if reduction == "sum":
+        return loss_rows.sum()
+    return loss_rows.sum() / denom
+
+
 def _cross_entropy_core(
     logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, backend, want_grad, inplace
 ):
@@ -177,12 +186,7 @@ def _cross_entropy_core(
             x.detach(), t, w, grad_scale, kw["ignore_index"], kw["label_smoothing"], kw["z_loss"],
             float(softcap or 0.0), module.NAME, want_grad,
         )  # fmt: skip
-    if reduction == "none":
-        loss = loss_rows.reshape(logits.shape[:-1])
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        loss = loss_rows.sum() / denom
+    loss = reduce_rows(loss_rows, reduction, denom, logits.shape[:-1])
     grad = grad.view(logits.shape) if want_grad else None
     return loss, grad, lse
 
@@ -223,6 +227,13 @@ class _CrossEntropy(torch.autograd.Function):
         return scale_grad(grad, grad_output), grad_target, *([None] * 8)
 
 
+def _ce_inputs(logits, target, weight):
+    """(as_numpy, logits, target, weight) as tensors; numpy in means numpy out."""
+    as_numpy = not isinstance(logits, torch.Tensor)
+    w = None if weight is None else _to_tensor(weight, "weight")
+    return as_numpy, _to_tensor(logits, "logits"), _to_tensor(target, "target"), w
+
+
 def cross_entropy(
     logits,
     target,
@@ -256,10 +267,7 @@ def cross_entropy(
         The loss, as the input's kind: a 0-d tensor / numpy scalar, or per-row values for
         ``reduction="none"``; float32 for half inputs.
     """
-    as_numpy = not isinstance(logits, torch.Tensor)
-    x = _to_tensor(logits, "logits")
-    t = _to_tensor(target, "target")
-    w = None if weight is None else _to_tensor(weight, "weight")
+    as_numpy, x, t, w = _ce_inputs(logits, target, weight)
     args = (ignore_index, reduction, label_smoothing, z_loss, softcap, backend)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (t.requires_grad and t.is_floating_point()))
     if needs_grad:
@@ -286,18 +294,13 @@ def cross_entropy_and_grad(
 
     ``grad`` is d loss / d logits, with the logits' shape and dtype; for ``reduction="none"`` it is
     the gradient of ``loss.sum()``. With ``inplace_grad=True`` it is written into ``logits`` and
-    ``logits`` itself is returned.
+    returned as a view of the logits' buffer.
     """
-    as_numpy = not isinstance(logits, torch.Tensor)
-    x = _to_tensor(logits, "logits")
-    t = _to_tensor(target, "target")
-    w = None if weight is None else _to_tensor(weight, "weight")
+    as_numpy, x, t, w = _ce_inputs(logits, target, weight)
     with torch.no_grad():
         loss, grad, _ = _cross_entropy_core(
             x.detach(), t, w, ignore_index, reduction, label_smoothing, z_loss, softcap, backend, True, inplace_grad
         )
-    if as_numpy and inplace_grad:
-        return _to_numpy(loss), logits
     return _out(loss, as_numpy), _out(grad, as_numpy)
 
 
@@ -359,8 +362,9 @@ def _reduce_elementwise(loss: torch.Tensor, shape, reduction: str):
     return loss.sum() / loss.numel() if loss.numel() else loss.sum() * math.nan
 
 
-def _bce_common(x, target, weight, reduction, backend, kind, pos_weight=None):
-    """Checks, then ``(loss, grad)`` of an elementwise binary loss; ``kind`` picks the kernel."""
+def _bce_common(x, target, weight, reduction, backend, kind, pos_weight=None, want_grad=True):
+    """Checks, then ``(loss, grad)`` of an elementwise binary loss (grad None unless ``want_grad``);
+    ``kind`` picks the kernel."""
     name = "probs" if kind == "probs" else "logits"
     _check_float(x, name)
     _check_device(x, target, "target")
@@ -389,16 +393,19 @@ def _bce_common(x, target, weight, reduction, backend, kind, pos_weight=None):
         if bool(bad.any()):
             raise ValueError(f"probs: values must lie in [0, 1], found {x[bad].flatten()[0].item()}")
     module = _select(x, backend)
-    grad = torch.empty(x.shape, dtype=dt, device=x.device)
+    grad = torch.empty(x.shape, dtype=dt, device=x.device) if want_grad else None
     tt = target.to(dt)
     wd = None if w is None else w.to(dt)
     if kind == "probs":
         loss = module.binary_cross_entropy(x.detach(), tt, wd, grad=grad)
     else:
         loss = module.binary_cross_entropy_with_logits(x.detach(), tt, wd, None if pw is None else pw.to(dt), grad=grad)
+    loss = _reduce_elementwise(loss, x.shape, reduction)
+    if not want_grad:
+        return loss, None
     if reduction == "mean" and x.numel():
         grad /= x.numel()
-    return _reduce_elementwise(loss, x.shape, reduction), grad.to(x.dtype)
+    return loss, grad.to(x.dtype)
 
 
 def _bce_entry(x, target, weight, reduction, backend, kind, pos_weight=None):
@@ -413,7 +420,7 @@ def _bce_entry(x, target, weight, reduction, backend, kind, pos_weight=None):
             lambda x_: (*_bce_common(x_, target, weight, reduction, backend, kind, pos_weight), None), x
         )
     else:
-        loss = _bce_common(x, target, weight, reduction, backend, kind, pos_weight)[0]
+        loss = _bce_common(x, target, weight, reduction, backend, kind, pos_weight, want_grad=False)[0]
     return _out(loss, as_numpy)
 
 

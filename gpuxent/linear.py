@@ -33,7 +33,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .autograd import compute_dtype, scale_grad
-from .functional import _check_device, _check_float, _denominator, _out, _prepare_ce, _select, _to_tensor
+from .functional import _check_device, _check_float, _denominator, _out, _prepare_ce, _select, _to_tensor, reduce_rows
 
 # A chunk of logits of about this many bytes: large enough for efficient matmuls, small next to the
 # (N, r) logits it replaces.
@@ -185,11 +185,7 @@ class _Problem:
         return loss_rows, grad_h, acc_w, acc_b
 
     def reduce(self, loss_rows):
-        if self.reduction == "none":
-            return loss_rows.reshape(self.batch_shape)
-        if self.reduction == "sum":
-            return loss_rows.sum()
-        return loss_rows.sum() / self.denom
+        return reduce_rows(loss_rows, self.reduction, self.denom, self.batch_shape)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -7,6 +7,11 @@ import torch
 from . import functional as F
 
 
+def _no_legacy_reduction(size_average, reduce) -> None:
+    if size_average is not None or reduce is not None:
+        raise ValueError("size_average/reduce: deprecated in torch; use reduction")
+
+
 class CrossEntropyLoss(torch.nn.Module):
     """Like ``torch.nn.CrossEntropyLoss``, plus ``z_loss``, ``softcap``, ``backend`` and ``inplace_grad``."""
 
@@ -16,8 +21,7 @@ class CrossEntropyLoss(torch.nn.Module):
         backend: str | None = None, inplace_grad: bool = False,
     ):  # fmt: skip
         super().__init__()
-        if size_average is not None or reduce is not None:
-            raise ValueError("size_average/reduce: deprecated in torch; use reduction")
+        _no_legacy_reduction(size_average, reduce)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -39,8 +43,7 @@ class BCELoss(torch.nn.Module):
 
     def __init__(self, weight=None, size_average=None, reduce=None, reduction: str = "mean", *, backend=None):
         super().__init__()
-        if size_average is not None or reduce is not None:
-            raise ValueError("size_average/reduce: deprecated in torch; use reduction")
+        _no_legacy_reduction(size_average, reduce)
         self.register_buffer("weight", weight)
         self.reduction = reduction
         self.backend = backend
@@ -56,8 +59,7 @@ class BCEWithLogitsLoss(torch.nn.Module):
         self, weight=None, size_average=None, reduce=None, reduction: str = "mean", pos_weight=None, *, backend=None
     ):
         super().__init__()
-        if size_average is not None or reduce is not None:
-            raise ValueError("size_average/reduce: deprecated in torch; use reduction")
+        _no_legacy_reduction(size_average, reduce)
         self.register_buffer("weight", weight)
         self.register_buffer("pos_weight", pos_weight)
         self.reduction = reduction

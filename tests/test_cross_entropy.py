@@ -252,6 +252,10 @@ def test_numpy_in_numpy_out(backend, rng):
     assert_close(loss, ref_loss, torch.float32, "loss")
     assert_close(loss2, ref_loss, torch.float32, "loss")
     assert_close(grad, ref_grad, torch.float32, "grad")
+    buf = x.copy()
+    loss3, grad3 = gx.cross_entropy_and_grad(buf, t, backend=backend.name, inplace_grad=True)
+    assert np.shares_memory(grad3, buf)  # the gradient was written over the caller's array
+    assert_close(grad3, ref_grad, torch.float32, "in-place grad")
 
 
 def test_target_gradient_of_probability_targets(backend, rng):
