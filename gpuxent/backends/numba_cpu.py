@@ -17,8 +17,13 @@ write N losses and N lse.
 
 from __future__ import annotations
 
+import ctypes
+import importlib.metadata
 import math
 import mmap
+import os
+import sys
+import threading
 
 import numba as nb
 import numpy as np
@@ -38,17 +43,112 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # a parallel region stalls whenever another process holds one of the cores.
 PARALLEL_MIN_ELEMENTS = 1 << 18
 
+# --------------------------------------------------------------------------- threading layer
+#
+# numba runs ``prange`` loops on one process-wide threading layer (numba's docs, "The Threading Layers"):
+#   tbb        fork-safe and thread-safe; needs the ``tbb`` package (a dependency where wheels exist)
+#   omp        thread-safe; on Linux (GNU OpenMP) a forked child that enters a parallel region is killed
+#   workqueue  fork-safe; two threads in parallel regions at once abort the process
+# gpuxent must work in DataLoader workers and fork pools and from several Python threads, so unless the
+# user chose a layer (NUMBA_THREADING_LAYER) or earlier numba code already started one, it asks for
+# "forksafe": tbb, else OpenMP where its runtime is fork-safe (not GNU's), else workqueue, whose
+# parallel regions ``_launch`` then runs one at a time (see ``_Regions``).
+
+_TBB_LIBRARY = {"linux": "libtbb.so.12", "darwin": "libtbb.12.dylib", "win32": "tbb12.dll"}.get(sys.platform)
+
+
+def _load_tbb() -> bool:
+    """Load the runtime of the ``tbb`` wheel. pip puts it in ``<prefix>/lib``, on no loader path in a
+    virtual environment, where numba looks it up by name and misses it; once loaded, that lookup finds it."""
+    try:
+        files = importlib.metadata.files("tbb") or []
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    for f in files:
+        if f.name == _TBB_LIBRARY:
+            try:
+                ctypes.CDLL(str(f.locate()), mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                return False
+            return True
+    return False
+
+
+def _start_threading_layer() -> str:
+    """Choose the layer (unless it is chosen already) and start it, from the importing thread: TBB
+    shuts its workers down before a fork only when the thread that started them forks."""
+    try:
+        return nb.threading_layer()  # started by earlier numba code: it stays
+    except ValueError:
+        pass
+    _load_tbb()
+    if str(nb.config.THREADING_LAYER).lower() == "default":
+        nb.config.THREADING_LAYER = "forksafe"
+    nb.get_num_threads()  # starts the layer
+    return nb.threading_layer()
+
+
+class _Regions:
+    """The parallel regions in flight, as a context manager around each launch.
+
+    At most ``limit`` run at once (1 for workqueue, which aborts on a second). A fork waits until none
+    runs and holds new ones back, so the layer never forks mid-region: TBB can then stop its workers
+    cleanly before the fork (it cannot while another thread is inside a region).
+    """
+
+    def __init__(self, limit: int | None):
+        self.limit = limit
+        self.cond = threading.Condition()
+        self.active = 0
+        self.forking = False
+
+    def __enter__(self):
+        with self.cond:
+            self.cond.wait_for(lambda: not self.forking and (self.limit is None or self.active < self.limit))
+            self.active += 1
+
+    def __exit__(self, *exc):
+        with self.cond:
+            self.active -= 1
+            self.cond.notify_all()
+
+    def before_fork(self):
+        with self.cond:
+            self.forking = True
+            self.cond.wait_for(lambda: self.active == 0)
+
+    def after_fork_in_parent(self):
+        with self.cond:
+            self.forking = False
+            self.cond.notify_all()
+
+    def after_fork_in_child(self):
+        self.__init__(self.limit)  # the other threads, and any lock they held, are gone
+
+
+THREADING_LAYER = _start_threading_layer()
+_REGIONS = _Regions(1 if THREADING_LAYER == "workqueue" else None)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_REGIONS.before_fork,
+        after_in_parent=_REGIONS.after_fork_in_parent,
+        after_in_child=_REGIONS.after_fork_in_child,
+    )
+
 
 def _launch(kernel, n_elements: int, *args) -> None:
-    if n_elements >= PARALLEL_MIN_ELEMENTS:
-        kernel(*args)
-        return
-    threads = nb.get_num_threads()
-    nb.set_num_threads(1)
+    """Run ``kernel(*args)`` on ``torch.get_num_threads()`` threads (one for a small input).
+
+    numba's thread count belongs to the calling thread: it is set for the call and restored after.
+    """
+    threads = 1 if n_elements < PARALLEL_MIN_ELEMENTS else torch.get_num_threads()
+    previous = nb.get_num_threads()
+    nb.set_num_threads(max(1, min(threads, nb.config.NUMBA_NUM_THREADS)))
     try:
-        kernel(*args)
+        with _REGIONS:
+            kernel(*args)
     finally:
-        nb.set_num_threads(threads)
+        nb.set_num_threads(previous)
 
 
 # Outputs at least this large are backed by transparent huge pages (see ``empty``).
