@@ -54,7 +54,8 @@ def _poisoned(shape, dtype):
 
 
 def reference_ce(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, scale=1.0):
-    """Float64 PyTorch: per-row loss (z-loss included), lse (0 for ignored rows) and the scaled gradient."""
+    """Float64 PyTorch: per-row loss (z-loss included), lse (0 for ignored rows) and the gradient of
+    ``sum_i scale_i * loss_i`` (``scale``: a number, or one per row)."""
     x64 = x.detach().double().cpu().requires_grad_()
     t = target.cpu()
     if t.is_floating_point():
@@ -65,7 +66,7 @@ def reference_ce(x, target, weight=None, ignore_index=-100, label_smoothing=0.0,
     lse = torch.logsumexp(y, -1)
     kept = torch.ones_like(lse, dtype=torch.bool) if t.is_floating_point() else t != ignore_index
     loss = loss + torch.where(kept, z_loss * lse**2, 0.0)
-    (loss.sum() * scale).backward()
+    (loss * torch.as_tensor(scale, dtype=torch.float64).cpu()).sum().backward()
     return loss.detach(), torch.where(kept, lse, 0.0).detach(), x64.grad
 
 
@@ -171,6 +172,76 @@ def test_grad_scale_device_tensor_and_forward_only(rng, layout):
     assert_close(lse2, ref_lse, torch.float32)
 
 
+SCALE_FORMS = {
+    "float": lambda v, dtype: float(v[0]),
+    "0-d": lambda v, dtype: _t(v[0], dtype).reshape(()),
+    "(1,)": lambda v, dtype: _t(v[:1], dtype),
+    "(N,)": lambda v, dtype: _t(v, dtype),  # row i's gradient times v[i]
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("form", SCALE_FORMS)
+@pytest.mark.parametrize("name", ["plain", "everything"])
+def test_grad_scale_forms(rng, layout, name, form, dtype):
+    """grad_scale: a float, a 0-d or (1,) tensor for every row, or (N,) with one factor per row."""
+    layout(8, 16, 4)
+    n, r = 5, 29
+    kw = dict(KEYWORDS[name])
+    if kw.pop("weight", False):
+        kw["weight"] = _t(rng.random(r) * 2, dtype)
+    x, t = class_inputs(rng, n, r, dtype)
+    t[1] = kw.get("ignore_index", -100)
+    v = rng.uniform(-2, 2, n)
+    v[3] = 0.0
+    scale = SCALE_FORMS[form](v, dtype)
+    loss, lse, g = run_ce(x, t, scale=scale, **kw)
+    ref_loss, _, ref_g = reference_ce(x, t, scale=v if form == "(N,)" else v[0], **kw)
+    assert_close(loss, ref_loss, dtype)
+    assert_close(g, ref_g, dtype)
+
+
+@pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 3.0}], ids=["plain", "all"])
+def test_per_row_grad_scale_probability_targets(rng, layout, kw):
+    layout(4, 16, 2)
+    n, r = 4, 21
+    x = _t(rng.standard_normal((n, r)) * 2, torch.float32)
+    q = _t(rng.dirichlet(np.ones(r), n), torch.float32)
+    v = rng.uniform(0.1, 3, n)
+    loss, _, g = run_ce(x, q, scale=_t(v, torch.float32), **kw)
+    ref_loss, _, ref_g = reference_ce(x, q, scale=v, **kw)
+    assert_close(loss, ref_loss, torch.float32)
+    assert_close(g, ref_g, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_per_row_grad_scale_half_rounds_once(rng, layout, dtype):
+    """Half logits: the gradient is computed in float32, scale included, and rounded once on store.
+
+    Rounding a float32 result once lands on the float64 reference rounded to the half dtype except
+    where the two straddle a rounding boundary (a few elements in 10^4); rounding twice (store, then
+    scale) misses on about a third of them.
+    """
+    layout(8, 16, 4)
+    n, r = 4, 64
+    x, t = class_inputs(rng, n, r, dtype)
+    v = rng.uniform(0.3, 3, n)
+    ref_loss, _, ref_g = reference_ce(x, t, scale=v)
+    g = _poisoned(x.shape, dtype)
+    loss, _, g = run_ce(x, t, scale=_t(v, torch.float32), grad=g)
+    assert loss.dtype == torch.float32 and g.dtype == dtype
+    assert_close(loss, ref_loss, dtype)
+    assert_close(g, ref_g, dtype)
+    exact = (g.cpu() == ref_g.to(dtype)).double().mean().item()
+    assert exact > 0.9, f"only {exact:.0%} of the gradient is the reference rounded once"
+
+
+def test_grad_scale_of_the_wrong_length_is_rejected(rng):
+    x, t = class_inputs(rng, 4, 10)
+    with pytest.raises(ValueError, match="grad_scale"):
+        run_ce(x, t, scale=_t([0.5, 1.0], torch.float32))
+
+
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_inplace_gradient(rng, layout, softcap):
     """grad is logits itself: the target logit and the row stats must be read before any write."""
@@ -232,6 +303,64 @@ def test_positive_inf_makes_the_row_nan_in_every_layout(layout, tpr):
     assert torch.isnan(ref_loss[0]) and torch.isnan(loss[0]) and torch.isnan(lse[0])
     assert_close(loss[1:], ref_loss[1:], torch.float32)
     assert_close(g[1:], ref_g[1:], torch.float32)
+
+
+NEG_INF_KEYWORDS = {
+    "plain": {},
+    "weight": {"weight": True},
+    "label_smoothing": {"label_smoothing": 0.2},
+    "smoothing_weight": {"label_smoothing": 0.3, "weight": True},
+    "z_loss": {"z_loss": 1e-2},
+    "prob": {"prob": True},
+    "prob_all": {"prob": True, "weight": True, "label_smoothing": 0.1, "z_loss": 1e-3},
+    "ignored": {"ignored": True},
+    "ignored_all": {"ignored": True, "weight": True, "label_smoothing": 0.1, "z_loss": 1e-3},
+}
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the simulator's numpy -inf - -inf
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tpr", [1, 8])
+@pytest.mark.parametrize("name", NEG_INF_KEYWORDS)
+def test_row_of_neg_inf_is_nan_like_torch(rng, layout, name, tpr, dtype):
+    """A kept row of all -inf: NaN loss and NaN gradient on the whole row, as torch (F.cross_entropy
+    and its autograd). An ignored one: loss 0, and still a NaN gradient in torch (log_softmax's
+    backward multiplies its NaN softmax by the 0 that nll_loss gives the row). Other rows exact."""
+    layout(tpr, 16, 2)
+    n, r = 4, 19
+    kw = dict(NEG_INF_KEYWORDS[name])
+    if kw.pop("weight", False):
+        kw["weight"] = _t(rng.random(r) + 0.5, dtype)
+    prob, ignored = kw.pop("prob", False), kw.pop("ignored", False)
+    x = _t(rng.standard_normal((n, r)) * 2, dtype)
+    x[1] = -math.inf
+    if prob:
+        t = _t(rng.dirichlet(np.ones(r), n), dtype)
+    else:
+        t = _t(rng.integers(0, r, n), torch.int64)
+        t[1] = -100 if ignored else t[1]
+    g = torch.full(x.shape, 12345.0, dtype=dtype, device=DEVICE)  # poisoned, but not with NaN
+    loss, lse, g = run_ce(x, t, scale=0.5, grad=g, **kw)
+    ref_loss, _, ref_g = reference_ce(x, t, scale=0.5, **kw)
+    assert ref_g[1].isnan().all() and (ref_loss[1] == 0 if ignored else ref_loss[1].isnan())
+    torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=TOL[dtype][0], atol=TOL[dtype][1], equal_nan=True)
+    torch.testing.assert_close(g.cpu().double(), ref_g, rtol=TOL[dtype][0], atol=TOL[dtype][1], equal_nan=True)
+    assert lse[1] == (0 if ignored else -math.inf)  # torch.logsumexp's -inf (0 for an ignored row)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("tpr", [1, 8])
+def test_softmax_of_a_row_of_neg_inf_or_nan_is_nan_like_torch(rng, layout, log, tpr):
+    layout(tpr, 16, 2)
+    x = _t(rng.standard_normal((4, 11)), torch.float32)
+    x[1] = -math.inf
+    x[2, [0, 5]] = torch.tensor([math.nan, -math.inf])  # NaN anywhere: the whole row, -inf included
+    out = nc.softmax(x, log=log)
+    x64 = x.double().cpu()
+    ref = torch.log_softmax(x64, -1) if log else torch.softmax(x64, -1)
+    assert ref[1:3].isnan().all()
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=2e-5, atol=2e-6, equal_nan=True)
 
 
 # --------------------------------------------------------------------------- probability targets

@@ -12,7 +12,8 @@ write N losses and N lse (probability targets: read N*r probabilities twice more
 
 Arithmetic runs in the compute dtype (float32, float64 for float64 input): each dtype gets its own
 kernels whose constants carry that dtype, so no float64 literal silently widens float32 math.
-Row and element offsets are int64. Half inputs are widened to float32 by torch before the launch.
+Row and element offsets are int64. Half inputs are widened to float32 by torch before the launch,
+and their gradient comes through a float32 scratch buffer (``_grad_out``).
 
 Data comes as torch tensors: on a GPU they become zero-copy device arrays
 (``__cuda_array_interface__``) and kernels run on PyTorch's current stream; under
@@ -23,6 +24,7 @@ and the results moved back.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -154,7 +156,7 @@ def _kernels(dtype: np.dtype):
         rows_per_block = int64(cuda.blockDim.x) // threads_per_row
         keep = ONE - smoothing
         inv_cap = ONE / softcap if softcap > ZERO else ZERO
-        scale = grad_scale[0]
+        per_row_scale = grad_scale.shape[0] > 1
         # Every thread runs the same number of iterations: syncthreads inside must not diverge.
         base = int64(cuda.blockIdx.x) * rows_per_block
         while base < n_rows:
@@ -179,12 +181,13 @@ def _kernels(dtype: np.dtype):
 
             # pass 1: (max, sum exp) and, for smoothing or probability targets, the weighted sums
             # a = sum_j w_j q'_j y_j and b = sum_j w_j q'_j, with q' = keep * q + eps_r
-            # (class targets: a = sum_j w_j y_j, b = sum_j w_j)
+            # (class targets: a = sum_j w_j y_j, b = sum_j w_j); an ignored row needs (max, sum exp)
+            # for its gradient only (see below)
             m = NEG_INF
             s = ZERO
             a = ZERO
             b = ZERO
-            if kept:
+            if kept or (live and want_grad):
                 for j in range(lane, n_classes, threads_per_row):
                     y = logits[row, j]
                     if softcap > ZERO:
@@ -202,18 +205,23 @@ def _kernels(dtype: np.dtype):
             if not live:
                 base += int64(cuda.gridDim.x) * rows_per_block
                 continue
+            # s > 0 unless the row's softmax is NaN in torch: s = 0 for a row of -inf, NaN for a row
+            # holding NaN or +inf. There torch's loss is NaN and its gradient NaN on the whole row,
+            # an ignored row's too (log_softmax's backward multiplies the softmax by 0).
+            finite = s > ZERO
             if not kept:
                 if lane == 0:
                     loss[row] = ZERO
                     lse[row] = ZERO
                 if want_grad:
+                    g = ZERO if finite else NAN
                     for j in range(lane, n_classes, threads_per_row):
-                        grad[row, j] = ZERO
+                        grad[row, j] = g
                 base += int64(cuda.gridDim.x) * rows_per_block
                 continue
 
             lse_row = log_sum(m, s)
-            log_s = ZERO if s == ZERO else math.log(s)  # s = 0: an all -inf row
+            log_s = math.log(s) if finite else NAN  # (no log(0): the simulator's math.log raises on it)
             # loss = coef_p * lse - (linear terms); d loss / d y_j = coef_p * p_j - (target mass)_j
             if prob:
                 loss_row = b * lse_row - a
@@ -228,12 +236,15 @@ def _kernels(dtype: np.dtype):
             if z_loss > ZERO:
                 loss_row += z_loss * lse_row * lse_row
                 coef_p += TWO * z_loss * lse_row
+            if not finite:
+                loss_row = NAN
             if lane == 0:
                 loss[row] = loss_row
                 lse[row] = lse_row
 
             # pass 2: the gradient, scale * (coef_p * p_j - w_j q'_j), times the softcap's tanh'
             if want_grad:
+                scale = grad_scale[row] if per_row_scale else grad_scale[0]
                 a_p = scale * coef_p
                 # p_j = exp((y_j - m) - log s): no rounded lse of the size of m, so p_t - 1 stays
                 # accurate when p_t is close to 1
@@ -243,7 +254,7 @@ def _kernels(dtype: np.dtype):
                     if softcap > ZERO:
                         th = math.tanh(y * inv_cap)
                         y = softcap * th
-                    g = ZERO if y == NEG_INF else a_p * math.exp((y - m) - log_s)
+                    g = ZERO if y == NEG_INF and finite else a_p * math.exp((y - m) - log_s)
                     w = weight[j] if has_weight else ONE
                     if prob:
                         g -= scale * w * (keep * probs[row, j] + eps_r)
@@ -278,13 +289,14 @@ def _kernels(dtype: np.dtype):
                     m, s = push(m, s, x[row, j])
             m, s, _, _ = block_reduce(sm_m, sm_s, sm_a, sm_b, tid, lane, threads_per_row, m, s, ZERO, ZERO)
             if live:
-                log_s = ZERO if s == ZERO else math.log(s)  # s = 0: an all -inf row
+                finite = s > ZERO  # else NaN, as in torch: a row of -inf (s = 0), or holding NaN or +inf
+                log_s = math.log(s) if finite else NAN
                 for j in range(lane, n_classes, threads_per_row):
                     y = x[row, j]
                     if log:
                         out[row, j] = (y - m) - log_s  # no rounded lse of the size of m
                     else:
-                        out[row, j] = ZERO if y == NEG_INF else math.exp((y - m) - log_s)
+                        out[row, j] = ZERO if y == NEG_INF and finite else math.exp((y - m) - log_s)
             base += int64(cuda.gridDim.x) * rows_per_block
 
     @cuda.jit(device=True)
@@ -393,7 +405,10 @@ class _Launch:
 
 
 def _moved(fn):
-    """Run ``fn`` on the kernels' device: tensors elsewhere are moved there, results moved back."""
+    """Run ``fn`` on the kernels' device: input tensors elsewhere are moved there, results moved back.
+
+    ``grad`` stays where it is: ``_grad_out`` writes it from the kernels' device.
+    """
     here = torch.device(_kernel_device())
 
     def move(v):
@@ -404,15 +419,8 @@ def _moved(fn):
         if first.device.type == here.type:
             return fn(first, *args, **kwargs)
         home = first.device
-        grad = kwargs.get("grad")
-        moved = move(first)
-        kwargs = {k: move(v) for k, v in kwargs.items()}
-        if grad is not None:  # an in-place gradient stays aliased with its logits there
-            inplace = grad.data_ptr() == first.data_ptr() and grad.dtype == first.dtype
-            kwargs["grad"] = moved if inplace else torch.empty(grad.shape, dtype=grad.dtype, device=here)
-        out = fn(moved, *[move(a) for a in args], **kwargs)
-        if grad is not None:
-            grad.copy_(kwargs["grad"])
+        kwargs = {k: v if k == "grad" else move(v) for k, v in kwargs.items()}
+        out = fn(move(first), *[move(a) for a in args], **kwargs)
         return tuple(o.to(home) for o in out) if isinstance(out, tuple) else out.to(home)
 
     return wrapper
@@ -422,20 +430,31 @@ def _compute(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     return t.detach() if t.dtype == dt else t.detach().to(dt)
 
 
-def _grad_buffer(grad: torch.Tensor, shape, dt: torch.dtype) -> torch.Tensor:
-    """Where the kernel writes: a view of ``grad`` when it is contiguous in the compute dtype,
-    else a scratch buffer copied into ``grad`` after the launch (see ``_finish_grad``)."""
-    if grad.dtype == dt and grad.is_contiguous():
-        return grad.view(shape)
-    return torch.empty(shape, dtype=dt, device=grad.device)
-
-
-def _finish_grad(args: _Launch, g: torch.Tensor, grad: torch.Tensor | None) -> None:
+@contextlib.contextmanager
+def _grad_out(args: _Launch, grad: torch.Tensor | None, shape, dt: torch.dtype):
+    """The buffer a kernel writes the gradient into, the one place that decides it: ``grad`` itself
+    when it is contiguous, in the compute dtype and on the kernels' device; else a compute-dtype
+    scratch buffer there, copied into ``grad`` after the launch (rounded once to a half dtype, or
+    moved to ``grad``'s device). An in-place gradient of half logits is that case too: the kernel
+    reads the widened copy of the logits and writes the scratch buffer."""
     if grad is None:
+        yield torch.zeros((1,) * len(shape), dtype=dt, device=args.device)  # never written
         return
+    direct = grad.device == args.device and grad.dtype == dt and grad.is_contiguous()
+    g = grad.view(shape) if direct else torch.empty(shape, dtype=dt, device=args.device)
+    yield g
     args.write_back(g)
-    if g.data_ptr() != grad.data_ptr() or g.dtype != grad.dtype:
+    if not direct:
         grad.copy_(g.view(grad.shape))
+
+
+def _row_scale(grad_scale, n_rows: int, dt: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``grad_scale`` as the kernel reads it: (1,) for every row, or (N,) per row, compute dtype."""
+    if not isinstance(grad_scale, torch.Tensor):
+        return torch.full((1,), 1.0 if grad_scale is None else float(grad_scale), dtype=dt, device=device)
+    if grad_scale.numel() not in (1, n_rows):
+        raise ValueError(f"grad_scale: {grad_scale.numel()} elements for {n_rows} rows; give 1 or {n_rows}")
+    return grad_scale.detach().reshape(-1).to(device=device, dtype=dt)  # stays on the device: no host sync
 
 
 # --------------------------------------------------------------------------- the contract
@@ -461,23 +480,18 @@ def cross_entropy(
     t = torch.zeros(1, dtype=torch.int64, device=dev) if prob else target.detach().to(torch.int64)
     q = _compute(target, dt) if prob else dummy_f.view(1, 1)
     w = dummy_f if weight is None else _compute(weight, dt)
-    if grad_scale is None or not isinstance(grad_scale, torch.Tensor):
-        scale = torch.full((1,), 1.0 if grad_scale is None else float(grad_scale), dtype=dt, device=dev)
-    else:  # stays on the device: no host sync
-        scale = grad_scale.detach().reshape(1).to(device=dev, dtype=dt)
-    g = dummy_f.view(1, 1) if grad is None else _grad_buffer(grad, (n_rows, n_classes), dt)
+    scale = _row_scale(grad_scale, n_rows, dt, dev)
     tpr, rows_per_block = _row_layout(n_classes)
     args = _Launch(dev)
-    ce_kernel = _kernels(np_dt)[0]
-    args.launch(
-        ce_kernel, _grid(n_rows, rows_per_block), tpr * rows_per_block,
-        args(x), args(t), args(q), args(w), args(scale), args(g), args(loss), args(lse),
-        int(ignore_index), f(label_smoothing), f(label_smoothing / n_classes), f(z_loss), f(softcap or 0.0),
-        bool(prob), weight is not None, grad is not None, tpr,
-    )  # fmt: skip
+    with _grad_out(args, grad, (n_rows, n_classes), dt) as g:
+        args.launch(
+            _kernels(np_dt)[0], _grid(n_rows, rows_per_block), tpr * rows_per_block,
+            args(x), args(t), args(q), args(w), args(scale), args(g), args(loss), args(lse),
+            int(ignore_index), f(label_smoothing), f(label_smoothing / n_classes), f(z_loss), f(softcap or 0.0),
+            bool(prob), weight is not None, grad is not None, tpr,
+        )  # fmt: skip
     args.write_back(loss)
     args.write_back(lse)
-    _finish_grad(args, g, grad)
     return loss, lse
 
 
@@ -513,17 +527,16 @@ def _elementwise(kernel_index, x, inputs, grad):
         flags.append(v is not None)
         flat.append(dummy if v is None else _compute(v, dt).reshape(-1))
     loss = torch.empty(n, dtype=dt, device=dev)
-    g = dummy if grad is None else _grad_buffer(grad, (n,), dt)
     if n == 0:
         return loss
     block = THREADS_PER_BLOCK
     args = _Launch(dev)
-    args.launch(
-        _kernels(np_dt)[kernel_index], _grid(n, block), block,
-        *[args(v) for v in flat], args(loss), args(g), *flags[1:], grad is not None,
-    )  # fmt: skip
+    with _grad_out(args, grad, (n,), dt) as g:
+        args.launch(
+            _kernels(np_dt)[kernel_index], _grid(n, block), block,
+            *[args(v) for v in flat], args(loss), args(g), *flags[1:], grad is not None,
+        )  # fmt: skip
     args.write_back(loss)
-    _finish_grad(args, g, grad)
     return loss
 
 
