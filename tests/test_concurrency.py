@@ -5,14 +5,15 @@ Each scenario of ``concurrency_scenarios.py`` runs in a Python process of its ow
 the failures it guards against kill the process (workqueue aborts on two threads in parallel regions
 at once, GNU OpenMP kills a forked child) or hang it, and must fail the test, not pytest.
 
-The threads scenario runs on numba_cpu only. The GPU kernels' CPU interpreters are not thread-safe
-themselves: during a launch the CUDA simulator swaps the ``cuda`` global of the module that defines
-the kernel (our ``numba_cuda.py``) for its fake module, so another thread's host code finds
-``FakeCUDAModule`` without ``to_device``; the Triton interpreter patches ``triton.language`` and
-keeps the grid in global state (``Did you forget to add @triton.jit``, ``x >= grid_dim[0]``). On a
-GPU neither interpreter runs.
+The threads scenario runs on numba_cpu and numba_cuda. The CUDA simulator is not thread-safe
+itself: during a launch it swaps the ``cuda`` global of the module that defines the kernel for its
+fake module, so another thread's host code would find ``FakeCUDAModule`` without ``to_device``;
+numba_cuda runs one call at a time under it. The Triton interpreter is not thread-safe either (it
+patches ``triton.language`` and keeps the grid in global state: ``Did you forget to add
+@triton.jit``, ``x >= grid_dim[0]``), so triton is left out here; on a GPU no interpreter runs.
 """
 
+import importlib.metadata
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import gpuxent as gx
+from gpuxent import backends
 from gpuxent.backends import numba_cpu
 
 SCENARIOS = Path(__file__).with_name("concurrency_scenarios.py")
@@ -33,12 +35,12 @@ SCENARIOS = Path(__file__).with_name("concurrency_scenarios.py")
 TIMEOUT_S = 240
 
 
-def _run(scenario: str, *flags: str, backend: str = "numba_cpu") -> None:
+def _run(scenario: str, backend: str = "numba_cpu") -> None:
     env = dict(os.environ)
     # the gpuxent under test, whichever checkout pytest imported it from
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(gx.__file__).parents[1]), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(
-        [sys.executable, str(SCENARIOS), scenario, backend, *flags],
+        [sys.executable, str(SCENARIOS), scenario, backend],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -50,32 +52,34 @@ def _run(scenario: str, *flags: str, backend: str = "numba_cpu") -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        pytest.fail(f"{scenario} {' '.join(flags)}: hung for {TIMEOUT_S} s\n{out[-4000:]}")
-    assert proc.returncode == 0, f"{scenario} {' '.join(flags)}: exit status {proc.returncode}\n{out[-4000:]}"
+        pytest.fail(f"{scenario} on {backend}: hung for {TIMEOUT_S} s\n{out[-4000:]}")
+    assert proc.returncode == 0, f"{scenario} on {backend}: exit status {proc.returncode}\n{out[-4000:]}"
 
 
-PARENT = pytest.mark.parametrize("flags", [(), ("--parent-first",)], ids=["fresh-parent", "parent-called"])
+# Each scenario runs before the parent process has called gpuxent, then after.
 
 
-@PARENT
-def test_threads(flags):
-    """4 threads call cross_entropy, softmax and both BCEs at once, small and large inputs."""
-    _run("threads", *flags)
+def test_threads():
+    """4 threads call cross_entropy, softmax and both BCEs at once, on small and large inputs."""
+    _run("threads")
 
 
-@PARENT
-def test_fork_pool(flags):
-    _run("pool", *flags)
+def test_threads_numba_cuda():
+    if not backends.status()["numba_cuda"][0]:
+        pytest.skip(f"numba_cuda: {backends.status()['numba_cuda'][1]}")
+    _run("threads", backend="numba_cuda")
 
 
-@PARENT
-def test_os_fork(flags):
-    _run("fork", *flags)
+def test_fork_pool():
+    _run("pool")
 
 
-@PARENT
-def test_dataloader_fork_workers(flags):
-    _run("dataloader", *flags)
+def test_os_fork():
+    _run("fork")
+
+
+def test_dataloader_fork_workers():
+    _run("dataloader")
 
 
 def test_fork_from_a_parent_using_threads():
@@ -83,16 +87,14 @@ def test_fork_from_a_parent_using_threads():
 
 
 def test_threading_layer_is_fork_and_thread_safe():
-    """tbb when the ``tbb`` wheel (a dependency on x86-64) is there; else, on Linux, workqueue."""
+    """tbb where the ``tbb`` wheel (a dependency on x86-64) is installed; else, on Linux, workqueue."""
     assert numba_cpu.THREADING_LAYER == nb.threading_layer()
     if os.environ.get("NUMBA_THREADING_LAYER"):
         pytest.skip("the threading layer was chosen by NUMBA_THREADING_LAYER")
     try:
-        import importlib.metadata
-
         importlib.metadata.version("tbb")
     except importlib.metadata.PackageNotFoundError:
-        assert numba_cpu.THREADING_LAYER in ("workqueue", "omp" if sys.platform != "linux" else "workqueue")
+        assert numba_cpu.THREADING_LAYER in (("workqueue",) if sys.platform == "linux" else ("omp", "workqueue"))
     else:
         assert numba_cpu.THREADING_LAYER == "tbb"
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 
 import numba
 import numpy as np
@@ -404,6 +405,11 @@ class _Launch:
             t.copy_(torch.from_numpy(self._arrays[self._key(t)].copy_to_host()).view(t.shape))
 
 
+# During a launch the simulator swaps this module's ``cuda`` global for its fake module, which
+# breaks any other thread's host code here: under it, one call at a time.
+_SIMULATOR_LOCK = threading.Lock() if SIMULATOR else contextlib.nullcontext()
+
+
 def _moved(fn):
     """Run ``fn`` on the kernels' device: input tensors elsewhere are moved there, results moved back.
 
@@ -416,12 +422,13 @@ def _moved(fn):
 
     @functools.wraps(fn)
     def wrapper(first, *args, **kwargs):
-        if first.device.type == here.type:
-            return fn(first, *args, **kwargs)
-        home = first.device
-        kwargs = {k: v if k == "grad" else move(v) for k, v in kwargs.items()}
-        out = fn(move(first), *[move(a) for a in args], **kwargs)
-        return tuple(o.to(home) for o in out) if isinstance(out, tuple) else out.to(home)
+        with _SIMULATOR_LOCK:
+            if first.device.type == here.type:
+                return fn(first, *args, **kwargs)
+            home = first.device
+            kwargs = {k: v if k == "grad" else move(v) for k, v in kwargs.items()}
+            out = fn(move(first), *[move(a) for a in args], **kwargs)
+            return tuple(o.to(home) for o in out) if isinstance(out, tuple) else out.to(home)
 
     return wrapper
 
