@@ -86,7 +86,7 @@ def _implementations(device, compile_: bool):
         return F.cross_entropy(x, t)
 
     impls = {
-        f"gpuxent ({gx.functional._select(torch.empty(0, device=device), None).NAME})": gx_fwd,
+        f"gpuxent ({gx.backends.select(device)})": gx_fwd,
         "torch eager": torch_fwd,
     }
     if compile_:

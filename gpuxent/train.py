@@ -98,7 +98,7 @@ def accuracy(model: MLP, X: torch.Tensor, y: torch.Tensor) -> float:
 
 def backend_name(cfg: TrainConfig, device: torch.device) -> str:
     """The loss's implementation as reported: the gpuxent backend's name, or ``"torch"``."""
-    return "torch" if cfg.loss_impl == "torch" else backends.select(device, cfg.backend).NAME
+    return "torch" if cfg.loss_impl == "torch" else backends.select(device, cfg.backend)
 
 
 # --------------------------------------------------------------------------- the training loop
