@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, RuntimeError, OSError, MissingDependency) as exc:
-        print(f"gpuxent {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).splitlines())  # one line, whatever raised it
+        print(f"gpuxent {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -135,7 +135,10 @@ def load_csv(path, target: str, *, test_size: float = 0.2, seed: int = 0) -> Dat
     if not os.path.isfile(path):
         problem = "is a directory" if os.path.isdir(path) else "does not exist"
         raise ValueError(f"csv: {path} {problem}; expected a CSV file")
-    df = pd.read_csv(path)
+    try:
+        df = pd.read_csv(path)
+    except ValueError as exc:  # pandas' EmptyDataError, ParserError, a decoding error
+        raise ValueError(f"csv: cannot read {path}: {exc}") from None
     if target not in df.columns:
         raise ValueError(f"target: column {target!r} not found in {path}; columns are {list(df.columns)}")
     features = df.drop(columns=[target])
