@@ -85,7 +85,8 @@ def _load(name: str) -> tuple[ModuleType | None, str]:
         try:
             module = importlib.import_module(REGISTRY[name].module)
         except Exception as exc:  # a missing or broken framework makes the backend unavailable
-            _LOADED[name] = None, f"cannot import: {type(exc).__name__}: {exc}"
+            hint = "" if name == "numba_cpu" else "; pip install 'gpuxent[cuda12]' (or [cuda13]) brings it"
+            _LOADED[name] = None, f"cannot import: {type(exc).__name__}: {exc}{hint}"
         else:
             ok, reason = module.is_available()
             _LOADED[name] = (module if ok else None), reason
