@@ -15,7 +15,8 @@ gx.cross_entropy(x, torch.tensor([0, 1, 2, 3])).backward()
 gx.softmax(x.detach()); gx.binary_cross_entropy_with_logits(x.detach(), torch.rand(4, 5))
 # (torch's own custom-op machinery imports dynamo, and with it triton, on the first op call: that is
 # torch's choice and initialises nothing; gpuxent's GPU backends stay unimported)
-after_call = sorted(m for m in ("gpuxent.backends.triton", "numba.cuda", "gpuxent.backends.numba_cuda") if m in sys.modules)
+gpu = ("gpuxent.backends.triton", "numba.cuda", "gpuxent.backends.numba_cuda")
+after_call = sorted(m for m in gpu if m in sys.modules)
 assert not after_call, f"a CPU call imported {after_call}"
 assert not torch.cuda.is_initialized()
 print("ok")

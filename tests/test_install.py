@@ -38,7 +38,7 @@ def test_readme_install_keeps_the_installed_torch(tmp_path):
     command = readme_install_command()
     # a torch already there is kept; only a machine without one gets the pinned CPU build first
     guard = r'python -c "import torch" 2>/dev/null \|\| python -m pip install torch==[0-9.]+; '
-    assert re.fullmatch(f'({guard})?' + r'python -m pip install -e "\.\[[a-z0-9,]+\]"', command), command
+    assert re.fullmatch(f"({guard})?" + r'python -m pip install -e "\.\[[a-z0-9,]+\]"', command), command
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
     _run(["bash", "-c", f". {venv}/bin/activate && {command}"], cwd=ROOT)  # as a user types it
