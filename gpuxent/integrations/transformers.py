@@ -16,7 +16,7 @@ changes two things, only when it trains on ``labels``:
 The output's ``logits`` are then ``None``. Without ``labels``, in eval mode, or when the model's
 ``loss_function`` is not the default causal LM loss, the original forward runs unchanged.
 
-Tested with Transformers 5.24.
+Tested with Transformers 4.50.3, 4.57.6 and 5.24.0 (older versions lack `shift_labels` or the `loss_function` hook).
 """
 
 from __future__ import annotations
