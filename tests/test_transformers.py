@@ -218,6 +218,38 @@ def test_custom_loss_function_is_respected(rng):
     assert float(out.loss.detach()) == 7 and out.logits is not None
 
 
+def test_autocast(rng):
+    """Mixed precision (float32 weights, bfloat16 autocast, as the Trainer's bf16=True): lm_head's casts."""
+    model, patched = pair("llama", rng)
+    model, patched = model.float(), patched.float()
+    inputs = batch(rng)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = patched(**inputs), model(**inputs)
+    out.loss.backward()
+    ref.loss.backward()
+    assert out.logits is None
+    assert_close(out.loss, ref.loss, torch.bfloat16, "loss")
+    for (name, p), ref_p in zip(patched.named_parameters(), model.parameters()):
+        assert_close(p.grad, ref_p.grad, torch.bfloat16, name)
+
+
+def test_other_heads_run_unpatched(rng):
+    """A head that is not a plain nn.Linear (here one that shifts the logits, like an adapter) is left to run."""
+
+    class ShiftedHead(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 0.5 * x[..., :1]
+
+    model, patched = pair("llama", rng)
+    for m in (model, patched):
+        head = ShiftedHead(m.config.hidden_size, VOCAB, bias=False, dtype=torch.float64)
+        head.weight = m.lm_head.weight
+        m.set_output_embeddings(head)
+    inputs = batch(rng)
+    out, ref = patched(**inputs), model(**inputs)
+    assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
+
+
 @pytest.mark.parametrize("bad", [torch.nn.Linear(2, 3), "llama"])
 def test_unsupported_model(bad):
     with pytest.raises(TypeError, match="model: gpuxent patches LlamaForCausalLM"):

@@ -13,8 +13,10 @@ changes two things, only when it trains on ``labels``:
    (or the ``shift_labels`` given), ``ignore_index=-100``, and with ``num_items_in_batch`` (the
    Trainer's gradient accumulation) the summed loss divided by it.
 
-The output's ``logits`` are then ``None``. Without ``labels``, in eval mode, or when the model's
-``loss_function`` is not the default causal LM loss, the original forward runs unchanged.
+The output's ``logits`` are then ``None``. Under ``torch.autocast`` the hidden states and the head's
+weights are cast to the autocast dtype, as ``lm_head`` would be run. Without ``labels``, in eval mode,
+with a custom ``loss_function``, or with a head that is not a plain ``nn.Linear`` (LoRA, quantised),
+the original forward runs unchanged.
 
 Tested with Transformers 4.50.3, 4.57.6 and 5.24.0 (older versions lack `shift_labels` or the `loss_function` hook).
 """
@@ -51,14 +53,20 @@ def causal_lm_loss(
     """
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # position t predicts token t + 1
+    weight, bias = lm_head.weight, lm_head.bias
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # as autocast runs lm_head: inputs and weights cast to its dtype
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     target = shift_labels.reshape(-1).to(hidden.device)
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = gx.linear_cross_entropy(
         hidden,
-        lm_head.weight,
+        weight,
         target,
-        lm_head.bias,
+        bias,
         ignore_index=ignore_index,
         reduction=reduction,
         softcap=softcap,
@@ -76,9 +84,12 @@ def fused_forward(forward, softcap_attr, backend):
 
     @functools.wraps(forward)  # keeps the signature: the Trainer looks for **kwargs to pass num_items_in_batch
     def patched(self, *args, labels=None, **kwargs):
-        if labels is None or not self.training or self.loss_function is not ForCausalLMLoss:
-            return forward(self, *args, labels=labels, **kwargs)
         lm_head = self.get_output_embeddings()
+        # Where the fused loss would not be the model's own (a custom loss_function, a LoRA or quantised head),
+        # or there is no training loss to compute, the model runs as it ships.
+        standard = self.loss_function is ForCausalLMLoss and type(lm_head) is torch.nn.Linear
+        if labels is None or not self.training or not standard:
+            return forward(self, *args, labels=labels, **kwargs)
         taken = []
 
         def take_hidden(module, inputs):
