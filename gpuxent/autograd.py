@@ -1,22 +1,42 @@
-"""PyTorch autograd over the backends.
+"""The registered ops (the one door into every backend) and the autograd Functions over them.
 
-The fused kernel runs behind the custom op ``gpuxent::cross_entropy_rows`` so that
-``torch.compile(fullgraph=True)`` sees one opaque node instead of breaking the graph. The
-``autograd.Function`` around it keeps the gradient that the forward already computed; the backward
-only scales it by ``grad_output`` (per row for ``reduction="none"``), and skips even that when
-``grad_output`` is exactly 1 in eager mode.
+Every kernel call in gpuxent goes through one of the ``torch.library`` custom ops below, whatever the
+caller (the public functions, the in-place path, ``linear_cross_entropy``, the benchmarks): the op
+looks the backend module up by name (chosen once, by the caller, with ``backends.select``) and calls
+it. ``torch.compile(fullgraph=True)`` sees each op as one opaque node, ``torch.func.vmap`` folds its
+batch dimension into rows, and the in-place op declares what it mutates, so autograd sees the
+version bump of the logits as after any torch in-place op.
+
+The autograd Functions keep the gradient that the forward already computed; the backward only
+scales it by ``grad_output`` (and skips even that when ``grad_output`` is exactly 1 in eager mode).
+Half inputs with a non-unit ``grad_output`` run the gradient kernel again with the factor folded into
+its scale, so the gradient is rounded once, from float32. When the backward itself is differentiated
+(``create_graph=True``, ``torch.func`` transforms), the gradient comes from the same formula written
+in torch ops, which autograd differentiates again.
 """
 
+from __future__ import annotations
+
+import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import backends
+from .backends import compute_dtype
+from .checks import denominator, mean_scale, reduce_rows
+
+HALF = (torch.float16, torch.bfloat16)
+
+# --------------------------------------------------------------------------- the door
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else is computed (and its loss returned) in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _cross_entropy(logits, target, weight, grad_scale, grad, ignore_index, label_smoothing, z_loss, softcap, backend):
+    return backends.module(backend).cross_entropy(
+        logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        softcap=softcap, grad_scale=grad_scale, grad=grad,
+    )  # fmt: skip
 
 
 @torch.library.custom_op("gpuxent::cross_entropy_rows", mutates_args=())
@@ -32,27 +52,145 @@ def cross_entropy_rows(
     backend: str,
     want_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row loss, lse and (when ``want_grad``) the scaled gradient of an (N, r) tensor."""
-    module = backends.get(backend)
-    grad = backends.empty(module, logits.shape, logits.dtype, logits.device) if want_grad else None
-    loss, lse = module.cross_entropy(
-        logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        z_loss=z_loss, softcap=softcap or None, grad_scale=grad_scale, grad=grad,
+    """``(loss, lse, grad)`` per row of (N, r) logits; ``grad`` (the logits' dtype, from the backend's
+    allocator) is ``grad_scale * d loss_i / d logits_i``, or an empty tensor unless ``want_grad``."""
+    grad = backends.empty(backend, logits.shape, logits.dtype, logits.device) if want_grad else logits.new_empty(0)
+    loss, lse = _cross_entropy(
+        logits, target, weight, grad_scale, grad if want_grad else None, ignore_index, label_smoothing, z_loss,
+        softcap, backend,
     )  # fmt: skip
-    return loss, lse, grad if want_grad else logits.new_empty(0)
+    return loss, lse, grad
+
+
+@torch.library.custom_op("gpuxent::cross_entropy_rows_", mutates_args=("logits",))
+def cross_entropy_rows_(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    grad_scale: Optional[torch.Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, lse)`` per row, the gradient written over the logits (in place)."""
+    return _cross_entropy(
+        logits, target, weight, grad_scale, logits, ignore_index, label_smoothing, z_loss, softcap, backend
+    )
+
+
+@torch.library.custom_op("gpuxent::softmax_rows", mutates_args=())
+def softmax_rows(x: torch.Tensor, log: bool, backend: str) -> torch.Tensor:
+    """Row softmax (or log-softmax) of (N, r) ``x``, in the compute dtype."""
+    return backends.module(backend).softmax(x, log=log)
+
+
+@torch.library.custom_op("gpuxent::binary_cross_entropy_elements", mutates_args=())
+def binary_cross_entropy_elements(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    pos_weight: Optional[torch.Tensor],
+    with_logits: bool,
+    backend: str,
+    want_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, grad)`` elementwise, flat, in the compute dtype: BCE on probabilities, or on logits
+    (sigmoid fused) when ``with_logits``; ``grad`` (``x``'s shape) is empty unless ``want_grad``."""
+    dt = compute_dtype(x.dtype)
+    grad = torch.empty(x.shape, dtype=dt, device=x.device) if want_grad else x.new_empty(0, dtype=dt)
+    module = backends.module(backend)
+    g = grad if want_grad else None
+    if with_logits:
+        loss = module.binary_cross_entropy_with_logits(x, target, weight, pos_weight, grad=g)
+    else:
+        loss = module.binary_cross_entropy(x, target, weight, grad=g)
+    return loss, grad
 
 
 @cross_entropy_rows.register_fake
 def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, backend, want_grad):
-    n_rows = logits.shape[0]
     dt = compute_dtype(logits.dtype)
+    n_rows = logits.shape[0]
     grad = torch.empty_like(logits) if want_grad else logits.new_empty(0)
     return logits.new_empty(n_rows, dtype=dt), logits.new_empty(n_rows, dtype=dt), grad
 
 
+@cross_entropy_rows_.register_fake
+def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, backend):
+    dt = compute_dtype(logits.dtype)
+    return logits.new_empty(logits.shape[0], dtype=dt), logits.new_empty(logits.shape[0], dtype=dt)
+
+
+@softmax_rows.register_fake
+def _(x, log, backend):
+    return torch.empty_like(x, dtype=compute_dtype(x.dtype))
+
+
+@binary_cross_entropy_elements.register_fake
+def _(x, target, weight, pos_weight, with_logits, backend, want_grad):
+    dt = compute_dtype(x.dtype)
+    grad = torch.empty(x.shape, dtype=dt, device=x.device) if want_grad else x.new_empty(0, dtype=dt)
+    return x.new_empty(x.numel(), dtype=dt), grad
+
+
+# vmap: the batch dimension folds into rows (elements); per-example class weights loop.
+
+
+def _front(t: torch.Tensor | None, bdim: int | None, size: int) -> torch.Tensor | None:
+    """``t`` with its batch dimension first (expanded when it has none)."""
+    if t is None:
+        return None
+    return t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
+
+
+@torch.library.register_vmap("gpuxent::cross_entropy_rows")
+def _(info, in_dims, logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, backend,
+      want_grad):  # fmt: skip
+    b = info.batch_size
+    ld, td, wd, sd = in_dims[:4]
+    x, t = _front(logits, ld, b), _front(target, td, b)
+    n_rows, n_classes = x.shape[1], x.shape[2]
+    scalars = (ignore_index, label_smoothing, z_loss, softcap, backend, want_grad)
+    if wd is not None:  # per-example class weights: one call per example
+        w = weight.movedim(wd, 0)
+        s = _front(grad_scale, sd, b)
+        outs = [cross_entropy_rows(x[i], t[i], w[i], None if s is None else s[i], *scalars) for i in range(b)]
+        loss, lse, grad = (torch.stack(o) for o in zip(*outs))
+        return (loss, lse, grad), (0, 0, 0 if want_grad else None)
+    if grad_scale is not None and (sd is not None or grad_scale.numel() > 1):
+        grad_scale = _front(grad_scale, sd, b).reshape(b, -1).expand(b, n_rows).reshape(-1)
+    loss, lse, grad = cross_entropy_rows(
+        x.reshape(b * n_rows, n_classes), t.reshape(b * n_rows, *t.shape[2:]), weight, grad_scale, *scalars
+    )
+    grad = grad.view(b, n_rows, n_classes) if want_grad else grad
+    return (loss.view(b, n_rows), lse.view(b, n_rows), grad), (0, 0, 0 if want_grad else None)
+
+
+@torch.library.register_vmap("gpuxent::softmax_rows")
+def _(info, in_dims, x, log, backend):
+    xb = _front(x, in_dims[0], info.batch_size)
+    return softmax_rows(xb.reshape(-1, xb.shape[-1]), log, backend).view(xb.shape), 0
+
+
+@torch.library.register_vmap("gpuxent::binary_cross_entropy_elements")
+def _(info, in_dims, x, target, weight, pos_weight, with_logits, backend, want_grad):
+    b = info.batch_size
+    xb, tb, wb, pb = (_front(v, d, b) for v, d in zip((x, target, weight, pos_weight), in_dims[:4]))
+    loss, grad = binary_cross_entropy_elements(
+        xb.reshape(-1), tb.reshape(-1), *(None if v is None else v.reshape(-1) for v in (wb, pb)),
+        with_logits, backend, want_grad,
+    )  # fmt: skip
+    return (loss.view(b, -1), grad.view(xb.shape) if want_grad else grad), (0, 0 if want_grad else None)
+
+
+# --------------------------------------------------------------------------- upstream gradients
+
+
 def _is_one(t: torch.Tensor) -> bool:
     """Whether ``t`` is exactly 1, checked only where a host sync is allowed (eager mode)."""
-    if t.numel() != 1 or torch.compiler.is_compiling():
+    if t.numel() != 1 or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t):
         return False
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
@@ -68,38 +206,247 @@ def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     return grad * grad_output.reshape(*grad_output.shape, 1).to(grad.dtype)
 
 
-class FusedLoss(torch.autograd.Function):
-    """A loss whose forward returns ``(loss, grad)`` computed together; ``grad`` is saved and scaled.
+# --------------------------------------------------------------------------- cross-entropy
 
-    ``forward(ctx, fn, x, *args)``: ``fn(x, *args) -> (loss, grad, extra)``, where ``grad`` has
-    ``x``'s shape and ``extra`` is an optional callable giving the gradients of the other tensor
-    arguments from ``grad_output`` (or None).
+
+def _row_scale(grad_output: torch.Tensor, reduction: str, scale: torch.Tensor, n_rows: int, dt) -> torch.Tensor:
+    """The factor of each row's gradient: ``grad_output`` (per row for ``"none"``), over the mean's
+    denominator (``scale`` = 1/denominator) for ``"mean"``; a tensor of 1 or N elements."""
+    go = grad_output.to(dt)
+    if reduction == "none":
+        return go.reshape(n_rows)
+    return (go * scale if reduction == "mean" else go).reshape(1)
+
+
+def cross_entropy_grad_formula(x, target, weight, is_prob, opts, row_scale, want_target=False):
+    """``(d loss / d logits, d loss / d target)`` of (N, r) logits in torch ops: differentiable again.
+
+    Per kept row, with ``y`` the (soft-capped) logits, ``p = softmax(y)`` and the target mass
+    ``m_j = w_j ((1 - eps) q_j + eps / r)`` (class targets: ``q`` one-hot): ``d loss / d y =
+    (sum_j m_j + 2 z_loss lse) p - m``; the softcap multiplies by ``1 - (y / softcap)**2``.
+    """
+    dt = compute_dtype(x.dtype)
+    n_rows, n_classes = x.shape
+    eps, cap = opts.label_smoothing, opts.softcap
+    y = x.to(dt)
+    if cap:
+        y = cap * torch.tanh(y / cap)
+    lse = torch.logsumexp(y, -1, keepdim=True)
+    p = torch.exp(y - lse)
+    w = torch.ones(n_classes, dtype=dt, device=x.device) if weight is None else weight.to(dt)
+    if is_prob:
+        q = target.to(dt)
+        kept = torch.ones(n_rows, 1, dtype=dt, device=x.device)
+        mass = w * ((1 - eps) * q + eps / n_classes)
+    else:
+        kept = (target != opts.ignore_index).to(dt)[:, None]
+        one_hot = (torch.arange(n_classes, device=x.device) == target[:, None]).to(dt)  # vmap-safe
+        mass = kept * (w * ((1 - eps) * one_hot + eps / n_classes))
+    coef = mass.sum(-1, keepdim=True) + 2 * opts.z_loss * lse * kept
+    rs = row_scale.to(dt).reshape(-1, 1)
+    g = rs * (coef * p - mass)
+    if cap:
+        g = g * (1 - (y / cap) ** 2)
+    g_target = None
+    if want_target:  # d loss / d q_j = (1 - eps) w_j (lse - y_j)
+        g_target = (rs * (1 - eps) * w * (lse - y)).to(target.dtype)
+    return g.to(x.dtype), g_target
+
+
+class CrossEntropy(torch.autograd.Function):
+    """Fused cross-entropy of (N, r) logits, reduced; outputs ``(loss, grad, 1/denominator)``.
+
+    ``grad`` is the forward's gradient for a unit ``grad_output`` (empty unless ``want_grad``; the
+    logits themselves when ``inplace``).
     """
 
-    @staticmethod
-    def forward(ctx, fn, x, *args):
-        loss, grad, extra = fn(x, *args)
-        ctx.save_for_backward(grad)
-        ctx.extra = extra
-        ctx.n_args = len(args)
-        return loss
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        others = ctx.extra(grad_output) if ctx.extra is not None else (None,) * ctx.n_args
-        return (None, scale_grad(grad, grad_output), *others)
+    def forward(logits, target, weight, is_prob, opts, backend, want_grad, inplace):
+        n_rows = logits.shape[0]
+        dt = compute_dtype(logits.dtype)
+        ii, eps, z, cap = opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap
+        denom = scale = None
+        if opts.reduction == "mean":
+            denom = denominator(target, weight, is_prob, ii, n_rows, dt)
+            scale = mean_scale(denom)
+        grad_scale = None if scale is None else scale.reshape(1)
+        if inplace:
+            loss_rows, _ = cross_entropy_rows_(logits, target, weight, grad_scale, ii, eps, z, cap, backend)
+            grad = logits.new_empty(0)  # the gradient is the logits: setup_context takes it from there
+        else:
+            loss_rows, _, grad = cross_entropy_rows(
+                logits, target, weight, grad_scale, ii, eps, z, cap, backend, want_grad
+            )
+        loss = reduce_rows(loss_rows, opts.reduction, denom, (n_rows,))
+        return loss, grad, torch.ones((), dtype=dt, device=logits.device) if scale is None else scale
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target, weight, is_prob, opts, backend, want_grad, inplace = inputs
+        _, grad, scale = output
+        ctx.mark_non_differentiable(grad, scale)
+        ctx.opts, ctx.is_prob, ctx.backend, ctx.inplace = opts, is_prob, backend, inplace
+        # an in-place gradient of a leaf's logits must not become the leaf's .grad, aliasing the leaf
+        base = logits if logits._base is None else logits._base
+        ctx.copy_grad = inplace and base.is_leaf
+        ctx.save_for_backward(logits, target, weight, logits if inplace else grad, scale)
+        if not inplace:
+            ctx.save_for_forward(logits, target, weight, grad, scale)
+
+    @staticmethod
+    def jvp(ctx, logits_t, target_t, *_):
+        """Forward mode: the loss moves by ``<grad, logits_t>`` (+ ``<d loss / d q, target_t>``)."""
+        logits, target, weight, grad, scale = ctx.saved_tensors
+        dt = compute_dtype(logits.dtype)
+        loss_t = torch.zeros(logits.shape[0], dtype=dt, device=logits.device)
+        if logits_t is not None:
+            loss_t = loss_t + (grad.to(dt) * logits_t.to(dt)).sum(-1)
+        if target_t is not None and ctx.is_prob:
+            ones = torch.ones(logits.shape[0], dtype=dt, device=logits.device)
+            row_scale = ones * scale if ctx.opts.reduction == "mean" else ones
+            g_target = cross_entropy_grad_formula(logits, target, weight, True, ctx.opts, row_scale, True)[1]
+            loss_t = loss_t + (g_target.to(dt) * target_t.to(dt)).sum(-1)
+        return (loss_t if ctx.opts.reduction == "none" else loss_t.sum()), None, None
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad, _scale):
+        logits, target, weight, grad, scale = ctx.saved_tensors
+        opts = ctx.opts
+        n_rows = logits.shape[0]
+        dt = compute_dtype(logits.dtype)
+        want_target = ctx.is_prob and ctx.needs_input_grad[1]
+        row_scale = _row_scale(grad_loss, opts.reduction, scale, n_rows, dt)
+        if torch.is_grad_enabled():  # the backward is differentiated: the formula in torch ops
+            if ctx.inplace:
+                raise RuntimeError(
+                    "inplace_grad: second derivatives need the logits, which the in-place gradient overwrote; "
+                    "call without inplace_grad=True"
+                )
+            g, g_target = cross_entropy_grad_formula(logits, target, weight, ctx.is_prob, opts, row_scale, want_target)
+            return g, g_target, None, None, None, None, None, None
+        g = None
+        if ctx.needs_input_grad[0]:
+            if grad.dtype in HALF and not ctx.inplace and not _is_one(grad_loss):
+                # fold grad_output into the kernel's float32 scale: one rounding, not two
+                ii, eps, z, cap = opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap
+                g = cross_entropy_rows(logits, target, weight, row_scale, ii, eps, z, cap, ctx.backend, True)[2]
+            else:
+                g = scale_grad(grad, grad_loss if opts.reduction != "none" else grad_loss.reshape(n_rows))
+            if ctx.copy_grad and g is grad:
+                g = g.clone()
+        g_target = None
+        if want_target:
+            g_target = cross_entropy_grad_formula(logits, target, weight, True, opts, row_scale, True)[1]
+        return g, g_target, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- binary cross-entropy
+
+
+def bce_grad_formula(x, target, weight, pos_weight, with_logits):
+    """``(d loss / d x, d loss / d target)`` elementwise in torch ops (differentiable again), as torch's
+    own backward formulas (the target's: ``-logit(p)``, or ``log_sigmoid(-x) - pos_weight *
+    log_sigmoid(x)``)."""
+    dt = compute_dtype(x.dtype)
+    xc, y = x.to(dt), target.to(dt)
+    w = 1.0 if weight is None else weight.to(dt)
+    if with_logits:
+        pw = 1.0 if pos_weight is None else pos_weight.to(dt)
+        g = w * (((pw - 1) * y + 1) * torch.sigmoid(xc) - pw * y)
+        gt = w * (F.logsigmoid(-xc) - pw * F.logsigmoid(xc))
+    else:
+        g = w * (xc - y) / torch.clamp((1 - xc) * xc, min=1e-12)
+        gt = -w * torch.logit(xc)
+    return g, gt
+
+
+class BinaryCrossEntropy(torch.autograd.Function):
+    """Elementwise BCE (on probabilities, or on logits when ``with_logits``), reduced; outputs
+    ``(loss, grad)``, the gradient of a unit ``grad_output`` in the compute dtype."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, target, weight, pos_weight, with_logits, reduction, backend, want_grad):
+        dt = compute_dtype(x.dtype)
+        loss, grad = binary_cross_entropy_elements(
+            x, target.to(dt), None if weight is None else weight.to(dt),
+            None if pos_weight is None else pos_weight.to(dt), with_logits, backend, want_grad,
+        )  # fmt: skip
+        if reduction == "none":
+            loss = loss.reshape(x.shape)
+        elif reduction == "sum":
+            loss = loss.sum()
+        else:
+            loss = loss.sum() / loss.numel() if loss.numel() else loss.sum() * math.nan
+            if want_grad and x.numel():
+                grad = grad / x.numel()
+        return loss, grad
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, target, weight, pos_weight, with_logits, reduction, backend, want_grad = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.with_logits, ctx.reduction = with_logits, reduction
+        ctx.save_for_backward(x, target, weight, pos_weight, output[1])
+        ctx.save_for_forward(x, target, weight, pos_weight, output[1])
+
+    @staticmethod
+    def jvp(ctx, x_t, target_t, *_):
+        x, target, weight, pos_weight, grad = ctx.saved_tensors
+        dt = compute_dtype(x.dtype)
+        loss_t = torch.zeros(x.shape, dtype=dt, device=x.device)
+        if x_t is not None:
+            loss_t = loss_t + grad * x_t.to(dt)
+        if target_t is not None:
+            g_target = bce_grad_formula(x, target, weight, pos_weight, ctx.with_logits)[1]
+            loss_t = loss_t + g_target / (max(x.numel(), 1) if ctx.reduction == "mean" else 1) * target_t.to(dt)
+        return (loss_t.reshape(x.shape) if ctx.reduction == "none" else loss_t.sum()), None
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad):
+        x, target, weight, pos_weight, grad = ctx.saved_tensors
+        go = grad_loss.to(compute_dtype(x.dtype))
+        n = max(x.numel(), 1) if ctx.reduction == "mean" else 1
+        need_x, need_target = ctx.needs_input_grad[:2]
+        differentiable = torch.is_grad_enabled()
+        g = g_target = None
+        if differentiable or need_target:
+            g_formula, g_target = bce_grad_formula(x, target, weight, pos_weight, ctx.with_logits)
+        if need_x:
+            g = (g_formula * go / n if differentiable else scale_grad(grad, go)).to(x.dtype)
+        if need_target:
+            g_target = (g_target * go / n).to(target.dtype)
+        return g, g_target, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- softmax
 
 
 class Softmax(torch.autograd.Function):
-    """Row softmax / log-softmax on the backend; the backward is two torch ops."""
+    """Row softmax / log-softmax of (N, r) ``x`` on the backend; the backward is torch ops on the
+    output, so it is differentiable again."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, log, module):
-        out = module.softmax(x, log=log).to(x.dtype)
-        ctx.save_for_backward(out)
-        ctx.log = log
-        return out
+    def forward(x, log, backend):
+        return softmax_rows(x, log, backend).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.log = inputs[1]
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def jvp(ctx, x_t, *_):
+        (out,) = ctx.saved_tensors
+        p = out.exp() if ctx.log else out
+        mean_t = (p * x_t).sum(-1, keepdim=True)
+        return x_t - mean_t if ctx.log else out * (x_t - mean_t)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -107,3 +454,20 @@ class Softmax(torch.autograd.Function):
         if ctx.log:
             return grad_out - out.exp() * grad_out.sum(-1, keepdim=True), None, None
         return out * (grad_out - (grad_out * out).sum(-1, keepdim=True)), None, None
+
+
+def _applier(fn: type[torch.autograd.Function]):
+    """``fn.apply``, traceable by torch.compile: dynamo cannot trace a Function with a custom jvp, so
+    under compile it applies the same Function less its forward-mode rule (``torch.func.jvp`` and
+    ``jacfwd`` are eager-only anyway)."""
+    traceable = type(fn.__name__, (fn,), {"jvp": torch.autograd.Function.jvp})
+
+    def apply(*args):
+        return (traceable if torch.compiler.is_compiling() else fn).apply(*args)
+
+    return apply
+
+
+cross_entropy = _applier(CrossEntropy)
+binary_cross_entropy = _applier(BinaryCrossEntropy)
+softmax = _applier(Softmax)

@@ -8,11 +8,28 @@ mean and std as buffers), so a checkpoint predicts on raw features.
 
 from __future__ import annotations
 
+import importlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 DATASETS = ("digits", "breast_cancer", "and")
+
+
+class MissingDependency(ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+def require(module: str, package: str, purpose: str):
+    """``import module``, or :class:`MissingDependency` saying that ``purpose`` needs ``package`` from
+    the ``train`` extra (scikit-learn, pandas and matplotlib are not needed by the kernels)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependency(
+            f"{purpose} needs {package}, which is not installed: pip install 'gpuxent[train]'"
+        ) from None
 
 
 @dataclass
@@ -97,28 +114,31 @@ def load_dataset(name: str, *, test_size: float = 0.2, seed: int = 0) -> Dataset
     if name == "and":
         X, y = and_gate()
         return make_dataset("and", X, y, feature_names=["x1", "x2"], same_split=True)
-    if name == "digits":
-        from sklearn.datasets import load_digits as load
-    elif name == "breast_cancer":
-        from sklearn.datasets import load_breast_cancer as load
-    else:
+    if name not in DATASETS:
         raise ValueError(f"dataset: unknown dataset {name!r}; choose one of {DATASETS} or pass a CSV")
-    bunch = load()
+    datasets = require("sklearn.datasets", "scikit-learn", f"the {name} dataset")
+    bunch = getattr(datasets, f"load_{name}")()
     names = [str(n) for n in getattr(bunch, "feature_names", [])] or None
     return make_dataset(name, bunch.data, bunch.target, test_size=test_size, seed=seed, feature_names=names)
 
 
 def load_csv(path, target: str, *, test_size: float = 0.2, seed: int = 0) -> Dataset:
     """A user CSV with a header row: column ``target`` holds the labels (any type), every other column
-    must be a numeric feature without missing values.
+    must be a numeric feature without missing values, finite in float32.
 
     Raises:
-        ValueError: the target column is missing, a feature is not numeric or has missing values,
-            or the target has a single class.
+        ValueError: ``path`` is not a file, the target column is missing, a feature is not numeric, has
+            missing values or a value that is infinite in float32 (``inf``, ``1e39``), or the target
+            has a single class.
     """
-    import pandas as pd
-
-    df = pd.read_csv(path)
+    pd = require("pandas", "pandas", "reading a CSV")
+    if not os.path.isfile(path):
+        problem = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise ValueError(f"csv: {path} {problem}; expected a CSV file")
+    try:
+        df = pd.read_csv(path)
+    except ValueError as exc:  # pandas' EmptyDataError, ParserError, a decoding error
+        raise ValueError(f"csv: cannot read {path}: {exc}") from None
     if target not in df.columns:
         raise ValueError(f"target: column {target!r} not found in {path}; columns are {list(df.columns)}")
     features = df.drop(columns=[target])
@@ -132,10 +152,14 @@ def load_csv(path, target: str, *, test_size: float = 0.2, seed: int = 0) -> Dat
         raise ValueError(f"{path}: feature columns with missing values: {missing}")
     if df[target].isna().any():
         raise ValueError(f"{path}: target column {target!r} has missing values")
-    name = str(path)
+    with np.errstate(over="ignore"):  # 1e39 becomes inf in float32: reported just below
+        X = features.to_numpy(np.float32)
+    infinite = [str(c) for c, ok in zip(features.columns, np.isfinite(X).all(axis=0)) if not ok]
+    if infinite:
+        raise ValueError(f"{path}: feature columns with values that are infinite in float32: {infinite}")
     return make_dataset(
-        name,
-        features.to_numpy(np.float32),
+        str(path),
+        X,
         df[target].to_numpy(),
         test_size=test_size,
         seed=seed,

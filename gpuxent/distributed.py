@@ -29,8 +29,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from .autograd import compute_dtype
-from .functional import FLOAT_DTYPES, check_options, reduce_rows
+from .backends import compute_dtype
+from .checks import FLOAT_DTYPES, check_options, check_target, mean_scale, reduce_rows
 
 # Integer codes of the compute dtypes, exchanged so that the ranks can check that they agree.
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
@@ -49,23 +49,10 @@ def _check_local(local_logits, target, weight, ignore_index, reduction, label_sm
         raise TypeError(f"local_logits: expected a floating tensor, got {local_logits.dtype}")
     if local_logits.dim() == 0:
         raise ValueError("local_logits: expected shape (..., r_local) with the classes on the last axis, got a scalar")
-    check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    opts = check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     if target.device != local_logits.device:
         raise ValueError(f"target: on {target.device}, but local_logits is on {local_logits.device}")
-    batch_shape = local_logits.shape[:-1]
-    if target.dtype.is_floating_point:
-        if target.shape != local_logits.shape:
-            raise ValueError(
-                "target: probability targets must be this rank's slice, of local_logits' shape "
-                f"{tuple(local_logits.shape)}, got {tuple(target.shape)}"
-            )
-    elif target.dtype in (torch.bool,) or target.dtype.is_complex:
-        raise TypeError(f"target: expected int64 class indices or float probabilities, got {target.dtype}")
-    elif target.shape != batch_shape:
-        raise ValueError(
-            f"target: class indices must have shape local_logits.shape[:-1] = {tuple(batch_shape)}, "
-            f"got {tuple(target.shape)}"
-        )
+    check_target(target, local_logits.shape[:-1], local_logits.shape[-1], opts, "this rank's slice, local_logits'")
     if weight is not None:
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"weight: expected a torch tensor, got {type(weight).__name__}")
@@ -231,7 +218,7 @@ class _Problem:
         scale = grad_output.detach().to(self.dt)
         scale = scale.reshape(-1) if self.reduction == "none" else scale.reshape(()).expand(y.shape[0])
         if self.reduction == "mean":
-            scale = scale / self.denom
+            scale = scale * mean_scale(self.denom)
         scale = torch.where(self.kept, scale, 0)
         g = torch.exp(y - self.lse[:, None]) * (scale * self.coef)[:, None]
         eps_r = self.eps / self.n_classes

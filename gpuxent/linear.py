@@ -32,8 +32,21 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .autograd import compute_dtype, scale_grad
-from .functional import _check_device, _check_float, _denominator, _out, _prepare_ce, _select, _to_tensor, reduce_rows
+from . import backends
+from .autograd import cross_entropy_rows, cross_entropy_rows_, scale_grad
+from .backends import compute_dtype
+from .checks import (
+    check_chunk_size,
+    check_class_weight,
+    check_device,
+    check_float,
+    denominator,
+    mean_scale,
+    out,
+    prepare_cross_entropy,
+    reduce_rows,
+    to_tensor,
+)
 
 # A chunk of logits of about this many bytes: large enough for efficient matmuls, small next to the
 # (N, r) logits it replaces.
@@ -49,10 +62,11 @@ def default_chunk_size(n_classes: int, dtype: torch.dtype) -> int:
 # --------------------------------------------------------------------------- checks
 
 
-def _check_linear(hidden, weight, target, bias, ce_weight, chunk_size):
-    """Shape, dtype and device checks of the linear part; the CE keywords are checked by ``_prepare_ce``."""
-    _check_float(hidden, "hidden")
-    _check_float(weight, "weight")
+def _check_linear(hidden, weight, bias, ce_weight):
+    """Shape, dtype and device checks of the linear part; the target and the CE keywords are checked
+    by ``prepare_cross_entropy``."""
+    check_float(hidden, "hidden")
+    check_float(weight, "weight")
     if hidden.dim() == 0:
         raise ValueError("hidden: expected shape (..., d) with the features on the last axis, got a scalar")
     if weight.dim() != 2:
@@ -67,40 +81,15 @@ def _check_linear(hidden, weight, target, bias, ce_weight, chunk_size):
         )
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}; use one dtype")
-    _check_device(hidden, weight, "weight")
-    _check_device(hidden, target, "target")
+    check_device(hidden, weight, "weight")
     if bias is not None:
-        _check_device(hidden, bias, "bias")
-        _check_float(bias, "bias")
+        check_device(hidden, bias, "bias")
+        check_float(bias, "bias")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias: dtype {bias.dtype} differs from hidden's {hidden.dtype}; use one dtype")
         if bias.shape != (n_classes,):
             raise ValueError(f"bias: expected shape ({n_classes},), one bias per class, got {tuple(bias.shape)}")
-    if ce_weight is not None:
-        _check_device(hidden, ce_weight, "ce_weight")
-        _check_float(ce_weight, "ce_weight")
-        if ce_weight.shape != (n_classes,):
-            raise ValueError(
-                f"ce_weight: expected shape ({n_classes},), one weight per class, got {tuple(ce_weight.shape)}"
-            )
-    batch_shape = hidden.shape[:-1]
-    if target.dtype.is_floating_point:
-        if target.shape != (*batch_shape, n_classes):
-            if target.shape == batch_shape:
-                raise TypeError(
-                    f"target: a float tensor of shape {tuple(target.shape)} where class indices are expected; pass "
-                    f"an integer tensor (or float probabilities of shape {(*batch_shape, n_classes)})"
-                )
-            raise ValueError(
-                f"target: probability targets must have shape hidden.shape[:-1] + (r,) = "
-                f"{(*batch_shape, n_classes)}, got {tuple(target.shape)}"
-            )
-    elif target.shape != batch_shape:
-        raise ValueError(
-            f"target: class indices must have shape hidden.shape[:-1] = {tuple(batch_shape)}, got {tuple(target.shape)}"
-        )
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size: expected None or an int >= 1 (rows per chunk), got {chunk_size!r}")
+    check_class_weight(hidden, ce_weight, n_classes, "ce_weight")
 
 
 # --------------------------------------------------------------------------- the chunked core
@@ -110,31 +99,28 @@ class _Problem:
     """The checked, flattened arguments of one call, and the chunk loop over them."""
 
     def __init__(self, hidden, weight, target, bias, ce_weight, opts, backend, chunk_size):
-        ignore_index, reduction, label_smoothing, z_loss, softcap = opts
-        _check_linear(hidden, weight, target, bias, ce_weight, chunk_size)
+        _check_linear(hidden, weight, bias, ce_weight)
+        chunk_size = check_chunk_size(chunk_size)
         n_classes, d = weight.shape
         # A stand-in for the logits that costs no memory (stride 0 over the rows): it lets
-        # ``_prepare_ce`` check the CE keywords and the targets exactly as ``cross_entropy`` does.
+        # ``prepare_cross_entropy`` check the CE keywords and the targets exactly as ``cross_entropy`` does.
         logits_like = hidden.new_empty(n_classes).expand(*hidden.shape[:-1], n_classes)
-        _, t, w, is_prob = _prepare_ce(
-            logits_like, target, ce_weight, ignore_index, reduction, label_smoothing, z_loss, softcap
-        )
+        p = prepare_cross_entropy(logits_like, target, ce_weight, *opts)
         self.h = hidden.detach().reshape(-1, d)
         self.weight = weight.detach()
         self.bias = None if bias is None else bias.detach()
-        self.t, self.w, self.is_prob = t, w, is_prob
+        self.t, self.w, self.is_prob, self.opts = p.target, p.weight, p.is_prob, p.opts
         self.n_rows = self.h.shape[0]
         self.batch_shape = hidden.shape[:-1]
         self.dtype = hidden.dtype
         self.dt = compute_dtype(hidden.dtype)
-        self.reduction = reduction
-        self.softcap = softcap
-        self.kw = dict(ignore_index=int(ignore_index), label_smoothing=float(label_smoothing), z_loss=float(z_loss))
-        self.module = _select(self.h, backend)
+        self.reduction = p.opts.reduction
+        self.backend = backends.select(self.h.device, backend)
         self.chunk_size = chunk_size or default_chunk_size(n_classes, hidden.dtype)
-        self.denom = None
-        if reduction == "mean":
-            self.denom = _denominator(t, w, is_prob, int(ignore_index), self.n_rows, self.dt)
+        self.denom = self.scale = None
+        if self.reduction == "mean":
+            self.denom = denominator(self.t, self.w, self.is_prob, p.opts.ignore_index, self.n_rows, self.dt)
+            self.scale = mean_scale(self.denom).reshape(1)
 
     def run(self, want=(False, False, False), row_scale=None):
         """Per-row losses, and the gradients asked for by ``want`` = (hidden, weight, bias).
@@ -142,19 +128,15 @@ class _Problem:
         The logit gradient of each chunk is scaled by 1/denominator for a mean, and row by row by
         ``row_scale`` (a (N,) tensor) when given.
         """
-        n_rows, dt = self.n_rows, self.dt
+        n_rows, dt, opts = self.n_rows, self.dt, self.opts
         n_classes, d = self.weight.shape
         want_grad = any(want)
-        grad_scale = None if self.denom is None else 1.0 / self.denom
         loss_rows = torch.empty(n_rows, dtype=dt, device=self.h.device)
         grad_h = torch.empty_like(self.h) if want[0] else None
         acc_w = torch.zeros((n_classes, d), dtype=dt, device=self.h.device) if want[1] else None
         acc_b = torch.zeros(n_classes, dtype=dt, device=self.h.device) if want[2] else None
         rows = min(self.chunk_size, max(n_rows, 1))
         buf = torch.empty((rows, n_classes), dtype=self.dtype, device=self.h.device)
-        # The kernel writes the gradient over the logits it has read; with a softcap it needs the
-        # raw logits again for the tanh's derivative, so the gradient gets its own buffer.
-        gbuf = torch.empty_like(buf) if (want_grad and self.softcap) else buf
         wt = self.weight.t()
         for lo in range(0, n_rows, rows):
             hi = min(lo + rows, n_rows)
@@ -164,15 +146,15 @@ class _Problem:
                 torch.mm(h_c, wt, out=logits)
             else:
                 torch.addmm(self.bias, h_c, wt, out=logits)
-            g = gbuf[: hi - lo] if want_grad else None
-            loss_c, _ = self.module.cross_entropy(
-                logits, self.t[lo:hi], self.w, softcap=self.softcap, grad_scale=grad_scale, grad=g, **self.kw
-            )
-            loss_rows[lo:hi] = loss_c
-            if not want_grad:
-                continue
+            grad_scale = self.scale  # the chunk's gradient is written over its logits, scaled per row
             if row_scale is not None:
-                g.mul_(row_scale[lo:hi, None].to(g.dtype))
+                grad_scale = row_scale[lo:hi] if grad_scale is None else row_scale[lo:hi] * grad_scale
+            args = (opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap, self.backend)
+            if not want_grad:
+                loss_rows[lo:hi] = cross_entropy_rows(logits, self.t[lo:hi], self.w, None, *args, False)[0]
+                continue
+            loss_rows[lo:hi] = cross_entropy_rows_(logits, self.t[lo:hi], self.w, grad_scale, *args)[0]
+            g = logits
             if want[0]:
                 torch.mm(g, self.weight, out=grad_h[lo:hi])
             if want[1]:
@@ -257,17 +239,17 @@ def linear_cross_entropy(
         The loss as the input's kind: a 0-d tensor / numpy scalar, or per-row values of shape
         ``hidden.shape[:-1]`` for ``reduction="none"``; float32 for half inputs.
 
-    Memory: one ``(chunk_size, r)`` buffer of logits (two with a softcap, when gradients are asked
-    for) besides the gradients themselves. When ``hidden``, ``weight`` or ``bias`` requires grad, the
+    Memory: one ``(chunk_size, r)`` buffer of logits, which receives their gradient in place, besides
+    the gradients themselves. When ``hidden``, ``weight`` or ``bias`` requires grad, the
     forward computes their gradients (the backward only scales them), except for ``reduction="none"``,
     whose backward runs the chunks again to weight each row by its ``grad_output``.
     """
     as_numpy = not isinstance(hidden, torch.Tensor)
-    h = _to_tensor(hidden, "hidden")
-    w = _to_tensor(weight, "weight")
-    t = _to_tensor(target, "target")
-    b = None if bias is None else _to_tensor(bias, "bias")
-    cw = None if ce_weight is None else _to_tensor(ce_weight, "ce_weight")
+    h = to_tensor(hidden, "hidden")
+    w = to_tensor(weight, "weight")
+    t = to_tensor(target, "target")
+    b = None if bias is None else to_tensor(bias, "bias")
+    cw = None if ce_weight is None else to_tensor(ce_weight, "ce_weight")
     problem = _Problem(h, w, t, b, cw, (ignore_index, reduction, label_smoothing, z_loss, softcap), backend, chunk_size)
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, w, b))
     if needs_grad:
@@ -275,4 +257,4 @@ def linear_cross_entropy(
     else:
         with torch.no_grad():
             loss = problem.reduce(problem.run()[0])
-    return _out(loss, as_numpy)
+    return out(loss, as_numpy)

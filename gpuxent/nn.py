@@ -7,9 +7,11 @@ import torch
 from . import functional as F
 
 
-def _no_legacy_reduction(size_average, reduce) -> None:
+def _reduction(size_average, reduce, reduction: str) -> str:
+    """``reduction``, or what torch's deprecated ``size_average``/``reduce`` mean (with torch's warning)."""
     if size_average is not None or reduce is not None:
-        raise ValueError("size_average/reduce: deprecated in torch; use reduction")
+        return torch.nn._reduction.legacy_get_string(size_average, reduce)
+    return reduction
 
 
 class CrossEntropyLoss(torch.nn.Module):
@@ -21,10 +23,9 @@ class CrossEntropyLoss(torch.nn.Module):
         backend: str | None = None, inplace_grad: bool = False,
     ):  # fmt: skip
         super().__init__()
-        _no_legacy_reduction(size_average, reduce)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
-        self.reduction = reduction
+        self.reduction = _reduction(size_average, reduce, reduction)
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
         self.softcap = softcap
@@ -43,9 +44,8 @@ class BCELoss(torch.nn.Module):
 
     def __init__(self, weight=None, size_average=None, reduce=None, reduction: str = "mean", *, backend=None):
         super().__init__()
-        _no_legacy_reduction(size_average, reduce)
         self.register_buffer("weight", weight)
-        self.reduction = reduction
+        self.reduction = _reduction(size_average, reduce, reduction)
         self.backend = backend
 
     def forward(self, input, target):
@@ -59,10 +59,9 @@ class BCEWithLogitsLoss(torch.nn.Module):
         self, weight=None, size_average=None, reduce=None, reduction: str = "mean", pos_weight=None, *, backend=None
     ):
         super().__init__()
-        _no_legacy_reduction(size_average, reduce)
         self.register_buffer("weight", weight)
         self.register_buffer("pos_weight", pos_weight)
-        self.reduction = reduction
+        self.reduction = _reduction(size_average, reduce, reduction)
         self.backend = backend
 
     def forward(self, input, target):

@@ -7,19 +7,26 @@ data-parallel processes), the checkpoint and the plot, then the command line.
     out = run(TrainConfig(dataset="breast_cancer", epochs=20))
     out["summary"]["test_accuracy"], out["model"], out["history"]["loss"]
 
-With ``nproc=K`` the K processes (torch.multiprocessing, spawn) each hold a replica wrapped in
-DistributedDataParallel (gloo on CPU, nccl on GPUs) and take every K-th row of each epoch's
-permutation, as ``DistributedSampler`` does, in mini-batches of ``batch_size // K``: the K shards of a
-step together are the one-process mini-batch, and DDP's averaged gradient is its gradient, so K
-processes follow the one-process run up to rounding. Rank 0 evaluates and reports.
+Data parallel, two ways to start the same K processes:
+
+- ``nproc=K`` (``gpuxent train --nproc K``) spawns them on this machine (torch.multiprocessing) and
+  joins them through a file in a temporary directory (a ``file://`` rendezvous: no port to race for);
+- ``torchrun --nnodes N --nproc-per-node K -m gpuxent train ...`` starts them on N machines and
+  :func:`run` joins them through torchrun's environment (``env://``).
+
+Each process holds a replica wrapped in DistributedDataParallel (nccl on GPUs, gloo on CPUs) and takes
+every K-th row of each epoch's permutation, as ``DistributedSampler`` does, in mini-batches of
+``batch_size // K``: the K shards of a step together are the one-process mini-batch, and DDP's averaged
+gradient is its gradient, so K processes follow the one-process run up to rounding, and the two
+launches give the same result for the same seed. Rank 0 alone evaluates, prints and writes files.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
-import socket
+import pathlib
 import sys
 import tempfile
 import time
@@ -29,7 +36,7 @@ import numpy as np
 import torch
 
 from . import backends
-from .data import DATASETS, Dataset, load_csv, load_dataset
+from .data import DATASETS, Dataset, load_csv, load_dataset, require
 from .mlp import ACTIVATIONS, MLP, loss_fn
 
 LOG_LINE = "epoch {epoch}: loss {loss:.4f}, train_acc {train_acc:.2f}, test_acc {test_acc:.2f}, time {time_ms:.1f}ms"
@@ -65,15 +72,115 @@ class TrainConfig:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def set_threads(n: int | None) -> None:
-    """Use ``n`` CPU threads in torch and numba (process-wide). A 64-wide MLP gains nothing from more,
-    and on a shared machine idle OpenMP workers spinning between tiny ops cost more than the ops."""
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """Use ``n`` CPU threads in torch and numba inside the block, then the caller's counts again
+    (``None``: leave them alone). A 64-wide MLP gains nothing from more, and on a shared machine idle
+    OpenMP workers spinning between tiny ops cost more than the ops."""
     if n is None:
+        yield
         return
     import numba
 
+    saved = torch.get_num_threads(), numba.get_num_threads()
     torch.set_num_threads(n)
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        numba.set_num_threads(saved[1])
+
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place among processes started by torchrun (or any launcher that sets the
+    ``env://`` variables): global rank and count, and rank and count on this machine."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> Launch | None:
+        """The launch described by ``env``, or None when no launcher set RANK, WORLD_SIZE, MASTER_ADDR
+        and MASTER_PORT (torchrun sets them, and LOCAL_RANK, LOCAL_WORLD_SIZE)."""
+        if not all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+            return None
+        rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        return cls(rank, world_size, int(env.get("LOCAL_RANK", rank)), int(env.get("LOCAL_WORLD_SIZE", world_size)))
+
+
+def _check_writable(path: str, what: str) -> None:
+    """ValueError naming ``what`` unless a file can be written at ``path`` (probed with a temporary file
+    in its directory, so a run learns it before training, not after)."""
+    target = pathlib.Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise ValueError(f"{what}: {path} is a directory; expected a file path")
+    if not folder.is_dir():
+        raise ValueError(f"{what}: cannot write {path}: directory {folder} does not exist")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise ValueError(f"{what}: cannot write {path}: permission denied")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".gpuxent-write-test-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot write {path}: {exc.strerror or exc}") from None
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Every check of ``cfg``'s settings that needs no data, for a run on ``world_size`` processes:
+    ValueError naming the setting, before anything is loaded, spawned or trained."""
+    if cfg.nproc < 1:
+        raise ValueError(f"nproc: expected >= 1, got {cfg.nproc}")
+    if cfg.batch_size < world_size:
+        raise ValueError(
+            f"batch_size: expected >= {world_size} (at least one row per process and step), got {cfg.batch_size}"
+        )
+    if cfg.epochs is not None and cfg.epochs < 0:
+        raise ValueError(f"epochs: expected >= 0, got {cfg.epochs}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"lr: expected a finite number > 0, got {cfg.lr}")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise ValueError(f"weight_decay: expected a finite number >= 0, got {cfg.weight_decay}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"threads: expected >= 1 or None, got {cfg.threads}")
+    if not cfg.hidden or min(cfg.hidden) < 1:
+        raise ValueError(f"hidden: expected layer widths >= 1, got {cfg.hidden}")
+    for name, value, choices in (
+        ("optimizer", cfg.optimizer, OPTIMIZERS),
+        ("activation", cfg.activation, ACTIVATIONS),
+        ("loss_impl", cfg.loss_impl, ("gpuxent", "torch")),
+    ):
+        if value not in choices:
+            raise ValueError(f"{name}: expected one of {sorted(choices)}, got {value!r}")
+    if cfg.csv is not None and not cfg.target:
+        raise ValueError("target: --csv needs --target COLUMN, the name of the label column")
+    try:
+        device = cfg.resolved_device()
+    except RuntimeError as exc:
+        raise ValueError(f"device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device} asked for, but CUDA is not available here")
+    backend_name(cfg, device)  # a backend that cannot run here fails now, with the reason
+
+
+def check_outputs(cfg: TrainConfig) -> None:
+    """ValueError (or :class:`~gpuxent.data.MissingDependency`) unless ``cfg.plot`` and
+    ``cfg.checkpoint`` can be written: a run learns it before training, not after."""
+    if cfg.plot:
+        require("matplotlib", "matplotlib", "--plot")
+        from matplotlib.figure import Figure
+
+        suffix = pathlib.Path(cfg.plot).suffix.lstrip(".").lower()
+        formats = Figure().canvas.get_supported_filetypes()
+        if suffix and suffix not in formats:
+            raise ValueError(f"plot: cannot save a .{suffix} file; use one of {sorted(formats)}")
+        _check_writable(cfg.plot, "plot")
+    if cfg.checkpoint:
+        _check_writable(cfg.checkpoint, "checkpoint")
 
 
 def load_data(cfg: TrainConfig) -> Dataset:
@@ -98,7 +205,7 @@ def accuracy(model: MLP, X: torch.Tensor, y: torch.Tensor) -> float:
 
 def backend_name(cfg: TrainConfig, device: torch.device) -> str:
     """The loss's implementation as reported: the gpuxent backend's name, or ``"torch"``."""
-    return "torch" if cfg.loss_impl == "torch" else backends.select(device, cfg.backend).NAME
+    return "torch" if cfg.loss_impl == "torch" else backends.select(device, cfg.backend)
 
 
 # --------------------------------------------------------------------------- the training loop
@@ -108,24 +215,18 @@ def train(cfg: TrainConfig, data: Dataset | None = None, *, rank: int = 0, world
     """Train an MLP on ``data`` (default: ``load_data(cfg)``) and return ``{"model", "history", ...}``.
 
     Called once per process; with ``world_size > 1`` the default process group must be initialised
-    and the model is wrapped in DistributedDataParallel. Only rank 0 evaluates and logs; its history
-    holds per epoch ``loss`` (the mean over all ranks), ``train_acc``, ``test_acc``, ``time_ms``, and
-    ``step_losses`` (every step's loss on this rank's shard).
+    (see :func:`process_group`) and the model is wrapped in DistributedDataParallel. Only rank 0
+    evaluates and logs; its history holds per epoch ``loss`` (the mean over all ranks), ``train_acc``,
+    ``test_acc``, ``time_ms``, and ``step_losses`` (every step's loss on this rank's shard). On CPU it
+    runs on ``cfg.threads`` threads and gives the caller's thread counts back on return.
     """
+    validate(cfg, world_size)
     data = data if data is not None else load_data(cfg)
     device = cfg.resolved_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device} asked for, but CUDA is not available here")
     if device.type == "cuda" and world_size > 1:
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())  # process_group chose this rank's GPU
     epochs = cfg.epochs if cfg.epochs is not None else default_epochs(data)
-    if cfg.optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer: expected one of {sorted(OPTIMIZERS)}, got {cfg.optimizer!r}")
-    if cfg.batch_size < 1 or epochs < 0:
-        raise ValueError(f"batch_size >= 1 and epochs >= 0 expected, got {cfg.batch_size} and {epochs}")
-    if device.type == "cpu":
-        set_threads(cfg.threads)
-    backend = backend_name(cfg, device)  # fails early, with the reason, for a backend that cannot run here
+    backend = backend_name(cfg, device)
 
     X_train, y_train = (torch.from_numpy(a).to(device) for a in (data.X_train, data.y_train))
     X_test, y_test = (torch.from_numpy(a).to(device) for a in (data.X_test, data.y_test))
@@ -141,41 +242,42 @@ def train(cfg: TrainConfig, data: Dataset | None = None, *, rank: int = 0, world
     rng = np.random.default_rng(cfg.seed)  # the same stream on every rank: one permutation per epoch
 
     n_train = len(y_train)
-    per_rank = max(1, cfg.batch_size // world_size)
+    per_rank = cfg.batch_size // world_size
     history = {"epoch": [], "loss": [], "train_acc": [], "test_acc": [], "time_ms": [], "step_losses": []}
     log = _logger(cfg) if rank == 0 else None
     bar = _progress(epochs, cfg) if rank == 0 else None
-    for epoch in range(1, epochs + 1):
-        t0 = time.perf_counter()
-        net.train()
-        perm = rng.permutation(n_train)
-        pad = (-n_train) % world_size  # DistributedSampler pads with the first rows so shards are equal
-        perm = np.concatenate([perm, perm[:pad]])[rank::world_size]
-        shard = torch.from_numpy(perm).to(device)
-        step_losses, loss_sum = [], torch.zeros((), device=device, dtype=torch.float64)
-        for start in range(0, len(shard), per_rank):
-            idx = shard[start : start + per_rank]
-            loss = loss_fn(net(X_train[idx]), y_train[idx], backend=cfg.backend, impl=cfg.loss_impl)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step_losses.append(loss.detach())
-            loss_sum += loss.detach() * len(idx)
-        totals = torch.stack([loss_sum, torch.tensor(float(len(shard)), device=device, dtype=torch.float64)])
-        if world_size > 1:
-            torch.distributed.all_reduce(totals)
-        epoch_loss = (totals[0] / totals[1]).item()  # also waits for the device: the time below is honest
-        time_ms = 1e3 * (time.perf_counter() - t0)
-        history["step_losses"] += torch.stack(step_losses).tolist() if step_losses else []
-        if rank != 0:
-            continue
-        model.eval()
-        train_acc, test_acc = accuracy(model, X_train, y_train), accuracy(model, X_test, y_test)
-        row = dict(epoch=epoch, loss=epoch_loss, train_acc=train_acc, test_acc=test_acc, time_ms=time_ms)
-        for key, value in row.items():
-            history[key].append(value)
-        log(LOG_LINE.format(**row))
-        bar.update(1)
+    with cpu_threads(cfg.threads if device.type == "cpu" else None):
+        for epoch in range(1, epochs + 1):
+            t0 = time.perf_counter()
+            net.train()
+            perm = rng.permutation(n_train)
+            pad = (-n_train) % world_size  # DistributedSampler pads with the first rows so shards are equal
+            perm = np.concatenate([perm, perm[:pad]])[rank::world_size]
+            shard = torch.from_numpy(perm).to(device)
+            step_losses, loss_sum = [], torch.zeros((), device=device, dtype=torch.float64)
+            for start in range(0, len(shard), per_rank):
+                idx = shard[start : start + per_rank]
+                loss = loss_fn(net(X_train[idx]), y_train[idx], backend=cfg.backend, impl=cfg.loss_impl)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step_losses.append(loss.detach())
+                loss_sum += loss.detach() * len(idx)
+            totals = torch.stack([loss_sum, torch.tensor(float(len(shard)), device=device, dtype=torch.float64)])
+            if world_size > 1:
+                torch.distributed.all_reduce(totals)
+            epoch_loss = (totals[0] / totals[1]).item()  # also waits for the device: the time below is honest
+            time_ms = 1e3 * (time.perf_counter() - t0)
+            history["step_losses"] += torch.stack(step_losses).tolist() if step_losses else []
+            if rank != 0:
+                continue
+            model.eval()
+            train_acc, test_acc = accuracy(model, X_train, y_train), accuracy(model, X_test, y_test)
+            row = dict(epoch=epoch, loss=epoch_loss, train_acc=train_acc, test_acc=test_acc, time_ms=time_ms)
+            for key, value in row.items():
+                history[key].append(value)
+            log(LOG_LINE.format(**row))
+            bar.update(1)
     if bar is not None:
         bar.close()
     model.eval()
@@ -186,6 +288,8 @@ def train(cfg: TrainConfig, data: Dataset | None = None, *, rank: int = 0, world
         "epochs": epochs,
         "backend": backend,
         "device": str(device),
+        "rank": rank,
+        "world_size": world_size,
     }
 
 
@@ -205,42 +309,47 @@ def _progress(epochs: int, cfg: TrainConfig):
 # --------------------------------------------------------------------------- data parallel
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world_size: int, port: int, cfg: TrainConfig, data: Dataset, out_path: str) -> None:
-    """One data-parallel process: join the group, train, and (rank 0) save the result for the parent."""
+@contextlib.contextmanager
+def process_group(device: torch.device, launch: Launch, init_method: str):
+    """The default process group of ``launch``'s process, for the block: nccl when every process on this
+    machine has a GPU of its own (that GPU becomes the current device), gloo otherwise."""
     import torch.distributed as dist
 
-    device = cfg.resolved_device()
-    use_nccl = device.type == "cuda" and torch.cuda.device_count() >= world_size  # nccl wants a GPU per rank
     if device.type == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+    nccl = device.type == "cuda" and torch.cuda.device_count() >= launch.local_world_size
     dist.init_process_group(
-        "nccl" if use_nccl else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+        "nccl" if nccl else "gloo", init_method=init_method, rank=launch.rank, world_size=launch.world_size
     )
     try:
-        out = train(cfg, data, rank=rank, world_size=world_size)
-        if rank == 0:
-            state = {k: v.cpu() for k, v in out["model"].state_dict().items()}
-            torch.save({"state_dict": state, "history": out["history"], "epochs": out["epochs"]}, out_path)
+        yield
     finally:
         dist.destroy_process_group()
 
 
-def train_parallel(cfg: TrainConfig) -> dict:
-    """:func:`train` on ``cfg.nproc`` processes; returns what rank 0's :func:`train` returns."""
+def _worker(rank: int, world_size: int, init_method: str, cfg: TrainConfig, data: Dataset, out_path: str) -> None:
+    """One of ``--nproc``'s processes: join the group, train, and (rank 0) save the result for the parent."""
+    with process_group(cfg.resolved_device(), Launch(rank, world_size, rank, world_size), init_method):
+        out = train(cfg, data, rank=rank, world_size=world_size)
+        if rank == 0:
+            state = {k: v.cpu() for k, v in out["model"].state_dict().items()}
+            torch.save({"state_dict": state, "history": out["history"], "epochs": out["epochs"]}, out_path)
+
+
+def train_parallel(cfg: TrainConfig, data: Dataset | None = None) -> dict:
+    """:func:`train` on ``cfg.nproc`` processes spawned here; returns what rank 0's :func:`train` returns.
+
+    They meet through a file in a temporary directory (``file://``): no port is probed and then raced for.
+    """
     import torch.multiprocessing as mp
 
-    data = load_data(cfg)  # once, in the parent: errors surface here and the workers skip importing sklearn
+    validate(cfg, cfg.nproc)  # before any spawn
+    data = data if data is not None else load_data(cfg)  # once, here: the workers skip importing sklearn
     device = cfg.resolved_device()
-    backend = backend_name(cfg, device)  # as early: a backend that cannot run fails before any spawn
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "rank0.pt")
-        mp.spawn(_worker, args=(cfg.nproc, _free_port(), cfg, data, out_path), nprocs=cfg.nproc, join=True)
+        init_method = pathlib.Path(tmp, "rendezvous").as_uri()
+        mp.spawn(_worker, args=(cfg.nproc, init_method, cfg, data, out_path), nprocs=cfg.nproc, join=True)
         saved = torch.load(out_path, weights_only=True)
     model = MLP(data.n_features, data.n_classes, cfg.hidden, cfg.activation)
     model.load_state_dict(saved["state_dict"])
@@ -249,9 +358,18 @@ def train_parallel(cfg: TrainConfig) -> dict:
         "history": saved["history"],
         "data": data,
         "epochs": saved["epochs"],
-        "backend": backend,
+        "backend": backend_name(cfg, device),
         "device": str(device),
+        "rank": 0,
+        "world_size": cfg.nproc,
     }
+
+
+def train_launched(cfg: TrainConfig, launch: Launch, data: Dataset | None = None) -> dict:
+    """:func:`train` in one of the processes a launcher started (torchrun: ``env://`` rendezvous)."""
+    data = data if data is not None else load_data(cfg)  # every process loads the same seeded split
+    with process_group(cfg.resolved_device(), launch, "env://"):
+        return train(cfg, data, rank=launch.rank, world_size=launch.world_size)
 
 
 # --------------------------------------------------------------------------- checkpoint and plot
@@ -311,15 +429,30 @@ def plot_history(history: dict, path=None, title: str = ""):
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train (on ``cfg.nproc`` processes), then save the plot and the checkpoint if asked.
+    """Check everything, train (on ``cfg.nproc`` processes, or those torchrun started), then save the
+    plot and the checkpoint if asked (rank 0 only).
 
-    Returns the :func:`train` result plus the summary that ``--json`` prints: ``dataset``,
-    ``test_accuracy``, ``train_accuracy``, ``final_loss``, ``epochs``, ``backend``, ``device``, ...
+    Returns the :func:`train` result plus ``"summary"``, what ``--json`` prints (``dataset``,
+    ``test_accuracy``, ``train_accuracy``, ``final_loss``, ``epochs``, ``backend``, ``device``, ...);
+    the summary is None on ranks other than 0.
     """
-    if cfg.nproc < 1:
-        raise ValueError(f"nproc: expected >= 1, got {cfg.nproc}")
+    launch = Launch.from_env()
+    if launch is not None and cfg.nproc > 1:
+        raise ValueError(f"nproc: the {launch.world_size} processes come from the launcher (torchrun); drop --nproc")
+    validate(cfg, launch.world_size if launch else cfg.nproc)
+    if launch is None or launch.rank == 0:
+        check_outputs(cfg)
     t0 = time.perf_counter()
-    out = train_parallel(cfg) if cfg.nproc > 1 else train(cfg)
+    data = load_data(cfg)
+    if launch is not None:
+        out = train_launched(cfg, launch, data)
+    elif cfg.nproc > 1:
+        out = train_parallel(cfg, data)
+    else:
+        out = train(cfg, data)
+    out["summary"] = None
+    if out["rank"] != 0:
+        return out
     model, history, data = out["model"], out["history"], out["data"]
     if cfg.plot:
         plot_history(history, cfg.plot, title=f"{data.name}: MLP {list(cfg.hidden)} {cfg.activation}, {out['backend']}")
@@ -338,7 +471,7 @@ def run(cfg: TrainConfig) -> dict:
         "test_accuracy": history["test_acc"][-1] if history["test_acc"] else math.nan,
         "backend": out["backend"],
         "device": out["device"],
-        "nproc": cfg.nproc,
+        "nproc": out["world_size"],
         "hidden": list(cfg.hidden),
         "activation": cfg.activation,
         "optimizer": cfg.optimizer,
@@ -353,6 +486,14 @@ def run(cfg: TrainConfig) -> dict:
     return out
 
 
+def summary_line(s: dict) -> str:
+    """The one-line report of a run's summary (``gpuxent train`` without ``--json``)."""
+    return (
+        f"{s['dataset']}: test_acc {s['test_accuracy']:.4f}, final loss {s['final_loss']:.4f}, "
+        f"{s['epochs']} epochs, backend {s['backend']} on {s['device']} x {s['nproc']}, {s['time_s']:.1f}s"
+    )
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -361,7 +502,7 @@ def _hidden(text: str) -> tuple[int, ...]:
         sizes = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise ValueError(f"hidden: expected comma-separated layer widths such as 64,64, got {text!r}") from None
-    if any(s < 1 for s in sizes):
+    if not sizes or any(s < 1 for s in sizes):
         raise ValueError(f"hidden: layer widths must be >= 1, got {text!r}")
     return sizes
 
@@ -384,7 +525,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--plot", metavar="PNG", help="save loss and accuracy per epoch as a PNG")
     parser.add_argument("--checkpoint", metavar="PATH", help="save the trained model (state_dict + config)")
-    parser.add_argument("--nproc", type=int, default=1, help="data-parallel processes (DDP; default: 1)")
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="data-parallel processes on this machine (DDP; default: 1; see torchrun)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object (logs go to stderr)")
 
 
@@ -408,25 +551,3 @@ def config_from_args(args) -> TrainConfig:
         checkpoint=args.checkpoint,
         json=args.json,
     )
-
-
-def main(args) -> int:
-    """``gpuxent train``: 0 on success, 2 with a one-line message for bad input (a CSV problem, ...)."""
-    try:
-        cfg = config_from_args(args)
-        out = run(cfg)
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
-        print(f"gpuxent train: error: {exc}", file=sys.stderr)
-        return 2
-    s = out["summary"]
-    if cfg.json:
-        print(json.dumps(s))
-    else:
-        print(
-            f"{s['dataset']}: test_acc {s['test_accuracy']:.4f}, final loss {s['final_loss']:.4f}, "
-            f"{s['epochs']} epochs, backend {s['backend']} on {s['device']}, {s['time_s']:.1f}s"
-        )
-        for what in ("plot", "checkpoint"):
-            if s[what]:
-                print(f"{what}: {s[what]}")
-    return 0

@@ -22,40 +22,44 @@ PROB_KEYWORDS = {
 }
 
 
+def torch_cross_entropy(
+    x, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None
+):  # fmt: skip
+    """The contract in torch ops, differentiable to any order: ``F.cross_entropy`` of the (soft-capped)
+    (N, r) logits plus ``z_loss * lse**2`` for each kept row, reduced like the cross-entropy (a weighted
+    mean divides by the summed weight of the kept rows, probability targets by the number of rows)."""
+    y = softcap * torch.tanh(x / softcap) if softcap else x
+    prob = target.is_floating_point()
+    loss = F.cross_entropy(
+        y, target, weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+    )
+    if not z_loss:
+        return loss
+    kept = torch.ones(y.shape[0], dtype=y.dtype) if prob else (target != ignore_index).to(y.dtype)
+    z = z_loss * torch.logsumexp(y, -1) ** 2 * kept
+    if reduction == "none":
+        return loss + z
+    if reduction == "sum":
+        return loss + z.sum()
+    if prob:
+        return loss + z.sum() / y.shape[0]
+    tw = kept if weight is None else weight[target.clamp(0, y.shape[1] - 1)] * kept
+    return loss + z.sum() / tw.sum()  # no kept row: NaN, as the cross-entropy part
+
+
 def reference_cross_entropy(
     logits, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
     grad_output=None,
 ):  # fmt: skip
-    """``(loss, grad)`` from torch in float64 on the CPU.
-
-    The loss is ``F.cross_entropy`` (torch's own reduction) plus ``z_loss * lse**2`` for each kept row,
-    reduced like the cross-entropy: a weighted mean divides by the summed weight of the kept rows,
-    probability targets by the number of rows. ``grad`` is d(loss * grad_output)/d logits.
-    """
+    """``(loss, grad)`` of :func:`torch_cross_entropy` in float64 on the CPU for ``(..., r)`` logits;
+    ``grad`` is d(loss * grad_output)/d logits."""
     x = logits.detach().cpu().double().requires_grad_()
     r = x.shape[-1]
-    y = softcap * torch.tanh(x / softcap) if softcap else x
-    y2 = y.reshape(-1, r)
     prob = target.is_floating_point()
     t = target.detach().cpu()
     t2 = t.reshape(-1, r).double() if prob else t.reshape(-1).long()
     w = None if weight is None else weight.detach().cpu().double()
-    loss = F.cross_entropy(
-        y2, t2, weight=w, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
-    )
-    if z_loss:
-        kept = torch.ones(y2.shape[0], dtype=torch.float64) if prob else (t2 != ignore_index).double()
-        z = z_loss * torch.logsumexp(y2, -1) ** 2 * kept
-        if reduction == "none":
-            loss = loss + z
-        elif reduction == "sum":
-            loss = loss + z.sum()
-        elif prob:
-            loss = loss + z.sum() / y2.shape[0]
-        else:
-            tw = kept if w is None else w[t2.clamp(0, r - 1)] * kept
-            if tw.sum() > 0:  # no kept row: the loss is already NaN and the gradient 0, as in torch
-                loss = loss + z.sum() / tw.sum()
+    loss = torch_cross_entropy(x.reshape(-1, r), t2, w, ignore_index, reduction, label_smoothing, z_loss, softcap)
     if reduction == "none":
         loss = loss.reshape(logits.shape[:-1])
     go = torch.ones_like(loss) if grad_output is None else grad_output.detach().cpu().double()

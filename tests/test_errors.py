@@ -128,7 +128,7 @@ def test_unknown_and_unavailable_backends(monkeypatch):
 def test_selection_rule(monkeypatch):
     x, t = torch.randn(3, 4), torch.zeros(3, dtype=torch.int64)
     monkeypatch.delenv("GPUXENT_BACKEND", raising=False)
-    assert backends.select(x.device).NAME == "numba_cpu"
+    assert backends.select(x.device) == "numba_cpu"
     monkeypatch.setenv("GPUXENT_BACKEND", "no_such_backend")
     with pytest.raises(ValueError, match="no_such_backend"):
         gx.cross_entropy(x, t)
@@ -139,3 +139,79 @@ def test_selection_rule(monkeypatch):
             torch.testing.assert_close(gx.cross_entropy(x, t), torch.nn.functional.cross_entropy(x, t))
     assert "numba_cpu" in gx.available_backends()
     assert os.environ.get("GPUXENT_BACKEND") is not None
+
+
+# --------------------------------------------------------------------------- inputs a user passes
+
+
+def test_negative_stride_and_big_endian_numpy(backend, rng):
+    x = rng.standard_normal((6, 9))
+    t = rng.integers(0, 9, 6)
+    ref = torch.nn.functional.cross_entropy(torch.tensor(x[::-1, ::-1].copy()), torch.tensor(t[::-1].copy()))
+    got = gx.cross_entropy(x[::-1, ::-1], t[::-1], backend=backend.name)
+    assert isinstance(got, np.generic | np.ndarray)
+    np.testing.assert_allclose(got, ref.item(), rtol=1e-12)
+    big = x.astype(">f4")
+    ref32 = torch.nn.functional.cross_entropy(torch.tensor(x, dtype=torch.float32), torch.tensor(t))
+    np.testing.assert_allclose(gx.cross_entropy(big, t.astype(">i8"), backend=backend.name), ref32.item(), rtol=1e-5)
+    p = gx.softmax(x[:, ::-1], backend=backend.name)
+    np.testing.assert_allclose(p, torch.softmax(torch.tensor(x[:, ::-1].copy()), -1).numpy(), rtol=1e-12)
+
+
+def test_numpy_scalars_as_keywords(backend, rng):
+    x = torch.tensor(rng.standard_normal((5, 7)))
+    t = torch.tensor(rng.integers(0, 7, 5))
+    kw = dict(label_smoothing=np.float32(0.25), z_loss=np.float64(1e-3), softcap=np.float32(4.0))
+    got = gx.cross_entropy(x, t, ignore_index=np.int64(-100), backend=backend.name, **kw)
+    ref = gx.cross_entropy(x, t, label_smoothing=0.25, z_loss=1e-3, softcap=4.0, backend=backend.name)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+    h = torch.tensor(rng.standard_normal((5, 3)))
+    w = torch.tensor(rng.standard_normal((7, 3)))
+    kw = dict(chunk_size=np.int64(2), label_smoothing=np.float64(0.1), backend=backend.name)
+    lin = gx.linear_cross_entropy(h, w, t, **kw)
+    torch.testing.assert_close(lin, torch.nn.functional.cross_entropy(h @ w.T, t, label_smoothing=0.1))
+
+
+def test_zero_dim_pos_weight(backend, rng):
+    x = torch.tensor(rng.standard_normal((4, 3)))
+    y = torch.tensor(rng.random((4, 3)))
+    pw = torch.tensor(2.5, dtype=torch.float64)
+    got = gx.binary_cross_entropy_with_logits(x, y, pos_weight=pw, backend=backend.name)
+    torch.testing.assert_close(got, torch.nn.functional.binary_cross_entropy_with_logits(x, y, pos_weight=pw))
+
+
+def test_legacy_size_average_warns_like_torch(rng):
+    x = torch.tensor(rng.standard_normal((4, 3)))
+    t = torch.tensor(rng.integers(0, 3, 4))
+    with pytest.warns(UserWarning, match="size_average"):
+        loss = gx.nn.CrossEntropyLoss(size_average=False)
+    assert loss.reduction == "sum"
+    torch.testing.assert_close(loss(x, t), torch.nn.functional.cross_entropy(x, t, reduction="sum"))
+    with pytest.warns(UserWarning):
+        assert gx.nn.BCELoss(reduce=False).reduction == "none"
+
+
+def test_probability_targets_refuse_ignore_index():
+    x = torch.randn(3, 4)
+    q = torch.softmax(torch.randn(3, 4), -1)
+    with pytest.raises(ValueError, match="ignore_index"):
+        gx.cross_entropy(x, q, ignore_index=3)
+    with pytest.raises(ValueError, match="ignore_index"):
+        gx.linear_cross_entropy(torch.randn(3, 5), torch.randn(4, 5), q, ignore_index=0)
+
+
+def test_errors_name_their_argument(monkeypatch):
+    x, t = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(TypeError, match="backend"):
+        gx.cross_entropy(x, t, backend=["x"])
+    with pytest.raises((ValueError, TypeError), match="ignore_index"):
+        gx.cross_entropy(x, t, ignore_index=2**70)
+    with pytest.raises(TypeError, match="target"):
+        gx.cross_entropy(x, torch.tensor([0, 1, 2], dtype=torch.uint64))
+    with pytest.raises(TypeError, match="inplace_grad"):
+        gx.cross_entropy_and_grad(x, t, inplace_grad="yes")
+    monkeypatch.setenv("GPUXENT_BACKEND", "garbage")
+    with pytest.raises(ValueError, match="GPUXENT_BACKEND"):
+        gx.cross_entropy(x, t)
+    with pytest.raises(ValueError, match="GPUXENT_BACKEND"):
+        gx.softmax(x)

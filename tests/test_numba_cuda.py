@@ -102,7 +102,7 @@ def test_available_and_registered():
     assert ok, why
     assert nc.NAME == "numba_cuda" and "numba_cuda" in gx.available_backends()
     assert nc.supports(DEVICE)
-    assert backends.select(DEVICE, "numba_cuda") is nc
+    assert backends.select(DEVICE, "numba_cuda") == "numba_cuda" and backends.module("numba_cuda") is nc
 
 
 @pytest.mark.parametrize("n_classes", [1, 3, 5, 33, 200, 5000])

@@ -1,7 +1,11 @@
 """The tiny MLP trainer: accuracy on the bundled data sets, the AND gate, gpuxent's losses against
-torch.nn.functional step by step, CSV input and its errors, checkpoints, the CLI and data parallelism."""
+torch.nn.functional step by step, CSV input and its errors, checkpoints, the CLI, thread counts and data
+parallelism (spawned with --nproc, and launched by torchrun)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -150,10 +154,74 @@ def test_cli_json(capsys):
     assert 0.0 <= out["test_accuracy"] <= 1.0 and np.isfinite(out["final_loss"])
 
 
-def test_data_parallel_matches_one_process(digits_run):
+def test_run_restores_the_callers_thread_counts():
+    """A run uses one CPU thread (TrainConfig.threads) and gives the caller's torch and numba counts back."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 CPU threads to tell 1 from the caller's count")
+    saved = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        numba.set_num_threads(2)
+        run(TrainConfig(dataset="and", epochs=2, device="cpu", threads=1))
+        assert (torch.get_num_threads(), numba.get_num_threads()) == (2, 2)
+    finally:
+        torch.set_num_threads(saved[0])
+        numba.set_num_threads(saved[1])
+
+
+@pytest.fixture(scope="module")
+def nproc2_run():
+    """`--nproc 2`: two gloo processes spawned here, meeting through a file rendezvous."""
+    return run(TrainConfig(dataset="digits", nproc=2, device="cpu"))
+
+
+def test_data_parallel_matches_one_process(digits_run, nproc2_run):
     """Two gloo processes, each with half of every mini-batch: the same trajectory up to rounding."""
-    out = run(TrainConfig(dataset="digits", nproc=2, device="cpu"))
+    out = nproc2_run
     one, two = digits_run["summary"], out["summary"]
     assert two["nproc"] == 2 and two["test_accuracy"] >= 0.95
     assert abs(two["test_accuracy"] - one["test_accuracy"]) <= 0.02
     np.testing.assert_allclose(out["history"]["loss"][:5], digits_run["history"]["loss"][:5], rtol=1e-3)
+
+
+def test_torchrun_matches_nproc(nproc2_run, tmp_path):
+    """`python -m torch.distributed.run --nproc-per-node 2 -m gpuxent train`: env:// rendezvous, rank 0
+    alone prints (one JSON object) and writes the plot; the same run as `--nproc 2` with the same seed."""
+    plot = tmp_path / "curves.png"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "gpuxent", "train", "--dataset", "digits", "--device", "cpu", "--json", "--plot", str(plot)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    launched = json.loads(proc.stdout)  # one object: the other rank printed nothing
+    spawned = nproc2_run["summary"]
+    assert launched["nproc"] == spawned["nproc"] == 2
+    assert launched["test_accuracy"] == spawned["test_accuracy"]
+    np.testing.assert_allclose(launched["history"]["loss"], spawned["history"]["loss"], rtol=1e-6)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert proc.stderr.count("epoch 20:") == 1  # rank 0's log only
+
+
+def test_launch_from_env():
+    from gpuxent.train import Launch
+
+    assert Launch.from_env({}) is None
+    assert Launch.from_env({"RANK": "1", "WORLD_SIZE": "2"}) is None  # no rendezvous address: not launched
+    env = {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "4",
+        "MASTER_ADDR": "h",
+        "MASTER_PORT": "1",
+    }
+    assert Launch.from_env(env) == Launch(rank=5, world_size=8, local_rank=1, local_world_size=4)
+
+
+def test_nproc_under_a_launcher_is_an_error(monkeypatch):
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match="nproc: the 2 processes come from the launcher"):
+        run(TrainConfig(dataset="and", nproc=2))

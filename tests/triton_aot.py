@@ -36,7 +36,8 @@ def main() -> int:
             types = dict(
                 logits_ptr=f"*{elt}", target_ptr=f"*{elt}" if prob else "*i64", weight_ptr=f"*{acc}",
                 grad_scale_ptr=f"*{acc}", grad_ptr=f"*{elt}", loss_ptr=f"*{acc}", lse_ptr=f"*{acc}",
-                stride_logits="i64", stride_target="i64", stride_grad="i64", n_rows="i32", n_classes="i32",
+                stride_logits="i64", stride_target="i64", stride_grad="i64", stride_scale="i64",
+                n_rows="i32", n_classes="i32",
                 ignore_index="i32", **dict.fromkeys(FLOATS, "fp32"),
             )  # fmt: skip
             consts = dict(

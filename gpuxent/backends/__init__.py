@@ -1,7 +1,8 @@
 """THE backend registry: one table, the selection rule.
 
-Every backend is one module of this package with the same functions, called by
-``gpuxent.functional`` on validated torch tensors (numpy inputs arrive as zero-copy CPU tensors):
+Every backend is one module of this package with the same functions, called only by the registered
+ops of ``gpuxent.autograd`` (the one door into a backend) on validated torch tensors (numpy inputs
+arrive as zero-copy CPU tensors):
 
 ``is_available() -> (bool, reason)``
     Whether the backend can run here, and why (not).
@@ -9,11 +10,15 @@ Every backend is one module of this package with the same functions, called by
     Whether it runs on tensors of this ``torch.device``.
 ``cross_entropy(logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap, grad_scale, grad)``
     ``logits``: (N, r) float tensor with unit class stride. ``target``: (N,) int64 class indices,
-    already checked to lie in ``[0, r)`` or equal ``ignore_index``, or (N, r) float probabilities.
-    ``weight``: (r,) class weights in the compute dtype, or None. ``grad_scale``: None, a float or a
-    one-element tensor on the device: the factor of every kept row's gradient (1/denominator for a
-    mean). ``grad``: None (forward only) or an (N, r) tensor that receives ``grad_scale * d loss_i /
-    d logits_i`` (ignored rows get 0); it may be ``logits`` itself (in-place gradient).
+    checked to lie in ``[0, r)`` or equal ``ignore_index`` (where a check was not allowed, e.g. under
+    torch.compile, a bad index gives a NaN row, never an out-of-bounds read), or (N, r) float
+    probabilities. ``weight``: (r,) class weights in the compute dtype, or None. ``softcap``: 0.0 for
+    none. ``grad_scale``: None, a float, or a tensor on the device of 1 element or of N elements (a
+    factor per row): it multiplies every kept row's gradient (1/denominator for a mean, times the
+    upstream gradient), applied in the compute dtype before the one rounding to the gradient's dtype.
+    ``grad``: None (forward only) or an (N, r) tensor of the logits' dtype that receives ``grad_scale *
+    d loss_i / d logits_i`` (ignored rows get 0); it may be ``logits`` itself (in-place gradient), and
+    the backend writes it directly, whatever the dtype.
     Returns ``(loss, lse)``: (N,) per-row losses (0 for ignored rows; ``z_loss * lse**2`` included)
     and log-sum-exp of the (soft-capped) logits, in the compute dtype (float32 for half inputs).
 ``empty(shape, dtype)`` (optional)
@@ -26,8 +31,11 @@ Every backend is one module of this package with the same functions, called by
     shape, or None), returned flat in the compute dtype; ``grad`` (None or a tensor of the input's
     shape) receives the elementwise derivative times ``weight``.
 
-Backends are imported once, when this package is; an import that fails makes that backend
-unavailable (``status()`` says why) and nothing else.
+A backend's module is imported on first use (CPU: at the first CPU call; the GPU backends at the
+first CUDA tensor or the first call that names them), so ``import gpuxent`` imports no GPU framework
+and initialises no CUDA context. An import that fails makes that backend unavailable (``status()``
+says why) and nothing else. The probe is a constant to ``torch.compile`` and the backend itself is
+called inside the registered ops (``gpuxent.autograd``), so the dispatch stays traceable.
 
 Selection: the ``backend=`` argument, else ``GPUXENT_BACKEND``, else by device (CPU -> ``numba_cpu``,
 CUDA -> ``triton``, or ``numba_cuda`` where triton is missing). An automatic choice falls back
@@ -62,6 +70,12 @@ REGISTRY: dict[str, Backend] = {
 ENV_VAR = "GPUXENT_BACKEND"
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of every kernel's arithmetic and of the returned losses: float64 stays float64,
+    everything else (float32, float16, bfloat16) is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 _LOADED: dict[str, tuple[ModuleType | None, str]] = {}
 
 
@@ -71,56 +85,75 @@ def _load(name: str) -> tuple[ModuleType | None, str]:
         try:
             module = importlib.import_module(REGISTRY[name].module)
         except Exception as exc:  # a missing or broken framework makes the backend unavailable
-            _LOADED[name] = None, f"cannot import: {type(exc).__name__}: {exc}"
+            hint = "" if name == "numba_cpu" else "; pip install 'gpuxent[cuda12]' (or [cuda13]) brings it"
+            _LOADED[name] = None, f"cannot import: {type(exc).__name__}: {exc}{hint}"
         else:
             ok, reason = module.is_available()
             _LOADED[name] = (module if ok else None), reason
     return _LOADED[name]
 
 
-# Loaded now, not on first use: torch.compile traces the dispatch inside a model, and dynamo cannot
-# trace an import (a graph break, an error under fullgraph=True); a plain dict lookup it can.
-for _name in REGISTRY:
-    _load(_name)
+def _why_not(name: str, device_type: str) -> str:
+    """Why backend ``name`` cannot run on ``device_type`` data ("" when it can): a constant to dynamo."""
+    module, reason = _load(name)
+    if module is None:
+        return f"backend {name!r} cannot run here: {reason}"
+    if not module.supports(torch.device(device_type)):
+        return f"backend {name!r} cannot run on {device_type} data"
+    return ""
+
+
+# What ``torch.compiler.assume_constant_result`` does, without importing dynamo (which imports triton)
+# when gpuxent is imported: dynamo calls the probe at trace time instead of tracing its import.
+_why_not._dynamo_marked_constant = True
 
 
 def status() -> dict[str, tuple[bool, str]]:
-    """``{name: (available, reason)}`` for every registered backend."""
+    """``{name: (available, reason)}`` for every registered backend (imports them all)."""
     return {name: (_load(name)[0] is not None, _load(name)[1]) for name in REGISTRY}
 
 
 def available_backends() -> list[str]:
-    """Names of the backends that can run here."""
+    """Names of the backends that can run here (imports them all)."""
     return [name for name in REGISTRY if _load(name)[0] is not None]
+
+
+def module(name: str) -> ModuleType:
+    """The module of backend ``name``, already chosen by :func:`select`."""
+    return _LOADED[name][0] if name in _LOADED else get(name)
 
 
 def get(name: str) -> ModuleType:
     """The module of backend ``name``; ``RuntimeError`` saying why when it cannot run here."""
     if name not in REGISTRY:
         raise ValueError(f"backend: unknown backend {name!r}; known: {sorted(REGISTRY)}")
-    module, reason = _load(name)
-    if module is None:
+    mod, reason = _load(name)
+    if mod is None:
         raise RuntimeError(f"backend {name!r} cannot run here: {reason}")
-    return module
+    return mod
 
 
-def empty(module: ModuleType, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A new output buffer from the backend's allocator, if it has one."""
-    alloc = getattr(module, "empty", None)
+def empty(name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A new output buffer from backend ``name``'s allocator, if it has one."""
+    alloc = getattr(module(name), "empty", None)
     return alloc(tuple(shape), dtype) if alloc is not None else torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
-def select(device: torch.device, backend: str | None = None) -> ModuleType:
-    """The backend for data on ``device``: explicit name, else $GPUXENT_BACKEND, else by device."""
-    name = backend or os.environ.get(ENV_VAR) or None
+def select(device: torch.device, backend: str | None = None) -> str:
+    """The name of the backend for data on ``device``: ``backend``, else $GPUXENT_BACKEND, else by device."""
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend: expected a backend name (str) or None, got {type(backend).__name__}")
+    source, name = "backend", backend
+    if name is None and os.environ.get(ENV_VAR):
+        source, name = ENV_VAR, os.environ[ENV_VAR]
     if name is not None:
-        module = get(name)
-        if not module.supports(device):
-            raise RuntimeError(f"backend {name!r} cannot run on {device.type} data")
-        return module
+        if name not in REGISTRY:
+            raise ValueError(f"{source}: unknown backend {name!r}; known: {sorted(REGISTRY)}")
+        why = _why_not(name, device.type)
+        if why:
+            raise RuntimeError(f"{why} (asked for by {source})")
+        return name
     for b in REGISTRY.values():
-        if device.type in b.devices:
-            module, _ = _load(b.name)
-            if module is not None and module.supports(device):
-                return module
+        if device.type in b.devices and not _why_not(b.name, device.type):
+            return b.name
     raise RuntimeError(f"no gpuxent backend can run on {device.type} data: {status()}")

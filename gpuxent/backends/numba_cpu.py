@@ -506,12 +506,15 @@ def cross_entropy(logits, target, weight, *, ignore_index, label_smoothing, z_lo
         g = grad.detach().numpy() if direct else empty((n_rows, n_classes), _TORCH_DTYPE[dt]).numpy()
     loss = np.empty(n_rows, dt)
     lse = np.empty(n_rows, dt)
+    row_scale = grad_scale is not None and grad_scale.numel() > 1
     if n_rows:
         _launch(
             _ce_kernel, x.size, x, t, q, prob, w, float(w.sum(dtype=np.float64)), int(ignore_index),
             float(label_smoothing), float(z_loss), float(softcap or 0.0),
-            1.0 if grad_scale is None else float(grad_scale), g, grad is not None, loss, lse,
+            1.0 if grad_scale is None or row_scale else float(grad_scale), g, grad is not None, loss, lse,
         )  # fmt: skip
+    if row_scale and grad is not None:  # INTERIM: a per-row factor after the kernel (moves into it)
+        g *= _np(grad_scale, dt).reshape(-1, 1)
     if grad is not None and not direct:
         grad.copy_(torch.from_numpy(g))
     return torch.from_numpy(loss), torch.from_numpy(lse)

@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import compute_dtype
+
 NAME = "triton"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -72,10 +74,6 @@ def _split(v: float) -> tuple[float, float]:
     """``v`` as two float32 values whose sum recovers ~48 bits of it (see the module docstring)."""
     hi = float(np.float32(v))
     return hi, float(np.float32(v - hi)) if math.isfinite(hi) else 0.0
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _launch_config(n_classes: int, element_size: int) -> tuple[int, int, int]:
@@ -133,7 +131,7 @@ def _tanh(u):
 @triton.jit
 def _cross_entropy_kernel(
     logits_ptr, target_ptr, weight_ptr, grad_scale_ptr, grad_ptr, loss_ptr, lse_ptr,
-    stride_logits, stride_target, stride_grad,
+    stride_logits, stride_target, stride_grad, stride_scale,
     n_rows, n_classes, ignore_index,
     smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softcap_lo, scale_hi, scale_lo,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
@@ -234,8 +232,8 @@ def _cross_entropy_kernel(
     #         grad_j = scale * (coef p_j - eps_r w_j - (1 - eps) w_t [j == t])   (class targets)
     # times 1 - tanh^2 under a softcap; ignored rows get 0.
     if WANT_GRAD:
-        if SCALE_IS_PTR:
-            scale = zero + tl.load(grad_scale_ptr).to(acc_dtype)
+        if SCALE_IS_PTR:  # one factor (stride 0) or one per row
+            scale = tl.load(grad_scale_ptr + rows * stride_scale, mask=row_mask, other=0).to(acc_dtype)
         else:
             scale = _scalar(scale_hi, scale_lo, zero)
         coef = scale * coef
@@ -288,17 +286,16 @@ def cross_entropy(
     prob = target.is_floating_point()
     if prob:
         target = _unit_class_stride(target)
-    dt = _compute_dtype(logits.dtype)
+    dt = compute_dtype(logits.dtype)
     loss = torch.empty(n_rows, dtype=dt, device=logits.device)
     lse = torch.empty(n_rows, dtype=dt, device=logits.device)
     if weight is not None:
         weight = weight.contiguous()
     scale_is_ptr = isinstance(grad_scale, torch.Tensor)
     if scale_is_ptr:
-        grad_scale = grad_scale.to(device=logits.device).reshape(1)
-    out = grad
-    if grad is not None and (grad.dim() != 2 or (grad.stride(1) != 1 and n_classes > 1)):
-        out = torch.empty((n_rows, n_classes), dtype=grad.dtype, device=logits.device)
+        grad_scale = grad_scale.to(device=logits.device, dtype=dt).reshape(-1)
+    if grad is not None and (grad.shape != logits.shape or (grad.stride(1) != 1 and n_classes > 1)):
+        raise ValueError(f"grad: expected an (N, r) tensor with unit class stride, got {tuple(grad.shape)}")
     if n_rows == 0:
         return loss, lse
     block, rows, num_warps = _launch_config(n_classes, logits.element_size())
@@ -306,8 +303,9 @@ def cross_entropy(
     with _device_ctx(logits):
         _cross_entropy_kernel[grid](
             logits, target, weight if weight is not None else loss, grad_scale if scale_is_ptr else loss,
-            out if out is not None else loss, loss, lse,
-            logits.stride(0), target.stride(0), out.stride(0) if out is not None else 0,
+            grad if grad is not None else loss, loss, lse,
+            logits.stride(0), target.stride(0), grad.stride(0) if grad is not None else 0,
+            1 if scale_is_ptr and grad_scale.numel() > 1 else 0,
             n_rows, n_classes, int(ignore_index),
             *_split(label_smoothing), *_split(z_loss), *_split(softcap or 1.0),
             *_split(1.0 if grad_scale is None or scale_is_ptr else float(grad_scale)),
@@ -315,8 +313,6 @@ def cross_entropy(
             HAS_Z_LOSS=z_loss > 0, HAS_SOFTCAP=bool(softcap), WANT_GRAD=grad is not None,
             SCALE_IS_PTR=scale_is_ptr, ROWS=rows, BLOCK=block, num_warps=num_warps,
         )  # fmt: skip
-    if out is not grad:
-        grad.copy_(out)
     return loss, lse
 
 
@@ -360,7 +356,7 @@ def softmax(x, *, log):
     """Row softmax (or log-softmax) of a (N, r) tensor, returned in the compute dtype."""
     x = _unit_class_stride(x)
     n_rows, n_classes = x.shape
-    out = torch.empty((n_rows, n_classes), dtype=_compute_dtype(x.dtype), device=x.device)
+    out = torch.empty((n_rows, n_classes), dtype=compute_dtype(x.dtype), device=x.device)
     if out.numel() == 0:
         return out
     block, rows, num_warps = _launch_config(n_classes, x.element_size())
@@ -447,22 +443,17 @@ def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _bce_launch(kernel, x, tensors, grad, **flags):
-    """Flatten, allocate the loss (and a contiguous gradient when ``grad`` is not), launch."""
+    """Flatten, allocate the loss, launch; ``grad`` (contiguous, from the op) is written directly."""
     xf = _flat(x)
     n = xf.numel()
-    loss = torch.empty(n, dtype=_compute_dtype(x.dtype), device=x.device)
-    out = grad
-    if grad is not None and not grad.is_contiguous():
-        out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+    loss = torch.empty(n, dtype=compute_dtype(x.dtype), device=x.device)
     args = [t if t is not None else loss for t in map(_flat, tensors)]
     if n:
         with _device_ctx(x):
             kernel[(triton.cdiv(n, BCE_BLOCK),)](
-                xf, *args, loss, out if out is not None else loss, n,
+                xf, *args, loss, grad if grad is not None else loss, n,
                 WANT_GRAD=grad is not None, BLOCK=BCE_BLOCK, num_warps=4, **flags,
             )  # fmt: skip
-    if out is not grad:
-        grad.copy_(out)
     return loss
 
 

@@ -1,0 +1,266 @@
+"""Argument checks and conversions of the public functions: numpy/torch in and out, shapes, dtypes,
+devices, keywords, class indices. Every check runs before any kernel reads the data, so a call that
+raises leaves its inputs untouched; every error names its argument.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .backends import compute_dtype
+
+REDUCTIONS = ("mean", "sum", "none")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+# --------------------------------------------------------------------------- numpy / torch
+
+
+def to_tensor(x, name: str) -> torch.Tensor:
+    """``x`` as a tensor: tensors as they are, numpy arrays (any strides, either byte order) and
+    Python or numpy numbers as CPU tensors, sharing memory where torch can."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (np.ndarray, np.generic, list, tuple, numbers.Number)):
+        a = np.asarray(x)
+        if a.dtype == object or a.dtype.kind not in "biuf":
+            raise TypeError(f"{name}: expected a numeric array, got dtype {a.dtype}")
+        if not a.dtype.isnative:  # big-endian data: torch reads native byte order only
+            a = a.astype(a.dtype.newbyteorder("="))
+        if any(s < 0 for s in a.strides) or not a.flags.writeable:  # torch takes neither
+            a = a.copy()
+        return torch.from_numpy(a)
+    raise TypeError(f"{name}: expected a numpy array or a torch tensor, got {type(x).__name__}")
+
+
+def to_numpy(t: torch.Tensor):
+    a = t.detach().cpu().numpy()
+    return a[()] if a.ndim == 0 else a
+
+
+def out(t, as_numpy: bool):
+    """A result in the caller's kind: numpy in, numpy out."""
+    return to_numpy(t) if as_numpy else t
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+
+
+def check_device(ref: torch.Tensor, t: torch.Tensor | None, name: str) -> None:
+    if t is not None and t.device != ref.device:
+        raise ValueError(f"{name}: on {t.device}, but the input is on {ref.device}; put them on one device")
+
+
+def host_value(t: torch.Tensor) -> torch.Tensor | None:
+    """The tensor that value checks may read on the host (``t``, or its data under ``torch.func.grad``),
+    or None where they may not: under torch.compile, CUDA-graph capture and vmap (the kernels then turn
+    a bad class index into a NaN row, never a bad read)."""
+    if torch.compiler.is_compiling():
+        return None
+    functorch = torch._C._functorch
+    while functorch.is_gradtrackingtensor(t):
+        t = functorch.get_unwrapped(t)
+    if functorch.is_functorch_wrapped_tensor(t):  # batched (vmap)
+        return None
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    return t.detach()
+
+
+# --------------------------------------------------------------------------- scalar keywords
+
+
+def _real(v, name: str, allow_none: bool = False) -> float | None:
+    """A Python or numpy real number (or 0-d array) as a float; TypeError naming ``name`` otherwise."""
+    if v is None and allow_none:
+        return None
+    if isinstance(v, np.ndarray) and v.ndim == 0:
+        v = v[()]
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
+    return float(v)
+
+
+def check_int(v, name: str) -> int:
+    """A Python or numpy integer within int64 as an int."""
+    if isinstance(v, np.ndarray) and v.ndim == 0:
+        v = v[()]
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if not INT64_MIN <= int(v) <= INT64_MAX:
+        raise ValueError(f"{name}: {int(v)} does not fit in int64")
+    return int(v)
+
+
+def check_reduction(reduction) -> str:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+class CEOptions(NamedTuple):
+    """The scalar keywords of a cross-entropy call, checked and normalised."""
+
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+    z_loss: float
+    softcap: float  # 0.0: none
+
+
+def check_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> CEOptions:
+    """The scalar keywords of every cross-entropy entry point."""
+    reduction = check_reduction(reduction)
+    eps = _real(label_smoothing, "label_smoothing")
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"label_smoothing: expected a number in [0, 1], got {label_smoothing!r}")
+    z = _real(z_loss, "z_loss")
+    if not (z >= 0 and math.isfinite(z)):
+        raise ValueError(f"z_loss: expected a finite number >= 0, got {z_loss!r}")
+    cap = _real(softcap, "softcap", allow_none=True)
+    if cap is not None and not (cap > 0 and math.isfinite(cap)):
+        raise ValueError(f"softcap: expected None or a finite number > 0, got {softcap!r}")
+    return CEOptions(check_int(ignore_index, "ignore_index"), reduction, eps, z, cap or 0.0)
+
+
+def check_chunk_size(chunk_size) -> int | None:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, np.ndarray) and chunk_size.ndim == 0:
+        chunk_size = chunk_size[()]
+    if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected None or an int >= 1 (rows per chunk), got {chunk_size!r}")
+    return int(chunk_size)
+
+
+# --------------------------------------------------------------------------- cross-entropy
+
+
+class CEProblem(NamedTuple):
+    """A checked cross-entropy call: (N, r) logits with unit class stride, (N,) int64 class indices or
+    (N, r) probabilities in the compute dtype, class weights in the compute dtype, the options."""
+
+    logits: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor | None
+    is_prob: bool
+    opts: CEOptions
+    batch_shape: torch.Size
+
+
+def check_target(target: torch.Tensor, batch_shape, n_classes: int, opts: CEOptions, what: str = "the logits'") -> bool:
+    """Shape and dtype of a cross-entropy target; returns whether it holds probabilities."""
+    full = (*batch_shape, n_classes)
+    if target.dtype == torch.bool or target.dtype.is_complex or target.dtype == torch.uint64:
+        raise TypeError(f"target: expected int64 class indices or float probabilities, got {target.dtype}")
+    if target.dtype.is_floating_point:
+        if tuple(target.shape) != full:
+            if tuple(target.shape) == tuple(batch_shape):
+                raise TypeError(
+                    f"target: a float tensor of shape {tuple(target.shape)} where class indices are expected; "
+                    f"pass an integer tensor (or float probabilities of {what} shape {full})"
+                )
+            raise ValueError(f"target: probability targets must have {what} shape {full}, got {tuple(target.shape)}")
+        if opts.ignore_index != -100:  # as torch: no row of a probability target is ever ignored
+            raise ValueError(
+                f"ignore_index: not supported for probability (float) targets, got {opts.ignore_index}; leave it -100"
+            )
+        return True
+    if tuple(target.shape) != tuple(batch_shape):
+        if tuple(target.shape) == full and n_classes != 1:
+            raise TypeError(
+                f"target: an integer tensor of {what} shape {full}; probability targets must be floating, "
+                "class indices must have the batch shape"
+            )
+        raise ValueError(
+            f"target: class indices must have shape {tuple(batch_shape)} (the batch shape), got {tuple(target.shape)}"
+        )
+    return False
+
+
+def check_class_weight(ref: torch.Tensor, weight, n_classes: int, name: str = "weight") -> None:
+    if weight is None:
+        return
+    check_device(ref, weight, name)
+    check_float(weight, name)
+    if tuple(weight.shape) != (n_classes,):
+        raise ValueError(f"{name}: expected shape ({n_classes},), one weight per class, got {tuple(weight.shape)}")
+
+
+def flat_target(target: torch.Tensor, is_prob: bool, n_classes: int, opts: CEOptions, dtype) -> torch.Tensor:
+    """The target flattened to rows, checked: probabilities in ``dtype``; class indices as int64
+    inside ``[0, r)`` or equal to ``ignore_index`` (checked on the host where that is allowed)."""
+    if is_prob:
+        return target.reshape(-1, n_classes).to(dtype)
+    t = target.reshape(-1).long()
+    plain = host_value(t) if t.numel() else None
+    if plain is not None:
+        bad = (plain != opts.ignore_index) & ((plain < 0) | (plain >= n_classes))
+        if bool(bad.any()):
+            v = plain[bad][0].item()
+            raise ValueError(
+                f"target: class index {v} is outside [0, {n_classes}) and is not ignore_index={opts.ignore_index}"
+            )
+    return t
+
+
+def prepare_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    """Checked, flattened arguments of a cross-entropy call (:class:`CEProblem`)."""
+    check_float(logits, "logits")
+    if logits.dim() == 0:
+        raise ValueError("logits: expected shape (..., r) with the classes on the last axis, got a scalar")
+    n_classes = logits.shape[-1]
+    if n_classes == 0:
+        raise ValueError("logits: the class axis is empty (r = 0)")
+    opts = check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    check_device(logits, target, "target")
+    batch_shape = logits.shape[:-1]
+    is_prob = check_target(target, batch_shape, n_classes, opts)
+    check_class_weight(logits, weight, n_classes)
+    x = logits.reshape(-1, n_classes)
+    if x.stride(-1) != 1 and n_classes > 1:
+        x = x.contiguous()
+    dt = compute_dtype(logits.dtype)
+    t = flat_target(target, is_prob, n_classes, opts, dt)
+    w = None if weight is None else weight.detach().to(dt).contiguous()
+    return CEProblem(x, t, w, is_prob, opts, batch_shape)
+
+
+# --------------------------------------------------------------------------- reductions
+
+
+def denominator(t: torch.Tensor, w: torch.Tensor | None, is_prob: bool, ignore_index: int, n_rows: int, dt):
+    """The mean's denominator, as a device tensor (no host sync): rows for probability targets,
+    else the summed class weight of the kept rows."""
+    if is_prob:
+        return torch.full((), float(n_rows), dtype=dt, device=t.device)
+    kept = t != ignore_index
+    if w is None:
+        return kept.sum().to(dt)
+    return torch.where(kept, w[t.clamp(0, w.shape[0] - 1)], 0).sum(dtype=dt)
+
+
+def mean_scale(denom: torch.Tensor) -> torch.Tensor:
+    """1 / denominator, NaN where it is 0: a mean over kept rows whose weights sum to 0 is NaN in loss
+    and gradient, as in torch (never inf)."""
+    return torch.where(denom == 0, math.nan, 1.0 / denom)
+
+
+def reduce_rows(loss_rows: torch.Tensor, reduction: str, denom, batch_shape) -> torch.Tensor:
+    """Per-row losses reduced: reshaped to the batch shape, summed, or summed over ``denom`` (NaN
+    where ``denom`` is 0, as in torch)."""
+    if reduction == "none":
+        return loss_rows.reshape(batch_shape)
+    if reduction == "sum":
+        return loss_rows.sum()
+    return torch.where(denom == 0, math.nan, loss_rows.sum() / denom)
