@@ -92,8 +92,9 @@ class _Regions:
     """The parallel regions in flight, as a context manager around each launch.
 
     At most ``limit`` run at once (1 for workqueue, which aborts on a second). A fork waits until none
-    runs and holds new ones back, so the layer never forks mid-region: TBB can then stop its workers
-    cleanly before the fork (it cannot while another thread is inside a region).
+    runs and holds new ones back, so that no child inherits a half-run region (tasks queued for
+    workers it does not have). TBB still says "Unable to join threads to shut down before fork()"
+    when another live thread has run a region; its children work all the same (tested).
     """
 
     def __init__(self, limit: int | None):
