@@ -183,14 +183,15 @@ def _check_ce_case(backend: str, case) -> None:
 
 
 def fork_from_threads(backend: str) -> None:
-    """While 2 threads keep calling, the main thread forks a child and a pool that call too, on
-    torch's full thread count: numba runs parallel regions in the children as in the threads.
+    """While 2 threads keep calling, the main thread forks a child and a pool that call too. Before
+    the parent's own first call, the children keep torch's thread count, so numba runs parallel
+    regions in them as in the threads.
 
     Only gpuxent computes on several threads (the references run on one torch thread, the
-    comparisons in numpy): torch's own OpenMP pool, once used, hangs a forked child. The forks wait for each thread's
-    first call: a fork in the middle of a first call copies locks held by the other thread
-    (CPython's import of ``torch._dynamo``, numba's compiler) into the child, which then hangs,
-    as with any library.
+    comparisons in numpy): torch's own OpenMP pool, once used, hangs a forked child. The forks wait
+    for each thread's first call: a fork in the middle of a first call copies locks held by the
+    other thread (CPython's import of ``torch._dynamo``, numba's compiler) into the child, which
+    then hangs, as it would with any library.
     """
     cases = [_ce_case(backend, seed) for seed in range(3)]
     stop = threading.Event()
