@@ -8,7 +8,8 @@ has no warp shuffles). The gradient pass of the same launch reads the row a seco
 the gradient, so forward+backward reads the logits twice and writes the gradient once.
 
 Byte model, forward+backward, class targets: read 2*N*r logits, write N*r gradient, read N targets,
-write N losses and N lse (probability targets: read N*r probabilities twice more).
+write N losses and N lse (probability targets: read N*r probabilities twice more). An ignored row is
+read once: its gradient is 0, or NaN where torch's is (a row whose softmax is NaN).
 
 Arithmetic runs in the compute dtype (float32, float64 for float64 input): each dtype gets its own
 kernels whose constants carry that dtype, so no float64 literal silently widens float32 math.
