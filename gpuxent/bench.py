@@ -25,6 +25,12 @@ CPU_SIZES_QUICK = [(4096, 32768), (65536, 128)]
 GPU_SIZES = [(16384, 32768), (16384, 131072), (8192, 262144), (65536, 128)]
 
 
+def bytes_moved(n_rows: int, n_classes: int, element_size: int, pass_: str) -> int:
+    """The byte model of the module docstring (every GB/s figure of gpuxent divides by it):
+    ``"fwd"`` reads the logits once, ``"fwd+bwd"`` also writes the gradient once."""
+    return n_rows * n_classes * element_size * (1 if pass_ == "fwd" else 2)
+
+
 def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--full", action="store_true", help="every size (slower); the default is a ~1 minute run")
@@ -126,11 +132,9 @@ def run(sizes, dtype=torch.float32, repeats=5, compile_=True, device=None, progr
         xg = x.clone().requires_grad_()
         base = {}
         for name, (fwd, fwd_bwd) in impls.items():
-            cases = (
-                ("fwd", functools.partial(fwd, x, t), n * r * elt),
-                ("fwd+bwd", functools.partial(fwd_bwd, xg, t), 2 * n * r * elt),
-            )
-            for pass_, fn, nbytes in cases:
+            cases = (("fwd", functools.partial(fwd, x, t)), ("fwd+bwd", functools.partial(fwd_bwd, xg, t)))
+            for pass_, fn in cases:
+                nbytes = bytes_moved(n, r, elt, pass_)
                 bar.set_postfix_str(f"{n}x{r} {name} {pass_}")
                 with torch.no_grad() if pass_ == "fwd" else torch.enable_grad():
                     ms = time_ms(fn, device, repeats)
