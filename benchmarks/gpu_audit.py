@@ -611,6 +611,9 @@ GPUS = {  # spec-sheet peak bandwidth; both have 132 SMs and 50 MB of L2
 }
 
 
+LOGITS_STREAMS = ("logits", "x", "input")  # reads of these are passes over the logits (or their copy)
+
+
 def traffic(backend: str, kernel: str, pass_: str, elt: int, acc: int) -> list[tuple[str, int, str]]:
     """The streams of one call per element: ``elt`` bytes per input element, ``acc`` per compute value."""
     widen = elt != acc
@@ -660,7 +663,7 @@ def byte_model(audit_rows, n_rows=16384, n_classes=131072, dtype="bf16") -> list
                     "backend": backend, "kernel": kernel, "pass": pass_, "streams": streams,
                     "read": sum(b for _, b, rw in streams if rw == "r"),
                     "write": sum(b for _, b, rw in streams if rw == "w"),
-                    "passes": sum(1 for what, _, rw in streams if "pass" in what),
+                    "passes": sum(1 for what, _, rw in streams if rw == "r" and what.startswith(LOGITS_STREAMS)),
                     "min_bytes": bytes_moved(n_rows, n_classes, elt, pass_) if kernel == "cross_entropy" else None,
                 }  # fmt: skip
                 resident = _resident_rows(audit_rows, backend, kernel, dtype)
@@ -700,9 +703,9 @@ def byte_model_markdown(model, n_rows=16384, n_classes=131072, dtype="bf16") -> 
             f"| {r['reread_from']} | {r['dram_bytes'] / 1e9:.2f} | {ms(r['ms_H100'])} | {ms(r['ms_H200'])} | {mn} "
             f"| {ms(r['min_ms_H100'])} | {ms(r['min_ms_H200'])} |"
         )
-    lines += ["", "Streams per element (bytes):", ""]
+    lines += ["", "Streams per element:", ""]
     for r in model:
-        desc = ", ".join(f"{'read' if rw == 'r' else 'write'} {what} {b}" for what, b, rw in r["streams"])
+        desc = ", ".join(f"{'read' if rw == 'r' else 'write'} {what} ({b} B)" for what, b, rw in r["streams"])
         lines.append(f"- {r['backend']} {r['kernel']} {r['pass']}: {desc}")
     return "\n".join(lines)
 
