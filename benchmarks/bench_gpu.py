@@ -1,10 +1,11 @@
 """GPU benchmark: fused softmax cross-entropy, forward and forward+backward, against PyTorch and Liger.
 
     python benchmarks/bench_gpu.py [--sizes 16384x32768,65536x128] [--dtypes bfloat16,float32]
-                                   [--json-out bench.json] [--no-compile] [--budget-s 240]
+                                   [--json-out bench.json] [--markdown-out bench.md] [--no-compile]
+                                   [--budget-s 240] [--sweep [--blocks 2048,4096 --warps 8,16]] [--dry-run]
 
 Implementations, each timed with ``triton.testing.do_bench`` (median, L2 flushed between runs):
-  gpuxent-triton      the Triton backend's kernel (``gpuxent.backends.triton.cross_entropy``) + the mean
+  gpuxent-triton      the Triton kernel through the registered op ``gpuxent::cross_entropy_rows`` + the mean
   gpuxent-numba_cuda  the same contract on the Numba CUDA backend, when it is available
   gpuxent-*-api       the public API (``gx.cross_entropy(x, t, backend=...)``, ``.backward()``), host
                       checks and autograd included: what a user gets
@@ -13,12 +14,17 @@ Implementations, each timed with ``triton.testing.do_bench`` (median, L2 flushed
   liger               Liger-Kernel's fused cross-entropy, when ``liger_kernel`` is importable (on a copy
                       of the logits: it writes the gradient into its input)
 
-Byte model (the minimum traffic of each pass; elt = bytes per logit, targets are int64, loss float32):
-  forward:   read N*r*elt logits + read 8N targets + write 4N losses
-  fwd+bwd:   read N*r*elt logits + write N*r*elt gradient + read 8N targets + write 4N losses
-GB/s = bytes / median time; "% copy" compares it with a device-to-device ``copy_`` of a 1 GiB buffer
-measured in the same run (read + write, so the same kind of traffic). The speedup columns are
-``time(baseline) / time(gpuxent-triton)``.
+``--sweep`` times the Triton kernel instead under each BLOCK x num_warps of its large-r path (one row
+per program) at the first size, then its default configuration at every size (e.g. an aligned and an
+odd row length), each against the default configuration.
+
+Byte model: ``gpuxent.bench.bytes_moved``, the project's one (forward reads the N*r logits, forward+
+backward also writes the N*r gradient). GB/s = bytes / median time; "% copy" compares it with a
+device-to-device ``copy_`` of a 1 GiB buffer measured in the same run (read + write, the same kind of
+traffic). The speedup column is ``time(row) / time(gpuxent-triton)``.
+
+``--dry-run`` runs the same code on the CPU interpreters (TRITON_INTERPRET=1, NUMBA_ENABLE_CUDASIM=1,
+set before the run) with wall-clock medians: a check that the script works, not GPU timings.
 """
 
 from __future__ import annotations
@@ -26,15 +32,22 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import itertools
 import json
+import os
 import platform
 import sys
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
+from gpuxent.bench import bytes_moved
+
 DEFAULT_SIZES = "16384x32768,16384x131072,8192x262144,65536x128"
+# On CUDA unless the interpreters are on (--dry-run): they run the GPU backends on CPU tensors only.
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 PASSES = ("fwd", "fwd+bwd")
 
@@ -47,14 +60,11 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
-def bytes_moved(n_rows: int, n_classes: int, element_size: int, pass_: str) -> int:
-    """The byte model of the module docstring."""
-    logits = n_rows * n_classes * element_size
-    rows = 8 * n_rows + 4 * n_rows  # targets in, losses out
-    return (logits if pass_ == "fwd" else 2 * logits) + rows
-
-
 def median_ms(fn, grad_to_none=None) -> float:
+    if not ON_GPU:  # --dry-run: wall clock on the CPU
+        from gpuxent.bench import time_ms
+
+        return time_ms(fn, repeats=3)
     from triton.testing import do_bench
 
     fn()  # compile / autotune / allocate outside the timing
@@ -64,6 +74,10 @@ def median_ms(fn, grad_to_none=None) -> float:
 
 def copy_bandwidth_gbps(nbytes: int = 2**30) -> float:
     """Device-to-device copy of a 1 GiB buffer: read + write, in GB/s (the buffers die on return)."""
+    if not ON_GPU:
+        from gpuxent.bench import copy_bandwidth
+
+        return copy_bandwidth(torch.device("cpu"), nbytes=2**26, repeats=3)
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     return 2 * nbytes / median_ms(lambda: dst.copy_(src)) / 1e6
@@ -75,20 +89,21 @@ def copy_bandwidth_gbps(nbytes: int = 2**30) -> float:
 
 def make_gpuxent(backend_name: str):
     from gpuxent import backends
+    from gpuxent.autograd import cross_entropy_rows  # the one door into a backend
 
-    module = backends.get(backend_name)
+    backends.get(backend_name)  # raises, to be skipped, when the backend cannot run here
 
     def make(x, t):
         n_rows = x.shape[0]
-        kw = dict(ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None)
+        scale = torch.full((1,), 1.0 / n_rows, device=x.device)
+        kw = (-100, 0.0, 0.0, 0.0, backend_name)  # ignore_index, label_smoothing, z_loss, softcap, backend
 
         def fwd():
-            loss, _ = module.cross_entropy(x, t, None, grad_scale=None, grad=None, **kw)
+            loss = cross_entropy_rows(x, t, None, None, *kw, False)[0]
             return loss.mean()  # no ignored rows here: the mean is the public API's reduction
 
         def fwd_bwd():
-            grad = torch.empty_like(x)
-            loss, _ = module.cross_entropy(x, t, None, grad_scale=1.0 / n_rows, grad=grad, **kw)
+            loss, _, grad = cross_entropy_rows(x, t, None, scale, *kw, True)
             return loss.mean(), grad
 
         return {"fwd": (fwd, None), "fwd+bwd": (fwd_bwd, None)}
@@ -216,82 +231,157 @@ def versions() -> dict:
     return out
 
 
+def device() -> torch.device:
+    return torch.device("cuda" if ON_GPU else "cpu")
+
+
 def free_memory():
     gc.collect()
-    torch.cuda.empty_cache()
+    if ON_GPU:
+        torch.cuda.empty_cache()
 
 
-def run(args) -> dict:
-    started = time.perf_counter()
-    result = {
-        "device": torch.cuda.get_device_name(),
+def new_result(dry_run: bool) -> dict:
+    """The run's header: device, date, versions and the copy bandwidth that every row is compared with."""
+    name = torch.cuda.get_device_name() if ON_GPU else "CPU"
+    if dry_run:
+        name += " (DRY RUN on the CPU interpreters: not GPU timings)"
+    return {
+        "device": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "copy_gbps": round(copy_bandwidth_gbps(), 1),
         "rows": [],
         "skipped": [],
     }
+
+
+def time_size(result: dict, impls: dict, n_rows: int, n_classes: int, dtype_name: str, deadline: float) -> None:
+    """Time every implementation on one (N, r, dtype), none started after ``deadline`` (perf_counter);
+    rows go into ``result``."""
+    dtype = DTYPES[dtype_name]
+    x = torch.randn(n_rows, n_classes, device=device(), dtype=dtype)
+    t = torch.randint(0, n_classes, (n_rows,), device=device())
+    times = {}
+    for impl, make in impls.items():
+        if time.perf_counter() > deadline:
+            result["skipped"].append(f"{impl} {n_rows}x{n_classes} {dtype_name}: over the time budget")
+            continue
+        try:
+            fns = make(x, t)
+            for pass_ in PASSES:
+                fn, grad_to_none = fns[pass_]
+                times[(impl, pass_)] = median_ms(fn, grad_to_none)
+        except Exception as exc:  # an optional baseline that fails here is reported, not fatal
+            msg = f"{impl} {n_rows}x{n_classes} {dtype_name}: {type(exc).__name__}: {str(exc)[:200]}"
+            result["skipped"].append(msg)
+            print(f"# skipped {msg}", file=sys.stderr)
+        fns = None
+        free_memory()
+    for (impl, pass_), ms in times.items():
+        gbps = bytes_moved(n_rows, n_classes, x.element_size(), pass_) / ms / 1e6
+        row = {
+            "n_rows": n_rows,
+            "n_classes": n_classes,
+            "dtype": dtype_name,
+            "pass": pass_,
+            "impl": impl,
+            "ms": round(ms, 4),
+            "gbps": round(gbps, 1),
+            "pct_copy": round(100 * gbps / result["copy_gbps"], 1),
+        }
+        ours = times.get(("gpuxent-triton", pass_))
+        if ours and impl != "gpuxent-triton":
+            row["triton_speedup"] = round(ms / ours, 2)
+        result["rows"].append(row)
+    del x, t
+    free_memory()
+
+
+def run(args) -> dict:
+    started = time.perf_counter()
+    result = new_result(args.dry_run)
     free_memory()
     impls = implementations(args)
     for n_rows, n_classes in parse_sizes(args.sizes):
         for dtype_name in args.dtypes.split(","):
-            if time.perf_counter() - started > args.budget_s:
-                result["skipped"].append(f"{n_rows}x{n_classes} {dtype_name}: over the time budget")
-                continue
-            dtype = DTYPES[dtype_name]
-            x = torch.randn(n_rows, n_classes, device="cuda", dtype=dtype)
-            t = torch.randint(0, n_classes, (n_rows,), device="cuda")
-            times = {}
-            for impl, make in impls.items():
-                try:
-                    fns = make(x, t)
-                    for pass_ in PASSES:
-                        fn, grad_to_none = fns[pass_]
-                        times[(impl, pass_)] = median_ms(fn, grad_to_none)
-                except Exception as exc:  # an optional baseline that fails here is reported, not fatal
-                    msg = f"{impl} {n_rows}x{n_classes} {dtype_name}: {type(exc).__name__}: {str(exc)[:200]}"
-                    result["skipped"].append(msg)
-                    print(f"# skipped {msg}", file=sys.stderr)
-                fns = None
-                free_memory()
-            for (impl, pass_), ms in times.items():
-                gbps = bytes_moved(n_rows, n_classes, x.element_size(), pass_) / ms / 1e6
-                row = {
-                    "n_rows": n_rows,
-                    "n_classes": n_classes,
-                    "dtype": dtype_name,
-                    "pass": pass_,
-                    "impl": impl,
-                    "ms": round(ms, 4),
-                    "gbps": round(gbps, 1),
-                    "pct_copy": round(100 * gbps / result["copy_gbps"], 1),
-                }
-                ours = times.get(("gpuxent-triton", pass_))
-                if ours and impl != "gpuxent-triton":
-                    row["triton_speedup"] = round(ms / ours, 2)
-                result["rows"].append(row)
-            del x, t
-            free_memory()
+            time_size(result, impls, n_rows, n_classes, dtype_name, started + args.budget_s)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
 
-def table(result: dict) -> str:
+def make_triton_config(block: int, num_warps: int):
+    """gpuxent-triton with its launch configuration forced to one row per program, ``block`` and ``num_warps``."""
+    from gpuxent.backends import triton as tb
+
+    def make(x, t):
+        def forced(fn):
+            def call():
+                with mock.patch.object(tb, "_launch_config", lambda n_classes, element_size: (block, 1, num_warps)):
+                    return fn()
+
+            return call
+
+        return {pass_: (forced(fn), grad) for pass_, (fn, grad) in make_gpuxent("triton")(x, t).items()}
+
+    return make
+
+
+def run_sweep(args) -> dict:
+    """BLOCK x num_warps of the large-r Triton kernel at the first size, then the default configuration
+    at every size, each row against the default configuration of its size."""
+    started = time.perf_counter()
+    result = new_result(args.dry_run)
+    sizes = parse_sizes(args.sizes)
+    configs = list(itertools.product(map(int, args.blocks.split(",")), map(int, args.warps.split(","))))
+    for dtype_name in args.dtypes.split(","):
+        for i, (n_rows, n_classes) in enumerate(sizes):
+            impls = {"gpuxent-triton": make_gpuxent("triton")}
+            if i == 0:
+                impls |= {f"triton BLOCK={b} warps={w}": make_triton_config(b, w) for b, w in configs}
+            time_size(result, impls, n_rows, n_classes, dtype_name, started + args.budget_s)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def _header(result: dict) -> list[str]:
     v = result["versions"]
-    lines = [
+    return [
         f"{result['device']}  {result['date']}  " + "  ".join(f"{k} {val}" for k, val in v.items()),
         f"device-to-device copy: {result['copy_gbps']} GB/s",
+    ]
+
+
+def table(result: dict) -> str:
+    lines = _header(result) + [
         "",
-        f"{'N x r':<16} {'dtype':>8} {'pass':>8} {'impl':>20} {'ms':>9} {'GB/s':>8} {'% copy':>7} {'triton x':>9}",
+        f"{'N x r':<16} {'dtype':>8} {'pass':>8} {'impl':>26} {'ms':>9} {'GB/s':>8} {'% copy':>7} {'triton x':>9}",
     ]
     for r in result["rows"]:
         speedup = f"{r['triton_speedup']:.2f}" if "triton_speedup" in r else ""
         lines.append(
-            f"{r['n_rows']:>6} x {r['n_classes']:<7} {r['dtype']:>8} {r['pass']:>8} {r['impl']:>20} "
+            f"{r['n_rows']:>6} x {r['n_classes']:<7} {r['dtype']:>8} {r['pass']:>8} {r['impl']:>26} "
             f"{r['ms']:>9.3f} {r['gbps']:>8.0f} {r['pct_copy']:>6.1f}% {speedup:>9}"
         )
     lines += [f"skipped: {s}" for s in result["skipped"]]
     lines.append(f"({result['seconds']} s; 'triton x' = time of that row / time of gpuxent-triton)")
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    """The result as a markdown table, for benchmarks/RESULTS.md."""
+    lines = [line + "  " for line in _header(result)] + [
+        "",
+        "| N x r | dtype | pass | impl | median ms | GB/s | % of copy | x gpuxent-triton |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        speedup = f"{r['triton_speedup']:.2f}" if "triton_speedup" in r else ""
+        lines.append(
+            f"| {r['n_rows']} x {r['n_classes']} | {r['dtype']} | {r['pass']} | {r['impl']} | {r['ms']:.3f} "
+            f"| {r['gbps']:.0f} | {r['pct_copy']:.1f}% | {speedup} |"
+        )
+    lines += [f"\nskipped: {s}" for s in result["skipped"]]
     return "\n".join(lines)
 
 
@@ -300,21 +390,33 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated NxR, e.g. 16384x32768,65536x128")
     p.add_argument("--dtypes", default="bfloat16,float32", help=f"comma-separated, from {sorted(DTYPES)}")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    p.add_argument("--budget-s", type=float, default=240.0, help="start no new size after this many seconds")
+    p.add_argument("--budget-s", type=float, default=240.0, help="start no new timing after this many seconds")
     p.add_argument("--json-out", default=None, help="write the results as JSON to this path")
+    p.add_argument("--markdown-out", default=None, help="write the results as a markdown table to this path")
+    p.add_argument("--sweep", action="store_true", help="BLOCK x num_warps of the large-r Triton kernel instead")
+    p.add_argument("--blocks", default="4096,8192,2048,16384", help="--sweep: BLOCK values, most wanted first")
+    p.add_argument("--warps", default="16,8,32,4", help="--sweep: num_warps values, most wanted first")
+    p.add_argument("--dry-run", action="store_true", help="on the CPU interpreters: checks the script, times nothing")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_gpu.py needs a CUDA GPU", file=sys.stderr)
-        return 2
     for name in args.dtypes.split(","):
         if name not in DTYPES:
             p.error(f"--dtypes: unknown dtype {name!r}")
-    result = run(args)
+    if args.dry_run:
+        if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+            p.error("--dry-run: set TRITON_INTERPRET=1 and NUMBA_ENABLE_CUDASIM=1 (before Python starts)")
+        args.no_compile = True
+    elif not ON_GPU:
+        print("bench_gpu.py needs a CUDA GPU and the interpreters off (or --dry-run)", file=sys.stderr)
+        return 2
+    result = run_sweep(args) if args.sweep else run(args)
     print(table(result))
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=2)
             f.write("\n")
+    if args.markdown_out:
+        with open(args.markdown_out, "w") as f:
+            f.write(markdown(result) + "\n")
     return 0
 
 

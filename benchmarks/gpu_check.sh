@@ -1,56 +1,180 @@
 #!/usr/bin/env bash
-# GPU check: the whole test suite on CUDA tensors, then the GPU benchmark. Runs on the GPU machine
-# from the repository root (no network: torch, triton, numba and numba-cuda are preinstalled).
+# GPU check, sized to scarce GPU time: ONE call of at most ~10 minutes on an H100/H200, run from the
+# repository root (no network there: torch, triton, numba and numba-cuda are preinstalled).
 #
-#     bash benchmarks/gpu_check.sh        # writes $OUT/gpu_check.log and $OUT/bench.json
+#     bash benchmarks/gpu_check.sh              # results under $OUT (default ./gpu_check_out)
+#     bash benchmarks/gpu_check.sh --dry-run    # the same steps on the CPU interpreters, tiny sizes
+#     GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh                     (CI: tests/test_gpu_check.py)
 #
-# Time limits keep the whole run under 8 minutes: tests 240 s, benchmark 220 s (and the benchmark
-# starts no new size after 170 s). The benchmark runs even when a test fails; the exit status is
-# the first failure's.
-set -euo pipefail
+# Steps, in this order, each under its own time limit and all within GPU_CHECK_BUDGET_S (570 s):
+#   tests  the GPU backends' share of the suite (triton, numba_cuda) on CUDA tensors   GPU_CHECK_TESTS_S=210
+#   bench  benchmarks/bench_gpu.py: gpuxent against PyTorch (and Liger), GB/s, % copy  GPU_CHECK_BENCH_S=170
+#   sweep  BLOCK x num_warps of the large-r Triton kernel; an aligned and an odd r     GPU_CHECK_SWEEP_S=75
+#   extra  further GPU runs, appended in extra_runs below                              what is left
+# then $OUT/summary.md, printed at the end to paste into benchmarks/RESULTS.md: card, driver,
+# versions, date, each step's status, and every benchmark row with GB/s and % of a device-to-device
+# copy measured in the same run. A step that fails or runs out of time does not stop the next one;
+# the exit status is the first failure's.
+set -uo pipefail
 
-OUT_DIR="${OUT:-/tmp}"
+DRY_RUN="${GPU_CHECK_DRY_RUN:-0}"
+[ "${1:-}" = "--dry-run" ] && DRY_RUN=1
+OUT_DIR="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT_DIR"
-LOG="$OUT_DIR/gpu_check.log"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-570}"
+SUMMARY_RESERVE_S=15
+START_S=$(date +%s)
+STEPS="$OUT_DIR/steps.tsv"
+: >"$STEPS"
 
-# The repository is used in place; the interpreters must be off so that every backend runs on CUDA.
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-unset TRITON_INTERPRET NUMBA_ENABLE_CUDASIM
+# The repository is used in place. On the GPU the interpreters must be off, so that every backend
+# runs on CUDA; the dry run needs them on, set before Python starts.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" DRY_RUN OUT_DIR
+if [ "$DRY_RUN" = 1 ]; then
+    export TRITON_INTERPRET=1 NUMBA_ENABLE_CUDASIM=1
+else
+    unset TRITON_INTERPRET NUMBA_ENABLE_CUDASIM
+fi
 
-check() {
-    echo "== gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) in $PWD"
-    nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader ||
-        echo "nvidia-smi failed"
+# step NAME LIMIT_S COMMAND...: runs COMMAND (a program or an exported function) under the smaller
+# of LIMIT_S and the time left, its output to the console and $OUT_DIR/NAME.log, its status and
+# seconds to $STEPS. timeout ends the whole process group (pytest's workers too).
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((BUDGET_S - SUMMARY_RESERVE_S - ($(date +%s) - START_S)))
+    if [ "$left" -lt 20 ]; then
+        echo "== $name: skipped, ${left} s of the budget left"
+        printf '%s\tskipped (budget)\t0\n' "$name" >>"$STEPS"
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "== $name (limit ${limit} s): $*"
+    local t0 rc
+    t0=$(date +%s)
+    timeout --kill-after=10 "$limit" bash -c '"$@"' "$name" "$@" 2>&1 | tee "$OUT_DIR/$name.log"
+    rc=${PIPESTATUS[0]}
+    local outcome="ok"
+    [ "$rc" -ne 0 ] && outcome="exit $rc"
+    [ "$rc" -eq 124 ] && outcome="timed out after ${limit} s"
+    echo "== $name: $outcome"
+    printf '%s\t%s\t%s\n' "$name" "$outcome" "$(($(date +%s) - t0))" >>"$STEPS"
+    [ "$rc" -ne 0 ] && [ "$FIRST_FAILURE" -eq 0 ] && FIRST_FAILURE=$rc
+    return 0
+}
+FIRST_FAILURE=0
+
+machine() {
+    echo "== gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) in $PWD$([ "$DRY_RUN" = 1 ] && echo ' (DRY RUN)')"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null |
+        sed 's/^/card: /' || echo "card: none (nvidia-smi: not found or failed)"
     python - <<'PY'
 import platform
 
 import torch
 import triton
 
-print(f"python {platform.python_version()}  torch {torch.__version__} (CUDA {torch.version.cuda})  triton {triton.__version__}")
-print(f"cuda available: {torch.cuda.is_available()}  device: {torch.cuda.get_device_name() if torch.cuda.is_available() else '-'}")
 from gpuxent import backends
 
+versions = [f"python {platform.python_version()}", f"torch {torch.__version__} (CUDA {torch.version.cuda})",
+            f"triton {triton.__version__}"]
+for mod in ("numba", "numba_cuda", "liger_kernel"):
+    try:
+        versions.append(f"{mod} {getattr(__import__(mod), '__version__', '?')}")
+    except Exception:
+        pass
+print("versions: " + ", ".join(versions))
+print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}")
 for name, (ok, why) in backends.status().items():
     print(f"backend {name:11s} {'yes' if ok else 'no '}  {why}")
 PY
-
-    local status=0 bench_status=0
-    echo "== tests"
-    # The GPU backends' share of the suite (numba_cpu, the trainer, gloo and the notebooks run in CI
-    # on every push); 8 workers compile Triton's kernel variants in parallel on the 16 cores.
-    timeout 240 python -m pytest -q -p no:cacheprovider -ra -n 8 -k "triton or numba_cuda" tests || status=$?
-    echo "== tests exit status: $status"
-
-    echo "== benchmark"
-    timeout 220 python benchmarks/bench_gpu.py --budget-s 170 --json-out "$OUT_DIR/bench.json" || bench_status=$?
-    echo "== benchmark exit status: $bench_status"
-
-    if [ "$status" -eq 0 ]; then
-        status=$bench_status
-    fi
-    echo "== gpu_check done $(date -u +%Y-%m-%dT%H:%M:%SZ), status $status"
-    return "$status"
 }
 
-check 2>&1 | tee "$LOG"
+tests() {
+    if [ "$DRY_RUN" = 1 ]; then  # a few interpreter tests: the full share takes an hour on a CPU
+        python -m pytest -q -p no:cacheprovider -ra -k "(triton or numba_cuda) and (launch_config or row_layout)" tests
+    else  # numba_cpu, the trainer, gloo and the notebooks run in CI on every push
+        local workers=()
+        python -c "import xdist" 2>/dev/null && workers=(-n 8)
+        python -m pytest -q -p no:cacheprovider -ra "${workers[@]}" -k "triton or numba_cuda" tests
+    fi
+}
+
+bench() {
+    local args=(--sizes 16384x131072,16384x32768,65536x128,8192x262144 --dtypes bfloat16,float32
+        --budget-s $((${GPU_CHECK_BENCH_S:-170} - 40)))
+    [ "$DRY_RUN" = 1 ] && args=(--dry-run --sizes 4x64 --dtypes float32 --budget-s 30)
+    python benchmarks/bench_gpu.py "${args[@]}" --json-out "$OUT_DIR/bench.json" --markdown-out "$OUT_DIR/bench.md"
+}
+
+sweep() {  # 16384 x 131072: the size of the byte-model predictions; 50304 against GPT-2's odd 50257
+    local args=(--sizes 16384x131072,16384x50304,16384x50257 --blocks 4096,8192,2048,16384 --warps 16,8,32,4
+        --budget-s $((${GPU_CHECK_SWEEP_S:-75} - 15)))
+    [ "$DRY_RUN" = 1 ] && args=(--dry-run --sizes 4x64,4x61 --blocks 16,32 --warps 1,2 --budget-s 20)
+    python benchmarks/bench_gpu.py --sweep --dtypes bfloat16 "${args[@]}" \
+        --json-out "$OUT_DIR/sweep.json" --markdown-out "$OUT_DIR/sweep.md"
+}
+export -f tests bench sweep
+
+# --------------------------------------------------------------------------- other GPU runs
+# Append further GPU runs here, one `step NAME LIMIT_S COMMAND...` each: they share what is left of
+# the budget after the steps above (about 100 s by default; raise GPU_CHECK_BUDGET_S only if the
+# device grant allows), log to $OUT_DIR/NAME.log, and should honour $DRY_RUN (tiny and on the CPU).
+# A shell function as COMMAND must be exported first (export -f), as tests, bench and sweep are.
+extra_runs() {
+    # Hugging Face (issue 15): a Llama-shaped model at GPU sizes (hidden 2048, vocabulary 128256,
+    # 8 x 2048 tokens, bfloat16), one training step patched against unpatched: peak memory and time.
+    if [ "$DRY_RUN" = 1 ]; then
+        step hf "${GPU_CHECK_HF_S:-120}" python examples/hf_tiny_llama.py --hidden=32 --layers=1 --vocab=300 --batch=2 --seq=16 \
+            --warmup=1 --steps=1 --json
+    else
+        step hf "${GPU_CHECK_HF_S:-150}" python examples/hf_tiny_llama.py --device cuda --json
+    fi
+    # Data-parallel training over nccl (issue 13), on a machine with two GPUs or more.
+    local n_gpus
+    n_gpus=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+    if [ "$DRY_RUN" != 1 ] && [ "${n_gpus:-0}" -ge 2 ]; then
+        step nccl 90 torchrun --standalone --nproc-per-node "$n_gpus" -m gpuxent train --dataset digits --json
+    fi
+}
+
+summary() {
+    {
+        echo "### GPU check, $(date -u +%Y-%m-%d)$([ "$DRY_RUN" = 1 ] && echo ' (DRY RUN on the CPU interpreters: not GPU timings)')"
+        echo
+        echo '```'
+        grep -E '^(card|versions|device|backend)' "$OUT_DIR/machine.log"
+        echo '```'
+        echo
+        echo "| step | outcome | seconds |"
+        echo "|---|---|---:|"
+        awk -F'\t' '{printf "| %s | %s | %s |\n", $1, $2, $3}' "$STEPS"
+        echo
+        tail -n 1 "$OUT_DIR/tests.log" 2>/dev/null | sed 's/^/tests: /'
+        for table in bench sweep; do
+            if [ -f "$OUT_DIR/$table.md" ]; then
+                echo
+                echo "#### $table"
+                echo
+                cat "$OUT_DIR/$table.md"
+            fi
+        done
+    } >"$OUT_DIR/summary.md"
+    echo
+    echo "== summary (paste into benchmarks/RESULTS.md; also $OUT_DIR/summary.md)"
+    cat "$OUT_DIR/summary.md"
+}
+
+main() {
+    machine 2>&1 | tee "$OUT_DIR/machine.log"
+    step tests "${GPU_CHECK_TESTS_S:-210}" tests
+    step bench "${GPU_CHECK_BENCH_S:-170}" bench
+    step sweep "${GPU_CHECK_SWEEP_S:-75}" sweep
+    extra_runs
+    summary
+    echo "== gpu_check done $(date -u +%Y-%m-%dT%H:%M:%SZ), $(($(date +%s) - START_S)) s, status $FIRST_FAILURE"
+    return "$FIRST_FAILURE"
+}
+
+main 2>&1 | tee "$OUT_DIR/gpu_check.log"
+exit "${PIPESTATUS[0]}"

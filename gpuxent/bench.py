@@ -34,6 +34,12 @@ PEAK_LOGIT_COPIES = 6
 MEMORY_FRACTION = 0.8  # of the free memory: leaves room for the allocator's rounding and torch.compile
 
 
+def bytes_moved(n_rows: int, n_classes: int, element_size: int, pass_: str) -> int:
+    """The byte model of the module docstring (every GB/s figure of gpuxent divides by it):
+    ``"fwd"`` reads the logits once, ``"fwd+bwd"`` also writes the gradient once."""
+    return n_rows * n_classes * element_size * (1 if pass_ == "fwd" else 2)
+
+
 def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--full", action="store_true", help="every size (slower); the default is a ~1 minute run")
@@ -167,7 +173,6 @@ def _measure_size(n, r, dtype, device, impls, repeats, copy_gbps, bar) -> list[d
     x = (torch.randn(n, r, generator=gen) * 2).to(device=device, dtype=dtype)
     t = torch.randint(0, r, (n,), generator=gen).to(device)
     xg = x.clone().requires_grad_()
-    nbytes = {"fwd": x.nbytes, "fwd+bwd": 2 * x.nbytes}
     times = {}
     for name, (fwd, fwd_bwd) in impls.items():
         for pass_, fn in (("fwd", functools.partial(fwd, x, t)), ("fwd+bwd", functools.partial(fwd_bwd, xg, t))):
@@ -177,7 +182,7 @@ def _measure_size(n, r, dtype, device, impls, repeats, copy_gbps, bar) -> list[d
             bar.update()
     rows = []
     for (name, pass_), ms in times.items():
-        gbps = nbytes[pass_] / ms / 1e6
+        gbps = bytes_moved(n, r, x.element_size(), pass_) / ms / 1e6
         row = {
             "impl": name, "n_rows": n, "n_classes": r, "dtype": str(dtype).replace("torch.", ""), "pass": pass_,
             "median_ms": _sig(ms), "gbps": _sig(gbps), "pct_copy": _sig(100 * gbps / copy_gbps),

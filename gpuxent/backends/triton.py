@@ -5,9 +5,9 @@ each row in chunks of ``BLOCK`` classes, twice:
 
 1. an online softmax: the running max ``m`` and sum ``d = sum exp(y - m)``, rescaled whenever the
    max grows, plus whatever sums the loss needs (``sum_c w_c y_c`` for label smoothing,
-   ``sum_c w_c q'_c`` and ``sum_c w_c q'_c y_c`` for probability targets). The target logit is
-   gathered before this loop, so the gradient may overwrite the logits (in-place gradient).
-   ``lse = m + log(d)`` and the row loss come out of it.
+   ``sum_c w_c q'_c`` and ``sum_c w_c q'_c y_c`` for probability targets). ``lse = m + log(d)``
+   and the row loss come out of it, with the target logit gathered after this loop and before the
+   next, so the gradient may overwrite the logits (in-place gradient).
 2. when a gradient is asked for, a second read of the row writes
    ``grad_j = scale * (coef * p_j - target_term_j)`` (times the softcap's ``1 - tanh^2``), computed in
    the accumulation dtype before the store, with ``p_j = exp((y_j - m) - log(d))``: so ``p_t - 1``
@@ -43,11 +43,15 @@ from . import compute_dtype
 NAME = "triton"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Chunk and tile sizes. On a GPU a chunk is 16 KiB of logits; a program of the small-r path covers
-# about TILE elements. The interpreter uses tiny blocks: tests with r of a few hundred then cover
+# Chunk and tile sizes. Registers hold the compute dtype (float32 for half inputs); a step of a
+# program is (values per thread, warps) of it: 8 float32 values x 16 warps (4096 per chunk), or 4
+# float64 values x 8 warps (float64 exp, log and division are long sequences with many temporaries,
+# and ptxas keeps a 512-thread block under 64 registers, spilling the rest). Larger steps spill in
+# some keyword variant (benchmarks/gpu_audit.py compiles them all). The small-r path packs several
+# rows into one step. The interpreter uses tiny blocks: tests with r of a few hundred then cover
 # several chunks per row, masked tails and several rows per program.
-CHUNK_BYTES = 16384
-TILE = 64 if INTERPRET else 4096
+STEP = {4: (8, 16), 8: (2, 8)}  # by the compute dtype's size
+TILE_INTERPRET = 64
 MAX_BLOCK_INTERPRET = 64
 MAX_ROWS = 4 if INTERPRET else 64
 
@@ -78,10 +82,12 @@ def _split(v: float) -> tuple[float, float]:
 
 def _launch_config(n_classes: int, element_size: int) -> tuple[int, int, int]:
     """``(BLOCK, ROWS, num_warps)`` for rows of ``n_classes`` elements of ``element_size`` bytes."""
-    max_block = MAX_BLOCK_INTERPRET if INTERPRET else CHUNK_BYTES // element_size
+    per_thread, max_warps = STEP[max(4, element_size)]
+    chunk = per_thread * 32 * max_warps
+    max_block, tile = (MAX_BLOCK_INTERPRET, TILE_INTERPRET) if INTERPRET else (chunk, chunk)
     block = min(triton.next_power_of_2(n_classes), max_block)
-    rows = max(1, min(MAX_ROWS, TILE // block))
-    num_warps = max(1, min(16, rows * block * element_size // 1024))
+    rows = max(1, min(MAX_ROWS, tile // block))
+    num_warps = max(1, min(max_warps, rows * block // (32 * per_thread)))
     return block, rows, num_warps
 
 
@@ -110,11 +116,25 @@ def _const(value: tl.constexpr, like):
 
 
 @triton.jit
+def _reciprocal_1_2(d):
+    """``1 / d`` for ``d`` in [1, 2]. In float64 a linear first guess (relative error 1/17) and four
+    Newton steps (each squares the error): a float64 division is a long sequence whose slow-path
+    call makes ptxas spill registers around it. In float32 a plain division (a fast one)."""
+    if d.dtype == tl.float64:
+        r = _const(24 / 17, d) - _const(8 / 17, d) * d
+        for _ in tl.static_range(4):
+            r = r + r * (1 - d * r)
+    else:
+        r = 1 / d
+    return r
+
+
+@triton.jit
 def _tanh(u):
     """tanh without cancellation: odd Taylor series near 0, (1 - e) / (1 + e) with e = exp(-2|u|) beyond."""
     a = tl.abs(u)
     e = tl.exp(-2.0 * a)
-    far = (1 - e) / (1 + e)
+    far = (1 - e) * _reciprocal_1_2(1 + e)
     a2 = tl.minimum(a, 0.125) * tl.minimum(a, 0.125)  # clamped: the series is only used below 0.125
     near = _const(0.021869488536155203, a2)  # 62/2835: the series up to a^9 is exact to 1e-11 for a < 0.125
     near = near * a2 + _const(-0.05396825396825397, a2)
@@ -139,14 +159,15 @@ def _cross_entropy_kernel(
     ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     acc_dtype = loss_ptr.dtype.element_ty  # float32, or float64 for float64 inputs
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # int32 (n_rows is), int64 where it meets a stride
     row_mask = rows < n_rows
     zero = tl.zeros([ROWS], dtype=acc_dtype)
     smoothing = _scalar(smoothing_hi, smoothing_lo, zero)
     softcap = _scalar(softcap_hi, softcap_lo, zero)
+    inv_cap = 1 / softcap  # one division per row, a multiplication per element
     eps_r = smoothing / n_classes
-    x_rows = logits_ptr + rows * stride_logits
-    t_rows = target_ptr + rows * stride_target
+    x_rows = logits_ptr + rows.to(tl.int64) * stride_logits
+    t_rows = target_ptr + rows.to(tl.int64) * stride_target
 
     if PROB_TARGET:
         kept = row_mask
@@ -157,16 +178,6 @@ def _cross_entropy_kernel(
         # reads nothing out of bounds and gives NaN.
         valid = (target >= 0) & (target < n_classes)
         target_safe = tl.where(valid, target, 0)
-        # read before the second loop overwrites the row (in-place gradient)
-        y_t = tl.load(x_rows + target_safe, mask=kept, other=0).to(acc_dtype)
-        if HAS_SOFTCAP:
-            y_t = softcap * _tanh(y_t / softcap)
-        y_t = tl.where(valid, y_t, NAN)
-        if HAS_WEIGHT:
-            w_t = tl.load(weight_ptr + target_safe, mask=kept, other=0).to(acc_dtype)
-        else:
-            w_t = zero + 1
-        w_t = tl.where(valid, w_t, NAN)
 
     # loop 1: online max and sum of exp, and the sums of the smoothing / probability-target terms
     m = tl.full([ROWS], NEG_INF, dtype=acc_dtype)
@@ -180,24 +191,24 @@ def _cross_entropy_kernel(
         mask = kept[:, None] & col_mask[None, :]
         if HAS_SOFTCAP:
             y = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
-            y = tl.where(mask, softcap[:, None] * _tanh(y / softcap[:, None]), NEG_INF)
+            y = tl.where(mask, softcap[:, None] * _tanh(y * inv_cap[:, None]), NEG_INF)
         else:
             y = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(acc_dtype)
-        if HAS_WEIGHT:
-            w = tl.load(weight_ptr + cols, mask=col_mask, other=0).to(acc_dtype)
+        if HAS_WEIGHT:  # (1, BLOCK): the logits' rank, so one row per program loads it in the logits' layout
+            w = tl.load(weight_ptr + cols[None, :], mask=col_mask[None, :], other=0).to(acc_dtype)
         if PROB_TARGET or HAS_SMOOTHING:
             y_in = tl.where(mask, y, 0)  # masked lanes stay out of every sum
         if PROB_TARGET:
             q = tl.load(t_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
             wq = tl.where(mask, (1 - smoothing[:, None]) * q + eps_r[:, None], 0)
             if HAS_WEIGHT:
-                wq = wq * w[None, :]
+                wq = wq * w
             sum_wq += tl.sum(wq, axis=1)
             sum_wy += tl.sum(wq * y_in, axis=1)
         elif HAS_SMOOTHING:
             if HAS_WEIGHT:
-                sum_wy += tl.sum(y_in * w[None, :], axis=1)
-                sum_w += tl.sum(w, axis=0)
+                sum_wy += tl.sum(y_in * w, axis=1)
+                sum_w += tl.sum(w, axis=1)
             else:
                 sum_wy += tl.sum(y_in, axis=1)
         m_new = tl.maximum(m, tl.max(y, axis=1))
@@ -214,13 +225,26 @@ def _cross_entropy_kernel(
         loss = sum_wq * lse - sum_wy
         coef = sum_wq
     else:
+        # the target's logit and weight: read after loop 1, so that they are not live across it, and
+        # before loop 2 overwrites the row (in-place gradient)
+        y_t = tl.load(x_rows + target_safe, mask=kept, other=0).to(acc_dtype)
+        if HAS_SOFTCAP:
+            y_t = softcap * _tanh(y_t * inv_cap)
+        y_t = tl.where(valid, y_t, NAN)
+        if HAS_WEIGHT:
+            w_t = tl.load(weight_ptr + target_safe, mask=kept, other=0).to(acc_dtype)
+        else:
+            w_t = zero + 1
+        w_t = tl.where(valid, w_t, NAN)
         loss = (1 - smoothing) * w_t * ((m - y_t) + log_d)
         coef = (1 - smoothing) * w_t
         if HAS_SMOOTHING:
             if not HAS_WEIGHT:
                 sum_w = zero + n_classes
-            loss += eps_r * (sum_w * lse - sum_wy)
-            coef += eps_r * sum_w
+            # one use of the loop's sum_w: triton 3.6's thread-locality pass asserts on more
+            eps_sum_w = eps_r * sum_w
+            loss += eps_sum_w * lse - eps_r * sum_wy
+            coef += eps_sum_w
     if HAS_Z_LOSS:
         z_loss = _scalar(z_loss_hi, z_loss_lo, zero)
         loss += z_loss * lse * lse
@@ -237,33 +261,33 @@ def _cross_entropy_kernel(
         else:
             scale = _scalar(scale_hi, scale_lo, zero)
         coef = scale * coef
-        g_rows = grad_ptr + rows * stride_grad
+        g_rows = grad_ptr + rows.to(tl.int64) * stride_grad
         for start in range(0, n_classes, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             col_mask = cols < n_classes
             mask = kept[:, None] & col_mask[None, :]
             x = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
             if HAS_SOFTCAP:
-                th = _tanh(x / softcap[:, None])
+                th = _tanh(x * inv_cap[:, None])
                 y = softcap[:, None] * th
             else:
                 y = x
             g = coef[:, None] * tl.exp((y - m[:, None]) - log_d[:, None])
             if HAS_WEIGHT:
-                w = tl.load(weight_ptr + cols, mask=col_mask, other=0).to(acc_dtype)
+                w = tl.load(weight_ptr + cols[None, :], mask=col_mask[None, :], other=0).to(acc_dtype)
             if PROB_TARGET:
                 q = tl.load(t_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
                 q = (1 - smoothing[:, None]) * q + eps_r[:, None]
                 if HAS_WEIGHT:
-                    q = q * w[None, :]
+                    q = q * w
                 g -= scale[:, None] * q
             else:
                 if HAS_SMOOTHING:
                     if HAS_WEIGHT:
-                        g -= (scale * eps_r)[:, None] * w[None, :]
+                        g -= (scale * eps_r)[:, None] * w
                     else:
                         g -= (scale * eps_r)[:, None]
-                hit = cols[None, :] == target[:, None]
+                hit = cols[None, :] == target_safe.to(tl.int32)[:, None]  # a bad row is NaN whatever it hits
                 g = tl.where(hit, g - (scale * (1 - smoothing) * w_t)[:, None], g)
             if HAS_SOFTCAP:
                 g = g * (1 - th * th)
@@ -436,6 +460,7 @@ def _bce_logits_kernel(
 
 
 BCE_BLOCK = 1024 if INTERPRET else 2048
+BCE_WARPS = 8  # 8 values per thread: 4 warps (16 each) spilled float64 registers
 
 
 def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -452,7 +477,7 @@ def _bce_launch(kernel, x, tensors, grad, **flags):
         with _device_ctx(x):
             kernel[(triton.cdiv(n, BCE_BLOCK),)](
                 xf, *args, loss, grad if grad is not None else loss, n,
-                WANT_GRAD=grad is not None, BLOCK=BCE_BLOCK, num_warps=4, **flags,
+                WANT_GRAD=grad is not None, BLOCK=BCE_BLOCK, num_warps=BCE_WARPS, **flags,
             )  # fmt: skip
     return loss
 
