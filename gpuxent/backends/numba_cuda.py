@@ -9,7 +9,7 @@ the gradient, so forward+backward reads the logits twice and writes the gradient
 
 Byte model, forward+backward, class targets: read 2*N*r logits, write N*r gradient, read N targets,
 write N losses and N lse (probability targets: read N*r probabilities twice more). An ignored row is
-read once: its gradient is 0, or NaN where torch's is (a row whose softmax is NaN).
+not read: its loss and gradient are 0.
 
 Arithmetic runs in the compute dtype (float32, float64 for float64 input): each dtype gets its own
 kernels whose constants carry that dtype, so no float64 literal silently widens float32 math.
@@ -183,13 +183,12 @@ def _kernels(dtype: np.dtype):
 
             # pass 1: (max, sum exp) and, for smoothing or probability targets, the weighted sums
             # a = sum_j w_j q'_j y_j and b = sum_j w_j q'_j, with q' = keep * q + eps_r
-            # (class targets: a = sum_j w_j y_j, b = sum_j w_j); an ignored row needs (max, sum exp)
-            # for its gradient only (see below)
+            # (class targets: a = sum_j w_j y_j, b = sum_j w_j)
             m = NEG_INF
             s = ZERO
             a = ZERO
             b = ZERO
-            if kept or (live and want_grad):
+            if kept:
                 for j in range(lane, n_classes, threads_per_row):
                     y = logits[row, j]
                     if softcap > ZERO:
@@ -208,17 +207,17 @@ def _kernels(dtype: np.dtype):
                 base += int64(cuda.gridDim.x) * rows_per_block
                 continue
             # s > 0 unless the row's softmax is NaN in torch: s = 0 for a row of -inf, NaN for a row
-            # holding NaN or +inf. There torch's loss is NaN and its gradient NaN on the whole row,
-            # an ignored row's too (log_softmax's backward multiplies the softmax by 0).
+            # holding NaN or +inf. There torch's loss is NaN and its gradient NaN on the whole row.
+            # An ignored row counts for nothing: loss and gradient 0 (torch's gradient is NaN there
+            # too when the row's softmax is, an artefact of multiplying it by 0).
             finite = s > ZERO
             if not kept:
                 if lane == 0:
                     loss[row] = ZERO
                     lse[row] = ZERO
                 if want_grad:
-                    g = ZERO if finite else NAN
                     for j in range(lane, n_classes, threads_per_row):
-                        grad[row, j] = g
+                        grad[row, j] = ZERO
                 base += int64(cuda.gridDim.x) * rows_per_block
                 continue
 
