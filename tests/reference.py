@@ -43,8 +43,9 @@ def torch_cross_entropy(
         return loss + z.sum()
     if prob:
         return loss + z.sum() / y.shape[0]
-    tw = kept if weight is None else weight[target.clamp(0, y.shape[1] - 1)] * kept
-    return loss + z.sum() / tw.sum()  # no kept row: NaN, as the cross-entropy part
+    tw = (kept if weight is None else weight[target.clamp(0, y.shape[1] - 1)] * kept).sum()
+    # no kept row: the loss is already NaN and the gradient 0, as in torch (z is 0 then)
+    return loss + z.sum() / torch.where(tw > 0, tw, 1)
 
 
 def reference_cross_entropy(
