@@ -34,6 +34,8 @@ import numba
 import numpy as np
 import torch
 
+from . import compute_dtype, rowmath
+
 try:  # a missing or broken numba.cuda makes the backend unavailable, not gpuxent unimportable
     from numba import cuda
 except Exception as exc:  # pragma: no cover - depends on the installation
@@ -85,8 +87,7 @@ def supports(device: torch.device) -> bool:
 def _kernels(dtype: np.dtype):
     """(cross-entropy, softmax, bce, bce-with-logits) kernels computing in ``dtype``."""
     f = dtype.type
-    ZERO, ONE, TWO, NEG_INF, NAN = f(0), f(1), f(2), f(-math.inf), f(math.nan)
-    LOG_FLOOR, TINY = f(-100), f(1e-12)  # torch's BCE clamps each log at -100 and p(1-p) at 1e-12
+    ZERO, ONE, NEG_INF, NAN = f(0), f(1), f(-math.inf), f(math.nan)
     int64 = numba.int64
     # No builtin max/min in kernels: numba's varargs overload of them does not compile for CUDA.
     acc_t = numba.from_dtype(dtype)  # the numba type of the accumulators and shared slots
@@ -100,13 +101,11 @@ def _kernels(dtype: np.dtype):
             s += math.exp(y - m)
         return m, s
 
-    @cuda.jit(device=True)
-    def merge(m_a, s_a, m_b, s_b):
-        """The pair of two disjoint parts; parts with max -inf add their s (0 or NaN) as is."""
-        m = m_a if m_a > m_b else m_b  # never NaN: push only keeps ordered values
-        if m == NEG_INF:
-            return m, s_a + s_b
-        return m, s_a * math.exp(m_a - m) + s_b * math.exp(m_b - m)
+    row = rowmath.make(f)  # the row math shared with numba_cpu
+    merge = cuda.jit(device=True)(row.merge)
+    loss_and_coef = cuda.jit(device=True)(row.loss_and_coef)
+    bce = cuda.jit(device=True)(row.bce)
+    bce_logits = cuda.jit(device=True)(row.bce_logits)
 
     @cuda.jit(device=True)
     def block_reduce(sm_m, sm_s, sm_a, sm_b, tid, lane, threads_per_row, m, s, a, b):
@@ -223,20 +222,8 @@ def _kernels(dtype: np.dtype):
 
             lse_row = log_sum(m, s)
             log_s = math.log(s) if finite else NAN  # (no log(0): the simulator's math.log raises on it)
-            # loss = coef_p * lse - (linear terms); d loss / d y_j = coef_p * p_j - (target mass)_j
-            if prob:
-                loss_row = b * lse_row - a
-                coef_p = b
-            else:
-                # lse - y_t as (m - y_t) + log s: exact where a rounded lse loses half an ulp of m
-                loss_row = keep * w_t * ((m - y_t) + log_s)
-                coef_p = keep * w_t
-                if smoothing > ZERO:
-                    loss_row += eps_r * (b * lse_row - a)
-                    coef_p += eps_r * b
-            if z_loss > ZERO:
-                loss_row += z_loss * lse_row * lse_row
-                coef_p += TWO * z_loss * lse_row
+            # d loss / d y_j = coef_p * p_j - (target mass)_j
+            loss_row, coef_p = loss_and_coef(m, log_s, y_t, w_t, a, b, prob, keep, eps_r, smoothing, z_loss)
             if not finite:
                 loss_row = NAN
             if lane == 0:
@@ -300,50 +287,31 @@ def _kernels(dtype: np.dtype):
                         out[row, j] = ZERO if y == NEG_INF and finite else math.exp((y - m) - log_s)
             base += int64(cuda.gridDim.x) * rows_per_block
 
-    @cuda.jit(device=True)
-    def clamp_log(v):
-        return v if v > LOG_FLOOR else LOG_FLOOR
-
     @cuda.jit
     def bce_kernel(p, y, w, loss, grad, has_weight, want_grad):
         start = int64(cuda.blockIdx.x) * int64(cuda.blockDim.x) + int64(cuda.threadIdx.x)
         step = int64(cuda.gridDim.x) * int64(cuda.blockDim.x)
         for i in range(start, p.shape[0], step):
-            pi = p[i]
-            yi = y[i]
-            wi = w[i] if has_weight else ONE
-            log_p = clamp_log(math.log(pi)) if pi > ZERO else LOG_FLOOR
-            log_1mp = clamp_log(math.log1p(-pi)) if pi < ONE else LOG_FLOOR
-            loss[i] = -wi * (yi * log_p + (ONE - yi) * log_1mp)
+            loss_i, grad_i = bce(p[i], y[i], w[i] if has_weight else ONE)
+            loss[i] = loss_i
             if want_grad:
-                denom = (ONE - pi) * pi
-                grad[i] = wi * (pi - yi) / (denom if denom > TINY else TINY)
+                grad[i] = grad_i
 
     @cuda.jit
     def bce_logits_kernel(x, y, w, pos_weight, loss, grad, has_weight, has_pos_weight, want_grad):
         start = int64(cuda.blockIdx.x) * int64(cuda.blockDim.x) + int64(cuda.threadIdx.x)
         step = int64(cuda.gridDim.x) * int64(cuda.blockDim.x)
         for i in range(start, x.shape[0], step):
-            xi = x[i]
-            yi = y[i]
             wi = w[i] if has_weight else ONE
-            pw = pos_weight[i] if has_pos_weight else ONE
-            lw = (pw - ONE) * yi + ONE  # the log-weight: pos_weight on the positive term
-            e = math.exp(-abs(xi))  # never overflows
-            softplus_neg = (ZERO if xi > ZERO else -xi) + math.log1p(e)  # log(1 + exp(-x))
-            loss[i] = wi * ((ONE - yi) * xi + lw * softplus_neg)
+            loss_i, grad_i = bce_logits(x[i], y[i], wi, pos_weight[i] if has_pos_weight else ONE)
+            loss[i] = loss_i
             if want_grad:
-                sig = ONE / (ONE + e) if xi >= ZERO else e / (ONE + e)
-                grad[i] = wi * (lw * sig - pw * yi)
+                grad[i] = grad_i
 
     return ce_kernel, softmax_kernel, bce_kernel, bce_logits_kernel
 
 
 # --------------------------------------------------------------------------- launch helpers
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _np_dtype(dtype: torch.dtype) -> np.dtype:
@@ -472,7 +440,7 @@ def cross_entropy(
     logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap, grad_scale, grad
 ):  # fmt: skip
     """Per-row loss and lse of a (N, r) float tensor; see ``gpuxent.backends`` for the contract."""
-    dt = _compute_dtype(logits.dtype)
+    dt = compute_dtype(logits.dtype)
     np_dt = _np_dtype(dt)
     f = np_dt.type
     dev = logits.device
@@ -505,7 +473,7 @@ def cross_entropy(
 @_moved
 def softmax(x, *, log):
     """Row softmax (or log-softmax) of a (N, r) tensor, returned in the compute dtype."""
-    dt = _compute_dtype(x.dtype)
+    dt = compute_dtype(x.dtype)
     np_dt = _np_dtype(dt)
     a = _compute(x, dt)
     out = torch.empty(a.shape, dtype=dt, device=a.device)
@@ -523,7 +491,7 @@ def softmax(x, *, log):
 
 def _elementwise(kernel_index, x, inputs, grad):
     """Launch an elementwise BCE kernel over flat compute-dtype copies; returns the flat loss."""
-    dt = _compute_dtype(x.dtype)
+    dt = compute_dtype(x.dtype)
     np_dt = _np_dtype(dt)
     dev = x.device
     n = x.numel()
