@@ -60,6 +60,16 @@ def _make_cases(rng, n_classes, dtype=torch.float64):
                     grad_output=grad_output,
                 )  # fmt: skip
             )
+    # every kept row's class weight 0, with smoothing: a NaN mean (loss and gradient), as in torch
+    logits = torch.as_tensor(rng.standard_normal((*BATCH, n_classes)), dtype=dtype)
+    target = torch.as_tensor(rng.integers(0, 2, BATCH), dtype=torch.int64)
+    weight = torch.cat([torch.zeros(2, dtype=dtype), torch.ones(n_classes - 2, dtype=dtype)])
+    cases.append(
+        dict(
+            name="zero-weight-mean", logits=logits, target=target, weight=weight, kw={"label_smoothing": 0.2},
+            reduction="mean", grad_output=torch.ones((), dtype=dtype),
+        )  # fmt: skip
+    )
     return cases
 
 
