@@ -101,15 +101,19 @@ def _pow2(typingctx, k):
 
 @intrinsic
 def _maxnum(typingctx, a, b):
-    """``llvm.maxnum``: the larger of two floats, ignoring a NaN; LLVM vectorizes its reductions
-    (a compare-and-select max does not vectorize)."""
+    """``llvm.maxnum`` under ``nnan``: the larger of two floats, a plain ``vmaxps``; LLVM vectorizes
+    its reductions (a compare-and-select max does not) and ends them with a shuffle tree. Without
+    ``nnan`` the NaN handling costs a compare and a blend per vector and the reduction becomes a
+    chain of 16 scalar steps (~40 ns, more than the rest of a 128-class row). A NaN may or may not
+    come out as the max: either way it reaches the row's sum of exp (``_chunk_sumexp`` or
+    ``_empty_chunk_sum``), which is what makes the row NaN."""
     if a != b or not isinstance(a, types.Float):
         return None
 
     def codegen(context, builder, signature, args):
         ty = args[0].type
         fn = builder.module.declare_intrinsic("llvm.maxnum", [ty], ir.FunctionType(ty, [ty, ty]))
-        return builder.call(fn, args)
+        return builder.call(fn, args, fastmath=("nnan",))
 
     return a(a, b), codegen
 
@@ -320,7 +324,10 @@ def _empty_chunk_sum(y):
     return 0.0
 
 
-@nb.njit(fastmath=FASTMATH)
+# Inlined by numba, so that LLVM vectorizes the loop where it can see whether ``e`` is ``y`` (an
+# in-place gradient): compiled on its own, the loop is guarded by a runtime check that the two
+# arrays do not overlap, which fails for an in-place gradient and runs the scalar loop, 6x slower.
+@nb.njit(fastmath=FASTMATH, inline="always")
 def _chunk_sumexp(y, m, e, store):
     """Sum of exp(y - m) over a chunk, in float64; the terms go to ``e`` when ``store``."""
     s = _cast(y, 0)
@@ -355,18 +362,23 @@ def _chunk_target_sums(y, w, q, prob, keep, add):
 
 
 @nb.njit(fastmath=FASTMATH, inline="always")
-def _chunk_stats(y, w, q, prob, smoothing, eps_r, e, want_grad):
-    """(max, sum of exp(y - max), sum w q' y, sum w q') of one chunk; exp(y - max) goes to ``e``
-    when ``want_grad`` (zeros for a chunk of -inf, whose sum is 0, or NaN if it holds a NaN)."""
+def _chunk_reads(y, w, q, prob, smoothing, eps_r):
+    """(max, sum w q' y, sum w q') of one chunk, reading it only."""
     swy = swq = 0.0
     if prob or smoothing > 0:
         swy, swq = _chunk_target_sums(y, w, q, prob, 1 - smoothing, eps_r)
-    m = _chunk_max(y)
+    return _chunk_max(y), swy, swq
+
+
+@nb.njit(fastmath=FASTMATH, inline="always")
+def _chunk_exps(y, m, e, want_grad):
+    """Sum of exp(y - m) of a chunk whose max is ``m``; the terms go to ``e`` when ``want_grad``
+    (zeros for a chunk of -inf, whose sum is 0, or NaN if it holds a NaN)."""
     if m == -np.inf:
         if want_grad:
             e[:] = 0
-        return m, _empty_chunk_sum(y), swy, swq
-    return m, _chunk_sumexp(y, m, e, want_grad), swy, swq
+        return _empty_chunk_sum(y)
+    return _chunk_sumexp(y, m, e, want_grad)
 
 
 @nb.njit
@@ -379,6 +391,16 @@ def _combine(m_row, s_row, m, s):
     if m > m_row:
         return m, s_row * math.exp(m_row - m) + s
     return m_row, s_row + s * math.exp(m - m_row)
+
+
+@nb.njit
+def _chunk_scale(m, m_row, s_row):
+    """exp(m - lse): what turns a chunk's exp(y - m) into probabilities; no exp call for the
+    chunk that holds the row's max (every chunk of a short row). A chunk of -inf has p = 0 (its e
+    are 0), but the smoothing and target terms still apply to it."""
+    if m == m_row:
+        return 1 / s_row
+    return math.exp(m - m_row) / s_row if m > -np.inf else 0.0
 
 
 @nb.njit(fastmath=FASTMATH, inline="always")
@@ -424,12 +446,8 @@ def _ce_row(
     if not (kept or want_grad):
         return 0.0, 0.0
     e = _exps_in(g, exp_buf)
-    y_t = 0.0
-    if kept and not prob:  # read before an in-place gradient overwrites the row
-        y_t = np.float64(_widen(x[t]))
-        if softcap > 0:
-            y_t = softcap * math.tanh(y_t / softcap)
     eps_r = smoothing / n_classes
+    y_t = 0.0
     m_row = -np.inf
     s_row = 0.0
     sum_wy = 0.0  # sum_c w_c y_c (label smoothing) or sum_c w_c q'_c y_c (probability targets)
@@ -438,12 +456,21 @@ def _ce_row(
     for c in range(n_chunks):
         lo = c * CHUNK
         hi = min(lo + CHUNK, n_classes)
+        wc = w[lo:hi]
+        qc = q[lo:hi]
         if softcap > 0:
-            y = ybuf[lo:hi]
-            _softcap_chunk(x[lo:hi], softcap, y)
-            m, s, swy, swq = _chunk_stats(y, w[lo:hi], q[lo:hi], prob, smoothing, eps_r, e[lo:hi], want_grad)
+            _softcap_chunk(x[lo:hi], softcap, ybuf[lo:hi])
+            m, swy, swq = _chunk_reads(ybuf[lo:hi], wc, qc, prob, smoothing, eps_r)
         else:
-            m, s, swy, swq = _chunk_stats(x[lo:hi], w[lo:hi], q[lo:hi], prob, smoothing, eps_r, e[lo:hi], want_grad)
+            m, swy, swq = _chunk_reads(x[lo:hi], wc, qc, prob, smoothing, eps_r)
+        if kept and lo <= t < hi:  # read now that the chunk is in L1, before an in-place gradient overwrites it
+            y_t = np.float64(_widen(x[t]))
+            if softcap > 0:
+                y_t = softcap * math.tanh(y_t / softcap)
+        if softcap > 0:
+            s = _chunk_exps(ybuf[lo:hi], m, e[lo:hi], want_grad)
+        else:
+            s = _chunk_exps(x[lo:hi], m, e[lo:hi], want_grad)
         chunk_max[c] = m
         m_row, s_row = _combine(m_row, s_row, m, s)
         sum_wy += swy
@@ -483,17 +510,14 @@ def _ce_row(
     for c in range(n_chunks):
         lo = c * CHUNK
         hi = min(lo + CHUNK, n_classes)
-        # a chunk of -inf holds p_j = 0 (its e_j are 0), but the smoothing / target terms still apply
-        p_scale = math.exp(chunk_max[c] - lse) if chunk_max[c] > -np.inf else 0.0
-        a = _cast(e, scale * coef_p * p_scale)
+        a = _cast(e, scale * coef_p * _chunk_scale(chunk_max[c], m_row, s_row))
         yc = ybuf[lo:hi]
         if softcap > 0:
             _grad_chunk(e[lo:hi], g[lo:hi], w[lo:hi], q[lo:hi], yc, a, b, b0, prob, inv_cap)
         else:
             _grad_chunk(e[lo:hi], g[lo:hi], w[lo:hi], q[lo:hi], None, a, b, b0, prob, inv_cap)
     if not prob:  # the target's term, added before the one rounding of g[t]
-        c = t // CHUNK
-        p_t = e_t * math.exp(chunk_max[c] - lse) if chunk_max[c] > -np.inf else 0.0
+        p_t = e_t * _chunk_scale(chunk_max[t // CHUNK], m_row, s_row)
         v = scale * (coef_p * p_t - eps_r * w_t - (1 - smoothing) * w_t)
         if softcap > 0:
             v *= 1 - (y_t / softcap) ** 2
@@ -627,7 +651,7 @@ def _softmax_kernel(x, out, log, row_max, row_log_sum):
             if chunk_max[c] == -np.inf:
                 oc[:] = 0
                 continue
-            a = _cast(o, math.exp(chunk_max[c] - lse))
+            a = _cast(o, _chunk_scale(chunk_max[c], m_row, s_row))
             for j in range(oc.shape[0]):
                 oc[j] = oc[j] * a
 
