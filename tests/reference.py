@@ -44,8 +44,8 @@ def reference_cross_entropy(
         y2, t2, weight=w, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
     )
     if z_loss:
-        kept = torch.ones(y2.shape[0], dtype=torch.float64) if prob else (t2 != ignore_index).double()
-        z = z_loss * torch.logsumexp(y2, -1) ** 2 * kept
+        kept = torch.ones(y2.shape[0], dtype=torch.bool) if prob else t2 != ignore_index
+        z = torch.where(kept, z_loss * torch.logsumexp(y2, -1) ** 2, 0.0)  # 0 (not inf * 0) for ignored rows
         if reduction == "none":
             loss = loss + z
         elif reduction == "sum":
@@ -53,7 +53,7 @@ def reference_cross_entropy(
         elif prob:
             loss = loss + z.sum() / y2.shape[0]
         else:
-            tw = kept if w is None else w[t2.clamp(0, r - 1)] * kept
+            tw = kept.double() if w is None else w[t2.clamp(0, r - 1)] * kept
             if tw.sum() > 0:  # no kept row: the loss is already NaN and the gradient 0, as in torch
                 loss = loss + z.sum() / tw.sum()
     if reduction == "none":

@@ -477,7 +477,9 @@ def _ce_row(
         sum_wq += swq
     lse = m_row + math.log(s_row)
 
-    if not math.isfinite(lse):  # a row of -inf, or a NaN or +inf in it: no softmax, NaN as in PyTorch
+    # A row of -inf, or a NaN or +inf in it: no softmax, NaN as in PyTorch. (Not math.isfinite: under
+    # reassoc numba's isfinite(x) tests x - x, which folds to 0, so -inf passed as finite.)
+    if not -np.inf < lse < np.inf:
         if want_grad:
             g[:] = _narrow(g, np.nan)
         return (np.nan, lse) if kept else (0.0, 0.0)
@@ -642,7 +644,7 @@ def _softmax_kernel(x, out, log, row_max, row_log_sum):
         if log:
             continue
         lse = m_row + row_log_sum[i]
-        if not math.isfinite(lse):
+        if not -np.inf < lse < np.inf:  # as in _ce_row
             o[:] = np.nan
             continue
         for c in range(n_chunks):
