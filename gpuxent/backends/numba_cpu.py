@@ -41,7 +41,10 @@ from numba.extending import intrinsic, overload
 
 NAME = "numba_cpu"
 CHUNK = 2048
+# A task holds ROWS_PER_TASK rows, or more short ones: at least TASK_ELEMENTS logits, so that the
+# per-task buffers and the scheduling are paid once per 64 K elements, not once per 16 short rows.
 ROWS_PER_TASK = 16
+TASK_ELEMENTS = 1 << 16
 # Every fast-math flag except nnan/ninf: NaN and inf must propagate as in PyTorch.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
@@ -547,14 +550,15 @@ def _ce_kernel(
     """Rows in tasks of ``ROWS_PER_TASK``. ``grad_scale`` holds one factor or one per row. With
     ``inplace`` the gradient goes over ``logits`` and ``grad`` is not used."""
     n_rows, n_classes = logits.shape
-    n_tasks = (n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    rows_per_task = max(ROWS_PER_TASK, TASK_ELEMENTS // n_classes)
+    n_tasks = (n_rows + rows_per_task - 1) // rows_per_task
     n_chunks = (n_classes + CHUNK - 1) // CHUNK
     per_row = grad_scale.shape[0] > 1
     for task in prange(n_tasks):
         exp_buf = _exp_buffer(logits, n_classes if want_grad else 0)
         ybuf = _compute_buffer(logits, n_classes if softcap > 0 else 0)
         chunk_max = np.empty(n_chunks, np.float64)
-        for i in range(task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, n_rows)):
+        for i in range(task * rows_per_task, min((task + 1) * rows_per_task, n_rows)):
             t = -1 if prob else target[i]
             q = probs[i if prob else 0]
             scale = grad_scale[i if per_row else 0]
