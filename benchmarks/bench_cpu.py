@@ -200,6 +200,48 @@ def goals(result: dict) -> list[str]:
     return out
 
 
+def _calls(x, t, grad, n_calls=50):
+    from gpuxent.backends import numba_cpu as nc
+
+    kw = dict(ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, grad_scale=None)
+    return lambda: [nc.cross_entropy(x, t, None, grad=grad, **kw) for _ in range(n_calls)]
+
+
+def _fresh_fill(shape, dtype):
+    from gpuxent.backends import numba_cpu as nc
+
+    return lambda: nc.empty(shape, dtype).fill_(1)
+
+
+def diagnostics(repeats: int) -> list[str]:
+    """Numbers that tell which limit a row hits: the kernel's compute rate with the logits in cache
+    (no memory traffic: the compute floor), and the cost of a fresh gradient buffer's first touch
+    (the page faults: the kernel zeroes every page)."""
+    from gpuxent.backends import numba_cpu as nc
+
+    cpu = torch.device("cpu")
+    out = []
+    for (n, r), dtype in (((256, 2048), torch.float32), ((256, 2048), torch.bfloat16), ((2048, 128), torch.float32)):
+        x = (torch.randn(n, r) * 2).to(dtype)  # 2 MiB or less: stays in L2 + L3 between calls
+        t = torch.randint(0, r, (n,))
+        fwd, fwd_bwd = (bench.time_ms(_calls(x, t, g), cpu, repeats) / 50 / (n * r) * 1e6 for g in (None, x.clone()))
+        out.append(
+            f"compute floor, {str(dtype).replace('torch.', '')} rows of {r} in cache: fwd {fwd:.3f} ns/element, "
+            f"fwd+bwd {fwd_bwd:.3f} ns/element"
+        )
+    sizes = (((4096, 32768), torch.float32), ((4096, 32768), torch.bfloat16), ((65536, 128), torch.float32))
+    for shape, dtype in sizes:
+        faulted = nc.empty(shape, dtype)
+        faulted.fill_(0)
+        fill = bench.time_ms(lambda f=faulted: f.fill_(1), cpu, repeats)
+        fresh = bench.time_ms(_fresh_fill(shape, dtype), cpu, repeats)
+        out.append(
+            f"fresh gradient buffer {shape[0]} x {shape[1]} {str(dtype).replace('torch.', '')}: fill {fill:.1f} ms "
+            f"once faulted, {fresh:.1f} ms fresh (first touch)"
+        )
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=7)
@@ -209,9 +251,11 @@ def main():
     args = p.parse_args()
     result = run(args.repeats, not args.no_compile, not args.no_jax)
     result["goals"] = goals(result)
+    result["diagnostics"] = diagnostics(args.repeats)
     pathlib.Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
     print("\n" + "\n".join(result["goals"]))
+    print("\n" + "\n".join(result["diagnostics"]))
 
 
 if __name__ == "__main__":
