@@ -36,7 +36,7 @@ def torch_cross_entropy(
     if not z_loss:
         return loss
     kept = torch.ones(y.shape[0], dtype=y.dtype) if prob else (target != ignore_index).to(y.dtype)
-    z = z_loss * torch.logsumexp(y, -1) ** 2 * kept
+    z = torch.where(kept > 0, z_loss * torch.logsumexp(y, -1) ** 2, 0.0)  # 0, not inf * 0, for ignored rows
     if reduction == "none":
         return loss + z
     if reduction == "sum":

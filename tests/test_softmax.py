@@ -73,3 +73,25 @@ def test_log_softmax_of_large_logits(backend, rng):
     assert_close(out, torch.log_softmax(x.double().cpu(), -1), torch.float32, "log_softmax")
     loss = gx.cross_entropy(x, x.argmax(-1), reduction="none", backend=backend.name)
     assert_close(loss, -torch.log_softmax(x.double().cpu(), -1).max(-1).values, torch.float32, "loss at the max")
+
+
+def test_row_of_neg_inf_is_nan_as_in_torch(backend, rng):
+    r = 300 if backend.interpreted else 5000
+    x = backend.tensor(rng.standard_normal((3, r)) * 3, dtype=torch.float32)
+    x[0] = -float("inf")
+    x[2, : r // 2] = -float("inf")  # -inf in some chunks only: a finite softmax
+    for fn, ref in ((gx.softmax, torch.softmax), (gx.log_softmax, torch.log_softmax)):
+        out = fn(x, backend=backend.name)
+        expected = ref(x.double().cpu(), -1)
+        assert torch.isnan(expected[0]).all()
+        assert_close(out, expected, torch.float32, fn.__name__)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_inputs_every_chunk(backend, rng, dtype):
+    r = 300 if backend.interpreted else 5000
+    x = backend.tensor(rng.standard_normal((3, r)) * 4, dtype=dtype)
+    for fn, ref in ((gx.softmax, torch.softmax), (gx.log_softmax, torch.log_softmax)):
+        out = fn(x, backend=backend.name)
+        assert out.dtype == dtype
+        assert_close(out, ref(x.double().cpu(), -1), dtype, fn.__name__)

@@ -6,10 +6,22 @@ gradient is asked for) the exponentials themselves, stored in the gradient buffe
 same visit; a last sweep rescales them by ``exp(chunk_max - lse)`` into the gradient, while the row is
 still in L2. So forward+backward reads the logits once and writes the gradient once.
 
+The gradient may be the logits themselves (in place): the kernel then passes ONE array as both, so
+that LLVM sees one pointer. Given two arrays that are the same memory, the loops it vectorized behind
+a runtime overlap check fall back to their scalar versions (the in-place path ran 3.5x slower than
+the fresh one).
+
+bfloat16 and float16 arrive as their bits (uint16 / int16 views, no copy), are widened to float32 in
+registers, and the gradient is rounded once, on store (round to nearest even). Their exponentials
+wait in a float32 row buffer per task instead of the gradient itself.
+
 ``math.exp`` does not vectorize in numba (no SVML in PyPI's llvmlite), so ``_exp_neg`` is a
 branch-free exp for non-positive arguments (Cody-Waite reduction, Taylor polynomial, exponent bits
 built by an LLVM intrinsic) that LLVM turns into AVX-512 code; it is within 2 ulp in float32 and
 float64.
+
+A row without a softmax (all -inf, or a NaN or +inf in it) gets a NaN gradient and, when kept, a
+NaN loss, as in PyTorch.
 
 Byte model, forward+backward, class targets: read N*r logits, write N*r gradient, read N targets,
 write N losses and N lse.
@@ -32,9 +44,14 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic, overload
 
+from . import rowmath
+
 NAME = "numba_cpu"
 CHUNK = 2048
+# A task holds ROWS_PER_TASK rows, or more short ones: at least TASK_ELEMENTS logits, so that the
+# per-task buffers and the scheduling are paid once per 64 K elements, not once per 16 short rows.
 ROWS_PER_TASK = 16
+TASK_ELEMENTS = 1 << 16
 # Every fast-math flag except nnan/ninf: NaN and inf must propagate as in PyTorch.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
@@ -202,15 +219,19 @@ def _pow2(typingctx, k):
 
 @intrinsic
 def _maxnum(typingctx, a, b):
-    """``llvm.maxnum``: the larger of two floats, ignoring a NaN; LLVM vectorizes its reductions
-    (a compare-and-select max does not vectorize)."""
+    """``llvm.maxnum`` under ``nnan``: the larger of two floats, a plain ``vmaxps``; LLVM vectorizes
+    its reductions (a compare-and-select max does not) and ends them with a shuffle tree. Without
+    ``nnan`` the NaN handling costs a compare and a blend per vector and the reduction becomes a
+    chain of 16 scalar steps (~40 ns, more than the rest of a 128-class row). A NaN may or may not
+    come out as the max: either way it reaches the row's sum of exp (``_chunk_sumexp`` or
+    ``_empty_chunk_sum``), which is what makes the row NaN."""
     if a != b or not isinstance(a, types.Float):
         return None
 
     def codegen(context, builder, signature, args):
         ty = args[0].type
         fn = builder.module.declare_intrinsic("llvm.maxnum", [ty], ir.FunctionType(ty, [ty, ty]))
-        return builder.call(fn, args)
+        return builder.call(fn, args, fastmath=("nnan",))
 
     return a(a, b), codegen
 
@@ -263,7 +284,84 @@ def _tanh(u):
     return t if u >= 0 else -t
 
 
-# --------------------------------------------------------------------------- fused cross-entropy
+# --------------------------------------------------------------------------- half precision, in registers
+# numpy has no bfloat16 and numba no float16: half tensors reach the kernels as their bits (bfloat16
+# as uint16, float16 as int16), are widened to float32 as they are loaded and rounded once on store.
+
+_HALF_BITS = {torch.bfloat16: torch.uint16, torch.float16: torch.int16}
+
+
+@intrinsic
+def _half_to_float(typingctx, bits):
+    """float32 from the bits of a bfloat16 (uint16: the top half of a float32) or a float16 (int16)."""
+    i32 = ir.IntType(32)
+    if bits == types.uint16:
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16)), ir.FloatType())
+
+    elif bits == types.int16:
+
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    else:
+        return None
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _float_to_half(typingctx, like, v):
+    """The bits of float32 ``v`` rounded to nearest even: a bfloat16 when ``like`` is a uint16 array,
+    a float16 when it is an int16 one. NaN stays a (quiet) NaN."""
+    if v != types.float32 or not isinstance(like, types.Array) or like.dtype not in (types.uint16, types.int16):
+        return None
+    i32 = ir.IntType(32)
+    if like.dtype == types.uint16:
+
+        def codegen(context, builder, signature, args):
+            value = args[1]
+            bits = builder.bitcast(value, i32)
+            top = builder.lshr(bits, ir.Constant(i32, 16))
+            bias = builder.add(builder.and_(top, ir.Constant(i32, 1)), ir.Constant(i32, 0x7FFF))
+            rounded = builder.lshr(builder.add(bits, bias), ir.Constant(i32, 16))
+            quiet_nan = builder.or_(top, ir.Constant(i32, 0x40))
+            is_nan = builder.fcmp_unordered("uno", value, value)
+            return builder.trunc(builder.select(is_nan, quiet_nan, rounded), ir.IntType(16))
+
+    else:
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(builder.fptrunc(args[1], ir.HalfType()), ir.IntType(16))
+
+    return like.dtype(like, v), codegen
+
+
+def _widen(v):  # pragma: no cover - replaced by the overload below inside njit code
+    raise NotImplementedError
+
+
+@overload(_widen)
+def _widen_overload(v):
+    """An element in its compute type: a float as it is, half-precision bits as a float32."""
+    if isinstance(v, types.Float):
+        return lambda v: v
+    if v in (types.uint16, types.int16):
+        return lambda v: _half_to_float(v)
+    return None
+
+
+def _narrow(like, v):  # pragma: no cover - replaced by the overload below inside njit code
+    raise NotImplementedError
+
+
+@overload(_narrow)
+def _narrow_overload(like, v):
+    """``v`` rounded once to the element type of the array ``like`` (half precision as its bits)."""
+    if isinstance(like.dtype, types.Float):
+        ctor = np.dtype(like.dtype.name).type
+        return lambda like, v: ctor(v)
+    return lambda like, v: _float_to_half(like, np.float32(v))
 
 
 def _cast(like, v):  # pragma: no cover - replaced by the overload below inside njit code
@@ -272,15 +370,47 @@ def _cast(like, v):  # pragma: no cover - replaced by the overload below inside 
 
 @overload(_cast)
 def _cast_overload(like, v):
-    """``v`` converted to the element type of the array ``like``."""
-    ctor = np.dtype(like.dtype.name).type
-
-    def impl(like, v):
-        return ctor(v)
-
-    return impl
+    """``v`` in the compute type of the array ``like``: float64 for float64, else float32."""
+    ctor = np.float64 if like.dtype == types.float64 else np.float32
+    return lambda like, v: ctor(v)
 
 
+def _compute_buffer(like, n):  # pragma: no cover - replaced by the overload below inside njit code
+    raise NotImplementedError
+
+
+@overload(_compute_buffer)
+def _compute_buffer_overload(like, n):
+    """A new (n,) array of the compute type of ``like``."""
+    dt = np.float64 if like.dtype == types.float64 else np.float32
+    return lambda like, n: np.empty(n, dt)
+
+
+def _exp_buffer(grad, n):  # pragma: no cover - replaced by the overload below inside njit code
+    raise NotImplementedError
+
+
+@overload(_exp_buffer)
+def _exp_buffer_overload(grad, n):
+    """The float32 row in which a half-precision gradient keeps its exponentials (see ``_ce_row``);
+    an empty one for a float gradient, which keeps them in itself."""
+    if isinstance(grad.dtype, types.Float):
+        return lambda grad, n: np.empty(0, grad.dtype)
+    return lambda grad, n: np.empty(n, np.float32)
+
+
+def _exps_in(g, buf):  # pragma: no cover - replaced by the overload below inside njit code
+    raise NotImplementedError
+
+
+@overload(_exps_in)
+def _exps_in_overload(g, buf):
+    if isinstance(g.dtype, types.Float):
+        return lambda g, buf: g
+    return lambda g, buf: buf
+
+
+# --------------------------------------------------------------------------- fused cross-entropy
 # The chunk helpers take slices and loop from 0: an index that numba cannot prove non-negative gets
 # a wraparound select that stops LLVM from vectorizing the loop.
 
@@ -290,7 +420,7 @@ def _softcap_chunk(x, softcap, y):
     inv = _cast(x, 1 / softcap)
     cap = _cast(x, softcap)
     for j in range(x.shape[0]):
-        y[j] = cap * _tanh(x[j] * inv)
+        y[j] = cap * _tanh(_widen(x[j]) * inv)
 
 
 @nb.njit(fastmath=FASTMATH)
@@ -298,7 +428,7 @@ def _chunk_max(y):
     """Max of the chunk ignoring NaN; -inf when the chunk holds only -inf and NaN."""
     m = _cast(y, -np.inf)
     for j in range(y.shape[0]):
-        m = _maxnum(m, y[j])
+        m = _maxnum(m, _widen(y[j]))
     return m
 
 
@@ -306,59 +436,132 @@ def _chunk_max(y):
 def _empty_chunk_sum(y):
     """What a chunk whose max is -inf adds to the sum of exp: 0, or NaN if it holds a NaN."""
     for j in range(y.shape[0]):
-        if y[j] != y[j]:
+        v = _widen(y[j])
+        if v != v:
             return np.nan
     return 0.0
 
 
-@nb.njit(fastmath=FASTMATH)
+# Inlined by numba, so that LLVM vectorizes the loop where it can see whether ``e`` is ``y`` (an
+# in-place gradient): compiled on its own, the loop is guarded by a runtime check that the two
+# arrays do not overlap, which fails for an in-place gradient and runs the scalar loop, 6x slower.
+@nb.njit(fastmath=FASTMATH, inline="always")
 def _chunk_sumexp(y, m, e, store):
     """Sum of exp(y - m) over a chunk, in float64; the terms go to ``e`` when ``store``."""
     s = _cast(y, 0)
     if store:
         for j in range(y.shape[0]):
-            v = _exp_neg(y[j] - m)
+            v = _exp_neg(_widen(y[j]) - m)
             e[j] = v
             s += v
     else:
         for j in range(y.shape[0]):
-            s += _exp_neg(y[j] - m)
+            s += _exp_neg(_widen(y[j]) - m)
     return np.float64(s)
 
 
+@nb.njit(fastmath=FASTMATH)
+def _chunk_target_sums(y, w, q, prob, keep, add):
+    """(sum_c w_c q'_c y_c, sum_c w_c q'_c) with q' = keep q + add for probability targets;
+    (sum_c w_c y_c, 0) for class targets (label smoothing)."""
+    swy = _cast(y, 0)
+    swq = _cast(y, 0)
+    if prob:
+        k = _cast(y, keep)
+        a = _cast(y, add)
+        for j in range(y.shape[0]):
+            wq = w[j] * (k * q[j] + a)
+            swy += wq * _widen(y[j])
+            swq += wq
+    else:
+        for j in range(y.shape[0]):
+            swy += w[j] * _widen(y[j])
+    return np.float64(swy), np.float64(swq)
+
+
+@nb.njit(fastmath=FASTMATH, inline="always")
+def _chunk_reads(y, w, q, prob, smoothing, eps_r):
+    """(max, sum w q' y, sum w q') of one chunk, reading it only."""
+    swy = swq = 0.0
+    if prob or smoothing > 0:
+        swy, swq = _chunk_target_sums(y, w, q, prob, 1 - smoothing, eps_r)
+    return _chunk_max(y), swy, swq
+
+
+@nb.njit(fastmath=FASTMATH, inline="always")
+def _chunk_exps(y, m, e, want_grad):
+    """Sum of exp(y - m) of a chunk whose max is ``m``; the terms go to ``e`` when ``want_grad``
+    (zeros for a chunk of -inf, whose sum is 0, or NaN if it holds a NaN)."""
+    if m == -np.inf:
+        if want_grad:
+            e[:] = 0
+        return _empty_chunk_sum(y)
+    return _chunk_sumexp(y, m, e, want_grad)
+
+
+_ROW = rowmath.make(np.float64)  # the row math shared with numba_cuda, on float64 row sums
+_merge = nb.njit(_ROW.merge)
+_loss_and_coef = nb.njit(_ROW.loss_and_coef)
+_bce = nb.njit(_ROW.bce)
+_bce_logits = nb.njit(_ROW.bce_logits)
+
+
 @nb.njit
-def _combine(m_row, s_row, m, s):
-    """Merge a chunk's (max, sum of exp) into the row's running pair."""
-    if m_row == -np.inf:  # the first chunk (or only -inf so far): no rescaling, no exp call
-        return m, s_row + s
-    if m > m_row:
-        return m, s_row * math.exp(m_row - m) + s
-    return m_row, s_row + s * math.exp(m - m_row)
+def _chunk_scale(m, m_row, s_row):
+    """exp(m - lse): what turns a chunk's exp(y - m) into probabilities; no exp call for the
+    chunk that holds the row's max (every chunk of a short row). A chunk of -inf has p = 0 (its e
+    are 0), but the smoothing and target terms still apply to it."""
+    if m == m_row:
+        return 1 / s_row
+    return math.exp(m - m_row) / s_row if m > -np.inf else 0.0
+
+
+@nb.njit(fastmath=FASTMATH, inline="always")
+def _grad_chunk(e, g, w, q, y, a, b, b0, prob, inv_cap):
+    """g = (a e - w (b q + b0)) (1 - (y / softcap)**2), rounded once to g's type: ``q`` only for
+    probability targets (class targets: a e - b0 w), the softcap factor only when ``y`` is not None
+    (numba compiles the ``is None`` tests away)."""
+    if prob:
+        for j in range(g.shape[0]):
+            v = a * e[j] - w[j] * (b * q[j] + b0)
+            if y is not None:
+                v *= 1 - (y[j] * inv_cap) * (y[j] * inv_cap)
+            g[j] = _narrow(g, v)
+    elif b0 != 0:
+        for j in range(g.shape[0]):
+            v = a * e[j] - b0 * w[j]
+            if y is not None:
+                v *= 1 - (y[j] * inv_cap) * (y[j] * inv_cap)
+            g[j] = _narrow(g, v)
+    else:
+        for j in range(g.shape[0]):
+            v = a * e[j]
+            if y is not None:
+                v *= 1 - (y[j] * inv_cap) * (y[j] * inv_cap)
+            g[j] = _narrow(g, v)
 
 
 @nb.njit(fastmath=FASTMATH, inline="always")
 def _ce_row(
-    x, t, q, prob, w, sum_w, ignore_index, smoothing, z_loss, softcap, grad_scale, g, want_grad,
-    ybuf, chunk_max,
+    x, t, q, prob, w, sum_w, ignore_index, smoothing, z_loss, softcap, scale, g, want_grad, exp_buf, ybuf,
+    chunk_max,
 ):  # fmt: skip
-    """Loss and lse of one row; writes the row's gradient into ``g`` when ``want_grad``.
+    """Loss and lse of one row; writes the row's gradient (times ``scale``) into ``g`` when ``want_grad``.
 
     ``t`` is the class index, or ``q`` the probability row when ``prob``; ``w`` are the class
-    weights (ones when none were given) and ``sum_w`` their sum. ``g`` may be ``x`` itself
-    (in-place gradient) unless there is a softcap.
+    weights (ones when none were given) and ``sum_w`` their sum. ``g`` may be ``x`` itself (in-place
+    gradient). The first sweep keeps exp(y - chunk max) in ``g`` itself, or in ``exp_buf`` (float32)
+    when ``g`` is half precision, so that each gradient element is rounded once; ``ybuf`` holds the
+    soft-capped row, which the second sweep needs for the tanh's derivative.
     """
     n_classes = x.shape[0]
-    if not prob and t == ignore_index:
+    if not prob and t == ignore_index:  # an ignored row counts for nothing: loss and gradient 0, unread
         if want_grad:
-            for j in range(n_classes):
-                g[j] = 0
+            g[:] = _narrow(g, 0)
         return 0.0, 0.0
-    y_t = 0.0
-    if not prob:  # read before the row is overwritten by an in-place gradient
-        y_t = np.float64(x[t])
-        if softcap > 0:
-            y_t = softcap * math.tanh(y_t / softcap)
+    e = _exps_in(g, exp_buf)
     eps_r = smoothing / n_classes
+    y_t = 0.0
     m_row = -np.inf
     s_row = 0.0
     sum_wy = 0.0  # sum_c w_c y_c (label smoothing) or sum_c w_c q'_c y_c (probability targets)
@@ -367,157 +570,152 @@ def _ce_row(
     for c in range(n_chunks):
         lo = c * CHUNK
         hi = min(lo + CHUNK, n_classes)
-        n = hi - lo
         wc = w[lo:hi]
+        qc = q[lo:hi]
         if softcap > 0:
-            y = ybuf[:n]
-            _softcap_chunk(x[lo:hi], softcap, y)
+            _softcap_chunk(x[lo:hi], softcap, ybuf[lo:hi])
+            m, swy, swq = _chunk_reads(ybuf[lo:hi], wc, qc, prob, smoothing, eps_r)
         else:
-            y = x[lo:hi]
-        if prob:
-            qc = q[lo:hi]
-            keep = _cast(y, 1 - smoothing)
-            add = _cast(y, eps_r)
-            sq = _cast(y, 0)
-            swq = _cast(y, 0)
-            for j in range(n):
-                wq = wc[j] * (keep * qc[j] + add)
-                sq += wq * y[j]
-                swq += wq
-            sum_wy += sq
-            sum_wq += swq
-        elif smoothing > 0:
-            sy = _cast(y, 0)
-            for j in range(n):
-                sy += wc[j] * y[j]
-            sum_wy += sy
-        m = _chunk_max(y)
+            m, swy, swq = _chunk_reads(x[lo:hi], wc, qc, prob, smoothing, eps_r)
+        if not prob and lo <= t < hi:  # read now that the chunk is in L1, before an in-place gradient overwrites it
+            y_t = np.float64(_widen(x[t]))
+            if softcap > 0:
+                y_t = softcap * math.tanh(y_t / softcap)
+        if softcap > 0:
+            s = _chunk_exps(ybuf[lo:hi], m, e[lo:hi], want_grad)
+        else:
+            s = _chunk_exps(x[lo:hi], m, e[lo:hi], want_grad)
         chunk_max[c] = m
-        if m == -np.inf:  # a chunk of -inf adds nothing (and must not add exp(-inf + inf) = nan)
-            s_row += _empty_chunk_sum(y)
-            if want_grad:
-                g[lo:hi] = 0
-            continue
-        s = _chunk_sumexp(y, m, g[lo:hi] if want_grad else y, want_grad)
-        m_row, s_row = _combine(m_row, s_row, m, s)
-    lse = m_row + math.log(s_row)
+        m_row, s_row = _merge(m_row, s_row, m, s)
+        sum_wy += swy
+        sum_wq += swq
+    log_s = math.log(s_row)
+    lse = m_row + log_s
 
-    if prob:
-        loss = sum_wq * lse - sum_wy
-        coef_p = sum_wq
-        w_t = 0.0
-    else:
-        w_t = np.float64(w[t])
-        loss = (1 - smoothing) * w_t * (lse - y_t)
-        coef_p = (1 - smoothing) * w_t
-        if smoothing > 0:
-            loss += eps_r * (sum_w * lse - sum_wy)
-            coef_p += eps_r * sum_w
-    if z_loss > 0:
-        loss += z_loss * lse * lse
-        coef_p += 2 * z_loss * lse
+    # A row of -inf, or a NaN or +inf in it: no softmax, NaN as in PyTorch. (Not math.isfinite: under
+    # reassoc numba's isfinite(x) tests x - x, which folds to 0, so -inf passed as finite.)
+    if not -np.inf < lse < np.inf:
+        if want_grad:
+            g[:] = _narrow(g, np.nan)
+        return np.nan, lse
+    w_t = 0.0 if prob else np.float64(w[t])
+    loss, coef_p = _loss_and_coef(
+        m_row, log_s, y_t, w_t, sum_wy, sum_wq if prob else sum_w, prob, 1 - smoothing, eps_r, smoothing, z_loss
+    )
     if not want_grad:
         return loss, lse
 
-    # grad_j = scale * (coef_p * p_j - eps_r * w_j - (1 - eps) * w_t [j == t]), p_j = e_j exp(m_c - lse)
-    # probability targets: grad_j = scale * (coef_p * p_j - w_j q'_j)
+    # grad_j = scale (coef_p p_j - eps_r w_j - (1 - eps) w_t [j == t]) (1 - (y_j / softcap)**2),
+    # p_j = e_j exp(m_c - lse); probability targets: grad_j = scale (coef_p p_j - w_j q'_j) (...)
+    e_t = np.float64(e[t]) if not prob else 0.0  # before the sweep below overwrites e (= g)
+    inv_cap = _cast(e, 1 / softcap if softcap > 0 else 0.0)
+    b = _cast(e, scale * (1 - smoothing))
+    b0 = _cast(e, scale * eps_r)
     for c in range(n_chunks):
         lo = c * CHUNK
         hi = min(lo + CHUNK, n_classes)
-        if chunk_max[c] == -np.inf and not (prob or smoothing > 0):
-            continue  # p_j = 0 and no target mass: the zeros of the first sweep stay
-        gc = g[lo:hi]
-        wc = w[lo:hi]
-        # a chunk of -inf holds p_j = 0 (its g_j are 0), but the smoothing / target terms still apply
-        p_scale = math.exp(chunk_max[c] - lse) if chunk_max[c] > -np.inf else 0.0
-        a = _cast(g, grad_scale * coef_p * p_scale)
-        if prob:
-            qc = q[lo:hi]
-            b = _cast(g, grad_scale * (1 - smoothing))
-            b0 = _cast(g, grad_scale * eps_r)
-            for j in range(hi - lo):
-                gc[j] = gc[j] * a - wc[j] * (b * qc[j] + b0)
-        elif smoothing > 0:
-            b = _cast(g, grad_scale * eps_r)
-            for j in range(hi - lo):
-                gc[j] = gc[j] * a - b * wc[j]
+        a = _cast(e, scale * coef_p * _chunk_scale(chunk_max[c], m_row, s_row))
+        yc = ybuf[lo:hi]
+        if softcap > 0:
+            _grad_chunk(e[lo:hi], g[lo:hi], w[lo:hi], q[lo:hi], yc, a, b, b0, prob, inv_cap)
         else:
-            for j in range(hi - lo):
-                gc[j] = gc[j] * a
+            _grad_chunk(e[lo:hi], g[lo:hi], w[lo:hi], q[lo:hi], None, a, b, b0, prob, inv_cap)
+    if not prob:  # the target's term, added before the one rounding of g[t]
+        p_t = e_t * _chunk_scale(chunk_max[t // CHUNK], m_row, s_row)
+        v = scale * (coef_p * p_t - eps_r * w_t - (1 - smoothing) * w_t)
         if softcap > 0:
-            xc = x[lo:hi]
-            inv = _cast(x, 1 / softcap)
-            for j in range(hi - lo):
-                th = _tanh(xc[j] * inv)
-                gc[j] = gc[j] * (1 - th * th)
-    if not prob:
-        d = grad_scale * (1 - smoothing) * w_t
-        if softcap > 0:
-            d *= 1 - (y_t / softcap) ** 2
-        g[t] -= d
+            v *= 1 - (y_t / softcap) ** 2
+        g[t] = _narrow(g, v)
     return loss, lse
 
 
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _ce_kernel(
-    logits, target, probs, prob, weight, sum_w, ignore_index, smoothing, z_loss, softcap,
-    grad_scale, grad, want_grad, loss, lse,
+    logits, target, probs, prob, weight, sum_w, ignore_index, smoothing, z_loss, softcap, grad_scale, grad,
+    want_grad, inplace, loss, lse,
 ):  # fmt: skip
+    """Rows in tasks of ``ROWS_PER_TASK``. ``grad_scale`` holds one factor or one per row. With
+    ``inplace`` the gradient goes over ``logits`` and ``grad`` is not used."""
     n_rows, n_classes = logits.shape
-    n_tasks = (n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    rows_per_task = max(ROWS_PER_TASK, TASK_ELEMENTS // n_classes)
+    n_tasks = (n_rows + rows_per_task - 1) // rows_per_task
     n_chunks = (n_classes + CHUNK - 1) // CHUNK
+    per_row = grad_scale.shape[0] > 1
     for task in prange(n_tasks):
-        ybuf = np.empty(min(CHUNK, n_classes), logits.dtype)
+        exp_buf = _exp_buffer(logits, n_classes if want_grad else 0)
+        ybuf = _compute_buffer(logits, n_classes if softcap > 0 else 0)
         chunk_max = np.empty(n_chunks, np.float64)
-        for i in range(task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, n_rows)):
-            loss_i, lse_i = _ce_row(
-                logits[i], -1 if prob else target[i], probs[i if prob else 0], prob, weight, sum_w,
-                ignore_index, smoothing, z_loss, softcap, grad_scale, grad[i if want_grad else 0],
-                want_grad, ybuf, chunk_max,
-            )  # fmt: skip
+        for i in range(task * rows_per_task, min((task + 1) * rows_per_task, n_rows)):
+            t = -1 if prob else target[i]
+            q = probs[i if prob else 0]
+            scale = grad_scale[i if per_row else 0]
+            x = logits[i]
+            if inplace:
+                # One array read and written: LLVM's runtime alias check between two arguments
+                # fails when they are the same memory, and every loop then runs scalar (5x slower).
+                loss_i, lse_i = _ce_row(
+                    x, t, q, prob, weight, sum_w, ignore_index, smoothing, z_loss, softcap, scale, x, True,
+                    exp_buf, ybuf, chunk_max,
+                )  # fmt: skip
+            else:
+                loss_i, lse_i = _ce_row(
+                    x, t, q, prob, weight, sum_w, ignore_index, smoothing, z_loss, softcap, scale,
+                    grad[i if want_grad else 0], want_grad, exp_buf, ybuf, chunk_max,
+                )  # fmt: skip
             loss[i] = loss_i
             lse[i] = lse_i
 
 
-_TORCH_DTYPE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+_COMPUTE_DTYPE = {torch.float64: np.float64}  # everything else computes in float32
 
 
-def _np(t: torch.Tensor, dtype=None) -> np.ndarray:
-    """A numpy view of a CPU tensor (half precision is widened to float32: numpy has no bfloat16)."""
-    if t.dtype in (torch.float16, torch.bfloat16):
+def _view(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor; half precision as its bits (see ``_HALF_BITS``)."""
+    t = t.detach()
+    return (t.view(_HALF_BITS[t.dtype]) if t.dtype in _HALF_BITS else t).numpy()
+
+
+def _as(t: torch.Tensor, dtype) -> np.ndarray:
+    """A contiguous numpy array of ``dtype``: a view when the tensor already is one."""
+    if t.dtype in _HALF_BITS:
         t = t.float()
-    a = t.detach().numpy()
-    return a if dtype is None else a.astype(dtype, copy=False)
+    return np.ascontiguousarray(t.detach().numpy(), dtype)
+
+
+def _grad_scale(grad_scale, n_rows: int) -> np.ndarray:
+    if grad_scale is None:
+        return np.ones(1)
+    if not isinstance(grad_scale, torch.Tensor):
+        return np.full(1, float(grad_scale))
+    s = _as(grad_scale.reshape(-1), np.float64)
+    if s.shape[0] not in (1, n_rows):
+        raise ValueError(f"grad_scale: expected 1 or {n_rows} (one per row) elements, got {s.shape[0]}")
+    return s
 
 
 def cross_entropy(logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap, grad_scale, grad):
     """Per-row loss and lse of a (N, r) float tensor; see ``gpuxent.backends`` for the contract."""
-    x = np.ascontiguousarray(_np(logits))
-    dt = x.dtype
+    x = np.ascontiguousarray(_view(logits))
+    dt = _COMPUTE_DTYPE.get(logits.dtype, np.float32)
     n_rows, n_classes = x.shape
     prob = target.is_floating_point()
-    t = np.zeros(1, np.int64) if prob else _np(target, np.int64)
-    q = np.ascontiguousarray(_np(target, dt)) if prob else np.zeros((1, 0), dt)
-    w = np.ones(n_classes, dt) if weight is None else np.ascontiguousarray(_np(weight, dt))
-    direct = grad is not None and grad.dtype == logits.dtype == _TORCH_DTYPE[dt] and grad.is_contiguous()
-    direct = direct and not (softcap and grad.data_ptr() == logits.data_ptr())
-    if grad is None:
-        g = np.zeros((1, 0), dt)
-    else:
-        g = grad.detach().numpy() if direct else empty((n_rows, n_classes), _TORCH_DTYPE[dt]).numpy()
+    t = np.zeros(1, np.int64) if prob else _as(target, np.int64)
+    q = _as(target, dt) if prob else np.zeros((1, 0), dt)
+    w = np.ones(n_classes, dt) if weight is None else _as(weight, dt)
+    inplace = grad is not None and grad.numel() > 0 and grad.data_ptr() == logits.data_ptr()
+    if grad is not None and (grad.shape != logits.shape or grad.dtype != logits.dtype or not grad.is_contiguous()):
+        raise ValueError(f"grad: expected a contiguous {tuple(logits.shape)} {logits.dtype} tensor")
+    if inplace and x.ctypes.data != logits.data_ptr():
+        raise ValueError("grad: an in-place gradient needs contiguous logits")
+    g = _view(grad) if grad is not None and not inplace else np.zeros((1, 0), x.dtype)
     loss = np.empty(n_rows, dt)
     lse = np.empty(n_rows, dt)
-    row_scale = grad_scale is not None and grad_scale.numel() > 1
     if n_rows:
         _launch(
             _ce_kernel, x.size, x, t, q, prob, w, float(w.sum(dtype=np.float64)), int(ignore_index),
-            float(label_smoothing), float(z_loss), float(softcap or 0.0),
-            1.0 if grad_scale is None or row_scale else float(grad_scale), g, grad is not None, loss, lse,
+            float(label_smoothing), float(z_loss), float(softcap or 0.0), _grad_scale(grad_scale, n_rows), g,
+            grad is not None, inplace, loss, lse,
         )  # fmt: skip
-    if row_scale and grad is not None:  # INTERIM: a per-row factor after the kernel (moves into it)
-        g *= _np(grad_scale, dt).reshape(-1, 1)
-    if grad is not None and not direct:
-        grad.copy_(torch.from_numpy(g))
     return torch.from_numpy(loss), torch.from_numpy(lse)
 
 
@@ -527,7 +725,8 @@ def cross_entropy(logits, target, weight, *, ignore_index, label_smoothing, z_lo
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _softmax_kernel(x, out, log, row_max, row_log_sum):
     """Row max and log of the sum of exp(x - max) of every row; for a softmax (not ``log``) also
-    ``out = exp(x - lse)``, stored chunk by chunk and rescaled like the cross-entropy gradient."""
+    ``out = exp(x - lse)``, stored chunk by chunk and rescaled like the cross-entropy gradient (NaN
+    for a row without a softmax: all -inf, or a NaN or +inf in it, as in PyTorch)."""
     n_rows, n_classes = x.shape
     n_chunks = (n_classes + CHUNK - 1) // CHUNK
     for i in prange(n_rows):
@@ -541,22 +740,23 @@ def _softmax_kernel(x, out, log, row_max, row_log_sum):
             hi = min(lo + CHUNK, n_classes)
             m = _chunk_max(row[lo:hi])
             chunk_max[c] = m
-            if m == -np.inf:
-                s_row += _empty_chunk_sum(row[lo:hi])
-                continue
-            m_row, s_row = _combine(m_row, s_row, m, _chunk_sumexp(row[lo:hi], m, o[lo:hi], not log))
+            s = _empty_chunk_sum(row[lo:hi]) if m == -np.inf else _chunk_sumexp(row[lo:hi], m, o[lo:hi], not log)
+            m_row, s_row = _merge(m_row, s_row, m, s)
         row_max[i] = m_row
         row_log_sum[i] = math.log(s_row)
         if log:
             continue
         lse = m_row + row_log_sum[i]
+        if not -np.inf < lse < np.inf:  # as in _ce_row
+            o[:] = np.nan
+            continue
         for c in range(n_chunks):
             lo = c * CHUNK
             oc = o[lo : min(lo + CHUNK, n_classes)]
             if chunk_max[c] == -np.inf:
                 oc[:] = 0
                 continue
-            a = _cast(row, math.exp(chunk_max[c] - lse))
+            a = _cast(o, _chunk_scale(chunk_max[c], m_row, s_row))
             for j in range(oc.shape[0]):
                 oc[j] = oc[j] * a
 
@@ -566,18 +766,19 @@ def _log_softmax_kernel(x, row_max, row_log_sum, out):
     """out = (x - max) - log_sum: x - max is exact and log_sum small, where x - lse with an lse
     rounded to x's precision would cost up to half an ulp of the logits (5e-4 at |x| ~ 1e4 in float32)."""
     for i in prange(x.shape[0]):
-        m = _cast(x, row_max[i])
-        log_sum = _cast(x, row_log_sum[i])
+        m = _cast(out, row_max[i])
+        log_sum = _cast(out, row_log_sum[i])
         row = x[i]
         o = out[i]
         for j in range(row.shape[0]):
-            o[j] = (row[j] - m) - log_sum
+            o[j] = (_widen(row[j]) - m) - log_sum
 
 
 def softmax(x, *, log):
     """Row softmax (or log-softmax) of a (N, r) tensor, returned in the compute dtype."""
-    a = np.ascontiguousarray(_np(x))
-    out = empty(a.shape, _TORCH_DTYPE[a.dtype]).numpy()
+    a = np.ascontiguousarray(_view(x))
+    dt = _COMPUTE_DTYPE.get(x.dtype, np.float32)
+    out = empty(a.shape, torch.float64 if dt == np.float64 else torch.float32).numpy()
     row_max = np.empty(a.shape[0])
     row_log_sum = np.empty(a.shape[0])
     if a.shape[0]:
@@ -594,13 +795,10 @@ def softmax(x, *, log):
 def _bce_kernel(p, y, w, loss, grad):
     want_grad = grad.shape[0] > 0
     for i in prange(p.shape[0]):
-        pi = p[i]
-        yi = y[i]
-        log_p = max(math.log(pi), -100.0) if pi > 0 else -100.0
-        log_1mp = max(math.log1p(-pi), -100.0) if pi < 1 else -100.0
-        loss[i] = -w[i] * (yi * log_p + (1 - yi) * log_1mp)
+        loss_i, grad_i = _bce(np.float64(_widen(p[i])), np.float64(y[i]), np.float64(w[i]))
+        loss[i] = loss_i
         if want_grad:
-            grad[i] = w[i] * (pi - yi) / max((1 - pi) * pi, 1e-12)
+            grad[i] = grad_i
 
 
 @nb.njit(parallel=True, cache=True)
@@ -608,42 +806,36 @@ def _bce_logits_kernel(x, y, w, pos_weight, loss, grad):
     want_grad = grad.shape[0] > 0
     has_pw = pos_weight.shape[0] > 0
     for i in prange(x.shape[0]):
-        xi = x[i]
-        yi = y[i]
-        lw = (pos_weight[i] - 1) * yi + 1 if has_pw else 1.0
-        softplus_neg = max(-xi, 0.0) + math.log1p(math.exp(-abs(xi)))  # log(1 + exp(-x))
-        loss[i] = w[i] * ((1 - yi) * xi + lw * softplus_neg)
+        pw = np.float64(pos_weight[i]) if has_pw else 1.0
+        loss_i, grad_i = _bce_logits(np.float64(_widen(x[i])), np.float64(y[i]), np.float64(w[i]), pw)
+        loss[i] = loss_i
         if want_grad:
-            e = math.exp(-abs(xi))
-            sig = 1 / (1 + e) if xi >= 0 else e / (1 + e)
-            pw_y = pos_weight[i] * yi if has_pw else yi
-            grad[i] = w[i] * (lw * sig - pw_y)
+            grad[i] = grad_i
 
 
-def _flat(t, dt):
-    return np.ascontiguousarray(_np(t, dt)).reshape(-1)
+def _flat(t: torch.Tensor, dtype=None) -> np.ndarray:
+    """``t`` as a contiguous 1-D numpy array: of ``dtype``, or (None) a view with half precision as bits."""
+    if dtype is None:
+        return np.ascontiguousarray(_view(t)).reshape(-1)
+    return _as(t, dtype).reshape(-1)
+
+
+def _bce_buffers(x: torch.Tensor, weight, grad):
+    """(compute dtype, weights, loss, gradient): the gradient is written straight into ``grad``."""
+    dt = _COMPUTE_DTYPE.get(x.dtype, np.float32)
+    w = np.ones(x.numel(), dt) if weight is None else _flat(weight, dt)
+    g = np.empty(0, dt) if grad is None else grad.detach().view(-1).numpy()
+    return dt, w, np.empty(x.numel(), dt), g
 
 
 def binary_cross_entropy(probs, target, weight, *, grad):
-    p = _flat(probs, None)
-    dt = p.dtype
-    w = np.ones_like(p) if weight is None else _flat(weight, dt)
-    loss = np.empty_like(p)
-    g = np.empty_like(p) if grad is not None else np.empty(0, dt)
-    _launch(_bce_kernel, p.size, p, _flat(target, dt), w, loss, g)
-    if grad is not None:
-        grad.copy_(torch.from_numpy(g).view(grad.shape))
+    dt, w, loss, g = _bce_buffers(probs, weight, grad)
+    _launch(_bce_kernel, loss.size, _flat(probs), _flat(target, dt), w, loss, g)
     return torch.from_numpy(loss)
 
 
 def binary_cross_entropy_with_logits(logits, target, weight, pos_weight, *, grad):
-    x = _flat(logits, None)
-    dt = x.dtype
-    w = np.ones_like(x) if weight is None else _flat(weight, dt)
+    dt, w, loss, g = _bce_buffers(logits, weight, grad)
     pw = np.empty(0, dt) if pos_weight is None else _flat(pos_weight, dt)
-    loss = np.empty_like(x)
-    g = np.empty_like(x) if grad is not None else np.empty(0, dt)
-    _launch(_bce_logits_kernel, x.size, x, _flat(target, dt), w, pw, loss, g)
-    if grad is not None:
-        grad.copy_(torch.from_numpy(g).view(grad.shape))
+    _launch(_bce_logits_kernel, loss.size, _flat(logits), _flat(target, dt), w, pw, loss, g)
     return torch.from_numpy(loss)
