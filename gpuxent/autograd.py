@@ -243,10 +243,13 @@ def cross_entropy_grad_formula(x, target, weight, is_prob, opts, row_scale, want
         one_hot = (torch.arange(n_classes, device=x.device) == target[:, None]).to(dt)  # vmap-safe
         mass = kept * (w * ((1 - eps) * one_hot + eps / n_classes))
     coef = mass.sum(-1, keepdim=True) + 2 * opts.z_loss * lse * kept
-    rs = row_scale.to(dt).reshape(-1, 1)
+    # An ignored row's gradient is 0 even when the mean's scale is 1/0 (every row ignored), as in
+    # torch; masking the scale (not the product) keeps 0 * NaN out of the derivative of this too.
+    rs = torch.where(kept != 0, row_scale.to(dt).reshape(-1, 1), 0)
     g = rs * (coef * p - mass)
     if cap:
         g = g * (1 - (y / cap) ** 2)
+    g = torch.where(kept != 0, g, 0)  # an ignored row is not read (its logits may be anything)
     g_target = None
     if want_target:  # d loss / d q_j = (1 - eps) w_j (lse - y_j)
         g_target = (rs * (1 - eps) * w * (lse - y)).to(target.dtype)

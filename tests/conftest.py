@@ -60,7 +60,10 @@ def backend(request) -> BackendCase:
 
 @pytest.fixture
 def rng():
-    """A fresh generator per test, seeded from the OS: every run draws new inputs."""
-    seed = int(np.random.SeedSequence().entropy % (2**32))
+    """A fresh generator per test, seeded from the OS: every run draws new inputs.
+
+    ``GPUXENT_TEST_SEED=<seed>`` replays a failure with the seed its output printed.
+    """
+    seed = int(os.environ.get("GPUXENT_TEST_SEED") or np.random.SeedSequence().entropy % (2**32))
     print(f"rng seed: {seed}")
     return np.random.default_rng(seed)

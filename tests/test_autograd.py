@@ -241,3 +241,21 @@ def test_compile_fullgraph_every_flag(backend, rng, flags):
     assert_close(loss, ref, torch.float32, "loss")
     for g, p in zip(got, proj.parameters()):
         assert_close(g, p.grad, torch.float32, "grad", scale=10)
+
+
+@pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0}])
+def test_double_backward_every_row_ignored(backend, rng, kw):
+    """Mean over no kept row: the loss is 0/0 = NaN as in torch, the gradient and the second
+    derivative are 0 (torch's nll_loss gives an ignored row a zero gradient whatever the scale)."""
+    x, t, _ = make_inputs(backend, rng, shape_for(backend), dtype=torch.float64)
+    t = torch.full_like(t, -100)
+    x.requires_grad_()
+    loss = gx.cross_entropy(x, t, **kw)
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    (g * torch.randn_like(g)).sum().backward()
+    x64 = x.detach().cpu().double().requires_grad_()
+    ref = torch_cross_entropy(x64, t.cpu(), None, **kw)
+    (g_ref,) = torch.autograd.grad(ref, x64, create_graph=True)
+    assert torch.isnan(loss) and torch.isnan(ref)
+    assert_close(g, g_ref, torch.float64, "gradient")
+    assert torch.equal(x.grad.cpu(), torch.zeros_like(x64))
