@@ -103,7 +103,7 @@ def test_cross_entropy_backward(backend, rng, name, dtype):
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
 @pytest.mark.parametrize("name", list(CASES))
 def test_row_partials(backend, rng, name, dtype):
-    """(m, s, a, b, c) of each slice: max, sum of exp(y - m), sum w q y, sum w q, sum w y."""
+    """(m, s, a, b, c) of each slice: max, sum of exp(y - m), sum w q (y - m), sum w q, sum w y."""
     _skip_interpreted(backend, name, dtype)
     opts = CASES[name]
     x, target, weight = _inputs(rng, opts, dtype)
@@ -123,7 +123,7 @@ def test_row_partials(backend, rng, name, dtype):
             mass = ws * torch.nn.functional.one_hot(torch.where(hit, local, hi - lo), hi - lo + 1)[:, :-1]
         m = ys.amax(-1) if hi > lo else torch.full((N_ROWS,), -torch.inf, dtype=x.dtype)
         s = torch.exp(ys - torch.where(torch.isinf(m), 0, m)[:, None]).sum(-1)
-        a = torch.where(mass != 0, mass * ys, 0).sum(-1)
+        a = torch.where(mass != 0, mass * (ys - m[:, None]), 0).sum(-1)  # relative to the slice's max
         expected = torch.stack([m, s, a, mass.sum(-1), torch.where(ws > 0, ws * ys, 0).sum(-1)], -1)
         expected[~kept] = torch.tensor([-torch.inf, 0, 0, 0, 0], dtype=x.dtype)
         for smoothing in (True, False):

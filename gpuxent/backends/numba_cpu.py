@@ -889,8 +889,10 @@ def _partials_kernel(logits, target, probs, prob, weight, ignore_index, softcap,
                 y_t = np.float64(_widen(x[lt]))
                 if softcap > 0:
                     y_t = softcap * math.tanh(y_t / softcap)
-                a = weight[lt] * y_t
+                a = weight[lt] * (y_t - m_row)  # exact: no rounded y_t of the size of the logits
                 b = weight[lt]
+            elif prob and m_row > -np.inf:
+                a -= b * m_row
             o[0] = m_row
             o[1] = s_row
             o[2] = a

@@ -619,8 +619,10 @@ def _vocab_parallel_kernels(dtype: np.dtype):
                     if softcap > ZERO:
                         y_t = softcap * math.tanh(y_t * inv_cap)
                     w_t = weight[local] if has_weight else ONE
-                    a = w_t * y_t
+                    a = w_t * (y_t - m)
                     b = w_t
+                elif prob and m != NEG_INF:
+                    a -= b * m
                 out[i, 0] = m
                 out[i, 1] = s
                 out[i, 2] = a

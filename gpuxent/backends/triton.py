@@ -565,8 +565,10 @@ def _row_partials_kernel(
             w_t = tl.load(weight_ptr + local, mask=hit, other=0).to(acc_dtype)
         else:
             w_t = zero + 1
-        a = tl.where(hit, w_t * y_t, 0)
+        a = tl.where(hit, w_t * (y_t - m), 0)
         b = tl.where(hit, w_t, 0)
+    else:
+        a = tl.where(m != NEG_INF, a - b * m, a)
     o_rows = out_ptr + rows.to(tl.int64) * stride_out
     tl.store(o_rows, tl.where(kept, m, NEG_INF), mask=row_mask)
     tl.store(o_rows + 1, tl.where(kept, d, 0), mask=row_mask)
