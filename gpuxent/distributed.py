@@ -213,6 +213,11 @@ class _Layout:
             loss = torch.where(t != self.opts.ignore_index, loss, 0)
         return loss, lse, coef, b
 
+    def weight_share(self, w, like):
+        """This rank's part of the summed class weight ``W``: its slice's (r_k without weights)."""
+        dt = compute_dtype(like.dtype)
+        return torch.full((), float(self.n_local), dtype=dt, device=like.device) if w is None else w.sum()
+
     def denominator(self, b, is_prob, n_rows, dt):
         """The mean's denominator: the summed target weight of the kept rows (rows for probabilities)."""
         if is_prob:
@@ -249,10 +254,7 @@ class _Problem:
         lay, o = self.layout, self.layout.opts
         part = row_partials(self.x, self.t, self.w, o.ignore_index, o.softcap, lay.offset, o.label_smoothing > 0,
                             lay.backend)  # fmt: skip
-        share = (
-            torch.full((), float(lay.n_local), dtype=self.dt, device=self.x.device) if self.w is None else self.w.sum()
-        )
-        loss_rows, self.lse, self.coef, b = lay.combine(part, self.t, self.is_prob, share)
+        loss_rows, self.lse, self.coef, b = lay.combine(part, self.t, self.is_prob, lay.weight_share(self.w, self.x))
         self.denom = self.scale = None
         if self.reduction == "mean":
             self.denom = lay.denominator(b, self.is_prob, self.n_rows, self.dt)
@@ -371,9 +373,7 @@ class _LinearProblem(linear._Problem):
         self.t = target.reshape(self.n_rows, -1)[:, lo:hi].to(self.dt) if is_prob else target.reshape(-1).long()
         w_full = None if ce_weight is None else ce_weight.detach().to(self.dt)
         self.w = None if w_full is None else w_full[lo:hi].contiguous()
-        self.weight_share = torch.full((), float(n_local), dtype=self.dt, device=self.h.device)
-        if self.w is not None:
-            self.weight_share = self.w.sum()
+        self.weight_share = layout.weight_share(self.w, self.h)
         self.denom = self.scale = None
         if self.reduction == "mean":
             self.denom = denominator(self.t, w_full, is_prob, opts.ignore_index, self.n_rows, self.dt)
