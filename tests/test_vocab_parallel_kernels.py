@@ -100,7 +100,7 @@ def test_cross_entropy_backward(backend, rng, name, dtype):
                      f"{name} [{lo}:{hi}) in-place gradient", scale=4)  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(CASES))
 def test_row_partials(backend, rng, name, dtype):
     """(m, s, a, b, c) of each slice: max, sum of exp(y - m), sum w q (y - m), sum w q, sum w y."""

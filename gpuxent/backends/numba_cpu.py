@@ -849,6 +849,22 @@ def binary_cross_entropy_with_logits(logits, target, weight, pos_weight, *, grad
 N_PARTIALS = 5  # (m, s, a, b, c) per row, see ``row_partials``
 
 
+@nb.njit(fastmath=FASTMATH, inline="always")
+def _partials_chunk(y, w, q, prob, smoothing, no_exps, sums):
+    """``sums`` = (m, s, a, b, c) of the row so far, with one more chunk ``y`` merged in (``a`` not yet
+    relative to the max)."""
+    m_row, s_row, a, b, c = sums
+    m = _chunk_max(y)
+    m_row, s_row = _merge(m_row, s_row, m, _chunk_exps(y, m, no_exps, False))
+    if prob:
+        a_c, b_c = _chunk_target_sums(y, w, q, True, 1.0, 0.0)
+        a += a_c
+        b += b_c
+    if smoothing:
+        c += _chunk_target_sums(y, w, q, False, 1.0, 0.0)[0]
+    return m_row, s_row, a, b, c
+
+
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _partials_kernel(logits, target, probs, prob, weight, ignore_index, softcap, class_offset, smoothing, out):
     n_rows, n_classes = logits.shape
@@ -867,23 +883,16 @@ def _partials_kernel(logits, target, probs, prob, weight, ignore_index, softcap,
                 continue
             x = logits[i]
             q = probs[i if prob else 0]
-            y = ybuf if softcap > 0 else x
-            m_row = -np.inf
-            s_row = a = b = c = 0.0
+            sums = (-np.inf, 0.0, 0.0, 0.0, 0.0)  # (m, s, a, b, c)
             for ch in range(n_chunks):
                 lo = ch * CHUNK
                 hi = min(lo + CHUNK, n_classes)
                 if softcap > 0:
                     _softcap_chunk(x[lo:hi], softcap, ybuf[lo:hi])
-                yc = y[lo:hi]
-                m = _chunk_max(yc)
-                m_row, s_row = _merge(m_row, s_row, m, _chunk_exps(yc, m, no_exps, False))
-                if prob:
-                    a_c, b_c = _chunk_target_sums(yc, weight[lo:hi], q[lo:hi], True, 1.0, 0.0)
-                    a += a_c
-                    b += b_c
-                if smoothing:
-                    c += _chunk_target_sums(yc, weight[lo:hi], q[lo:hi], False, 1.0, 0.0)[0]
+                    sums = _partials_chunk(ybuf[lo:hi], weight[lo:hi], q[lo:hi], prob, smoothing, no_exps, sums)
+                else:
+                    sums = _partials_chunk(x[lo:hi], weight[lo:hi], q[lo:hi], prob, smoothing, no_exps, sums)
+            m_row, s_row, a, b, c = sums
             lt = t - class_offset
             if not prob and 0 <= lt < n_classes:
                 y_t = np.float64(_widen(x[lt]))
