@@ -137,3 +137,17 @@ def test_row_partials(backend, rng, name, dtype):
                 exp[:, 4] = 0
             assert out.dtype == compute_dtype(dtype) and out.shape == (N_ROWS, 5)
             assert_close(out, exp, dtype, f"{name} [{lo}:{hi}) smoothing={smoothing}", scale=4)
+
+
+def test_ops_pass_opcheck(rng):
+    """The registered ops' schemas, fake (meta) implementations and declared mutation hold, so that
+    torch.compile can trace them (torch.library.opcheck)."""
+    x = torch.as_tensor(rng.standard_normal((6, 20)))
+    t = torch.as_tensor(rng.integers(0, 50, 6))
+    w = torch.as_tensor(rng.random(20))
+    lse, coef = torch.full((6,), 5.0, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    scale = torch.ones(1, dtype=torch.float64)
+    keywords = (-100, 0.1, 50, 10, 0.0, "numba_cpu")
+    torch.library.opcheck(row_partials, (x, t, w, -100, 0.0, 10, True, "numba_cpu"))
+    torch.library.opcheck(cross_entropy_backward, (x, t, w, lse, coef, lse - 1, scale, scale, *keywords))
+    torch.library.opcheck(cross_entropy_backward_, (x.clone(), t, w, lse, coef, None, scale, None, *keywords))

@@ -934,13 +934,13 @@ def row_partials(logits, target, weight, *, ignore_index, softcap, class_offset,
 @nb.njit(fastmath=FASTMATH, inline="always")
 def _backward_row(x, g, w, q, inv_cap, cap, lse, a, bq, b0, ea, ey):
     """g_j = [a p_j - w_j (bq q_j + b0) + ea p_j (ey - y_j)] dy_j/dx_j with p_j = exp(y_j - lse), rounded
-    once to g's type; ``q`` only for probability targets, the softcap only when ``inv_cap`` is not None
-    (numba compiles the ``is None`` tests away)."""
+    once to g's type. ``q`` (probability targets), ``inv_cap`` (softcap) and ``ey`` (the entropy term)
+    may be None: numba compiles the ``is None`` tests away, and each variant's loop holds only its terms."""
     one = _cast(x, 1)
     zero = _cast(x, 0)
     for j in range(x.shape[0]):
         u = _widen(x[j])
-        # both branches define y and dy/dx: a variable defined in one only comes out wrong in prange code
+        # every branch defines the same variables: one defined in one branch only comes out wrong in prange code
         if inv_cap is not None:
             th = _tanh(u * inv_cap)
             y = cap * th
@@ -949,17 +949,21 @@ def _backward_row(x, g, w, q, inv_cap, cap, lse, a, bq, b0, ea, ey):
             y = u
             dy = one
         p = _exp_neg(y - lse)
-        e = ea * p * (ey - (y if p > zero else zero))  # the entropy term, 0 (not 0 * inf) where p = 0
         if q is not None:
-            v = a * p - w[j] * (bq * q[j] + b0) + e
+            m = bq * q[j] + b0
         else:
-            v = a * p - w[j] * b0 + e
+            m = b0
+        v = a * p - w[j] * m
+        if ey is not None:  # the entropy term, 0 (not 0 * inf) where p = 0
+            v += ea * p * (ey - (y if p > zero else zero))
+        else:
+            v += zero
         g[j] = _narrow(g, v * dy)
 
 
 @nb.njit(fastmath=FASTMATH, inline="always")
 def _backward_one(x, g, w, q, prob, softcap, lse, a, bq, b0, ea, ey):
-    """``_backward_row`` with its compile-time variant chosen (probability targets, softcap)."""
+    """``_backward_row`` with its loop chosen at run time (probability targets, softcap)."""
     if softcap > 0:
         inv_cap = _cast(x, 1 / softcap)
         cap = _cast(x, softcap)
@@ -975,14 +979,15 @@ def _backward_one(x, g, w, q, prob, softcap, lse, a, bq, b0, ea, ey):
 
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _backward_kernel(
-    logits, target, probs, prob, weight, lse, coef, entropy, ignore_index, smoothing, n_total, class_offset,
-    softcap, grad_scale, entropy_scale, grad, inplace,
+    logits, target, probs, prob, weight, lse, coef, entropy, ignore_index, smoothing, n_total, class_offset, softcap,
+    grad_scale, entropy_scale, grad, inplace,
 ):  # fmt: skip
+    """``entropy`` may be None: a kernel of its own, whose loops hold no entropy term (compiled per dtype
+    and per ``entropy is None``; probability targets and the softcap choose their loop at run time)."""
     n_rows, n_classes = logits.shape
     rows_per_task = max(ROWS_PER_TASK, TASK_ELEMENTS // max(n_classes, 1))
     n_tasks = (n_rows + rows_per_task - 1) // rows_per_task
     per_row = grad_scale.shape[0] > 1
-    has_entropy = entropy.shape[0] > 0
     ent_per_row = entropy_scale.shape[0] > 1
     for task in prange(n_tasks):
         for i in range(task * rows_per_task, min((task + 1) * rows_per_task, n_rows)):
@@ -997,8 +1002,10 @@ def _backward_kernel(
                 g[:] = _narrow(g, np.nan)
                 continue
             gs = grad_scale[i if per_row else 0]
-            es = entropy_scale[i if ent_per_row else 0] if has_entropy else 0.0
-            ey = lse_i - entropy[i] if has_entropy else 0.0
+            es = ey = 0.0
+            if entropy is not None:
+                es = entropy_scale[i if ent_per_row else 0]
+                ey = lse_i - entropy[i]
             coef_i = np.float64(coef[i])
             w_t = y_t = 0.0
             lt = t - class_offset
@@ -1010,12 +1017,17 @@ def _backward_kernel(
                     y_t = softcap * math.tanh(y_t / softcap)
             eps_r = smoothing / n_total
             a, bq, b0 = gs * coef_i, gs * (1 - smoothing), gs * eps_r
-            if inplace:  # one array read and written: see ``_ce_kernel``
-                _backward_one(x, x, weight, probs[i if prob else 0], prob, softcap, _cast(x, lse_i), _cast(x, a),
-                              _cast(x, bq), _cast(x, b0), _cast(x, es), _cast(x, ey))  # fmt: skip
+            lse_c, a_c, bq_c, b0_c, es_c = _cast(x, lse_i), _cast(x, a), _cast(x, bq), _cast(x, b0), _cast(x, es)
+            q = probs[i if prob else 0]
+            if entropy is None:
+                if inplace:  # one array read and written: see ``_ce_kernel``
+                    _backward_one(x, x, weight, q, prob, softcap, lse_c, a_c, bq_c, b0_c, es_c, None)
+                else:
+                    _backward_one(x, g, weight, q, prob, softcap, lse_c, a_c, bq_c, b0_c, es_c, None)
+            elif inplace:
+                _backward_one(x, x, weight, q, prob, softcap, lse_c, a_c, bq_c, b0_c, es_c, _cast(x, ey))
             else:
-                _backward_one(x, g, weight, probs[i if prob else 0], prob, softcap, _cast(x, lse_i), _cast(x, a),
-                              _cast(x, bq), _cast(x, b0), _cast(x, es), _cast(x, ey))  # fmt: skip
+                _backward_one(x, g, weight, q, prob, softcap, lse_c, a_c, bq_c, b0_c, es_c, _cast(x, ey))
             if hit:  # the target's term, added before the one rounding of g[lt]
                 p_t = math.exp(y_t - lse_i)
                 v = a * p_t - w_t * (bq + b0) + (es * p_t * (ey - y_t) if p_t > 0 else 0.0)
@@ -1048,10 +1060,11 @@ def cross_entropy_backward(
     if inplace and x.ctypes.data != logits.data_ptr():
         raise ValueError("grad: an in-place gradient needs contiguous logits")
     g = np.zeros((1, 0), x.dtype) if inplace else _view(grad)
-    ent = np.zeros(0, dt) if entropy is None else _as(entropy, dt)
+    ent = None if entropy is None else _as(entropy, dt)
     if n_rows:
         _launch(
-            _backward_kernel, x.size, x, t, q, prob, w, _as(lse, dt), _as(coef, dt), ent, int(ignore_index),
+            _backward_kernel, x.size, x, t, q, prob, w, _as(lse, dt),
+            _as(coef, dt), ent, int(ignore_index),
             float(label_smoothing), float(n_classes), int(class_offset), float(softcap or 0.0),
             _grad_scale(grad_scale, n_rows), _entropy_scale(entropy_scale, n_rows), g, inplace,
         )  # fmt: skip
