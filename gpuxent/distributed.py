@@ -235,8 +235,8 @@ class _Layout:
 class _Problem:
     """One call's flattened tensors and the forward over them."""
 
-    def __init__(self, local_logits, target, weight, opts, layout):
-        self.layout = layout
+    def __init__(self, local_logits, target, weight, opts, layout, inplace):
+        self.layout, self.inplace = layout, inplace
         self.shape = local_logits.shape
         self.n_rows = math.prod(local_logits.shape[:-1])
         self.dt = compute_dtype(local_logits.dtype)
@@ -262,23 +262,32 @@ class _Problem:
         return reduce_rows(loss_rows, self.reduction, self.denom, self.shape[:-1])
 
     def grad(self, grad_output):
-        """d loss / d local_logits, ``grad_output`` and the mean's scale folded into the kernel's scale."""
+        """d loss / d local_logits, ``grad_output`` and the mean's scale folded into the kernel's scale;
+        written over the logits when ``inplace``."""
         row_scale = _row_scale(grad_output, self.reduction, self.scale, self.n_rows, self.dt)
-        g = cross_entropy_backward(self.x, self.t, self.w, self.lse, self.coef, None, row_scale, None,
-                                   *self.layout.backward_args())  # fmt: skip
-        return g.reshape(self.shape)
+        args = (self.t, self.w, self.lse, self.coef, None, row_scale, None, *self.layout.backward_args())
+        if self.inplace:
+            cross_entropy_backward_(self.x, *args)
+            return self.x.view(self.shape)
+        return cross_entropy_backward(self.x, *args).reshape(self.shape)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local_logits, problem):
         ctx.problem = problem
+        ctx.save_for_backward(local_logits)  # autograd refuses a backward after an in-place change of them
+        # an in-place gradient of a leaf's logits must not become the leaf's .grad, aliasing the leaf
+        base = local_logits if local_logits._base is None else local_logits._base
+        ctx.copy_grad = problem.inplace and base.is_leaf
         return problem.forward()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        return ctx.problem.grad(grad_output), None
+        ctx.saved_tensors  # noqa: B018 - the version check
+        g = ctx.problem.grad(grad_output)
+        return (g.clone() if ctx.copy_grad else g), None
 
 
 def vocab_parallel_cross_entropy(
@@ -293,6 +302,7 @@ def vocab_parallel_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     backend: str | None = None,
+    inplace_grad: bool = False,
 ):
     """Cross-entropy over classes split across the ranks of a ``torch.distributed`` group.
 
@@ -316,6 +326,9 @@ def vocab_parallel_cross_entropy(
         ignore_index, reduction, label_smoothing, z_loss, softcap, backend: as in
             :func:`gpuxent.cross_entropy`; label smoothing, z-loss and the weighted mean are over the
             global ``r`` classes.
+        inplace_grad: the backward writes the gradient over ``local_logits`` (no new (N, r_k) buffer;
+            it bumps their version counter, as a torch in-place op). For logits that are not a leaf
+            (the output of the layer before); a leaf's gradient is copied, so that it does not alias it.
 
     Returns:
         The loss, a 0-d tensor (or per-row values for ``reduction="none"``), float32 for half inputs.
@@ -340,7 +353,7 @@ def vocab_parallel_cross_entropy(
     device = _device_of(local_logits, group)
     offset, n_classes = _agree(name, "local_logits", device, group, error, ignore_index, **facts)
     layout = _Layout(offset, local_logits.shape[-1], n_classes, opts, chosen, group)
-    problem = _Problem(local_logits, target, weight, opts, layout)
+    problem = _Problem(local_logits, target, weight, opts, layout, bool(inplace_grad))
     if torch.is_grad_enabled() and local_logits.requires_grad:
         return _VocabParallelCrossEntropy.apply(local_logits, problem)
     with torch.no_grad():

@@ -187,7 +187,17 @@ def _worker(rank, world, port, folder):
             (loss * case["grad_output"].to(loss.dtype)).sum().backward()
             with torch.no_grad():  # the forward without autograd gives the same loss
                 loss_ng = vocab_parallel_cross_entropy(local, target, **kw)
-            results.append((loss.detach(), loss_ng, local.grad))
+            # in place: over logits that are not a leaf (then the gradient is their memory), and a leaf's
+            leaf = case["logits"][..., lo:hi].clone().requires_grad_()
+            logits = leaf * 1
+            g_inplace = torch.autograd.grad(
+                vocab_parallel_cross_entropy(logits, target, inplace_grad=True, **kw), logits, case["grad_output"]
+            )[0]
+            assert g_inplace.data_ptr() == logits.data_ptr() or logits.numel() == 0
+            leaf_loss = vocab_parallel_cross_entropy(leaf, target, inplace_grad=True, **kw)
+            (leaf_loss * case["grad_output"].to(loss.dtype)).sum().backward()
+            assert leaf.grad.data_ptr() != leaf.data_ptr() or leaf.numel() == 0
+            results.append((loss.detach(), loss_ng, local.grad, g_inplace, leaf.grad))
         linear_results = []
         for case in linear_cases:
             hidden = case["hidden"].clone().requires_grad_()
@@ -249,12 +259,13 @@ def _check_cross_entropy(cases, ranks, world):
         )  # fmt: skip
         grads = []
         for k in range(world):
-            loss, loss_ng, grad = ranks[k][0][i]
+            loss, loss_ng, *grad = ranks[k][0][i]
             assert_close(loss, ref_loss, dtype, f"{name} rank {k} loss vs torch")
             assert_close(loss_ng, loss, dtype, f"{name} rank {k} no-grad loss")
-            assert grad.dtype == dtype
+            assert all(g.dtype == dtype for g in grad)
             grads.append(grad)
-        assert_close(torch.cat(grads, -1), ref_grad, dtype, f"{name} grad vs torch")
+        for j, what in enumerate(("grad", "in-place grad", "in-place grad of a leaf")):
+            assert_close(torch.cat([g[j] for g in grads], -1), ref_grad, dtype, f"{name} {what} vs torch")
 
 
 def _check_linear(cases, ranks, world):
