@@ -130,11 +130,18 @@ extra_runs() {
     else
         step hf "${GPU_CHECK_HF_S:-150}" python examples/hf_tiny_llama.py --device cuda --json
     fi
-    # Data-parallel training over nccl (issue 13), on a machine with two GPUs or more.
+    # Data-parallel training over nccl (issue 13), on a machine with two GPUs or more; then the
+    # vocab-parallel benchmark over nccl, one process per GPU (2, and all of them when more), against
+    # the Megatron-style reference and one GPU's gx.cross_entropy, with the linear cases.
     local n_gpus
     n_gpus=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
     if [ "$DRY_RUN" != 1 ] && [ "${n_gpus:-0}" -ge 2 ]; then
         step nccl 90 torchrun --standalone --nproc-per-node "$n_gpus" -m gpuxent train --dataset digits --json
+        local worlds=2
+        [ "$n_gpus" -gt 2 ] && worlds="2,$n_gpus"
+        step dist "${GPU_CHECK_DIST_S:-150}" python benchmarks/bench_distributed.py --backend nccl --worlds "$worlds" \
+            --size 16384x131072 --linear 16384x4096x131072 --repeats 5 --json-out "$OUT_DIR/dist.json" \
+            --markdown-out "$OUT_DIR/dist.md"
     fi
 }
 
@@ -151,7 +158,7 @@ summary() {
         awk -F'\t' '{printf "| %s | %s | %s |\n", $1, $2, $3}' "$STEPS"
         echo
         tail -n 1 "$OUT_DIR/tests.log" 2>/dev/null | sed 's/^/tests: /'
-        for table in bench sweep; do
+        for table in bench sweep dist; do
             if [ -f "$OUT_DIR/$table.md" ]; then
                 echo
                 echo "#### $table"

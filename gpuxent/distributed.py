@@ -1,25 +1,34 @@
 """Vocab-parallel cross-entropy: the classes are split across the ranks of a ``torch.distributed`` group.
 
-Rank k holds the logits of a contiguous slice of the classes, ``[offset_k, offset_k + r_k)`` (the
-slices may differ in size; their order is the ranks' order in the group), and the loss over all
-``r = sum_k r_k`` classes comes from a few all-reduces of per-row numbers, never of the logits:
+Rank k holds a contiguous slice of the classes, ``[offset_k, offset_k + r_k)`` (the slices may differ
+in size, even be empty; their order is the ranks' order in the group): the logits of that slice
+(:func:`vocab_parallel_cross_entropy`), or the rows of the output layer's weight that make them
+(:func:`vocab_parallel_linear_cross_entropy`). The loss over all ``r = sum_k r_k`` classes comes from
+one pass of a backend kernel over the local slice and two all-reduces of a few numbers per row:
 
-* one all-gather of each rank's (r_k, N, dtype, ...) gives the offsets, the global ``r`` and a check
-  that the ranks agree (every rank raises on a bad input of any rank, so none is left hanging);
-* one all-reduce (MAX) of the row max ``m``;
-* one all-reduce (SUM) of a packed (k, N) buffer: the sum of ``exp(y - m)``, the target's logit and
-  class weight (only the rank that owns the target contributes), the label-smoothing sums
-  ``sum_c w_c y_c`` (or, for probability targets, ``sum_c w_c q'_c`` and ``sum_c w_c q'_c y_c``),
-  and the summed class weight.
+1. ``row_partials`` (one read of the slice) gives per row the slice's max ``m``, ``s = sum exp(y - m)``,
+   the target sums ``a = sum w q (y - m)``, ``b = sum w q`` (class targets: only the rank that holds
+   the target contributes) and, for label smoothing, ``c = sum w y``;
+2. all-reduce MAX of ``m`` -> ``M``; all-reduce SUM of ``(s exp(m - M), a + b (m - M), b[, c])`` and of
+   the slice's summed class weight (one number per call);
+3. ``lse = M + log S``, ``loss = (1 - eps)(B log S - A) + eps / r (W lse - C) + z_loss lse**2`` and the
+   gradient coefficient ``coef = (1 - eps) B + eps / r W + 2 z_loss lse``, identical on every rank;
+4. the backward's ``cross_entropy_backward`` writes the slice's gradient from ``lse`` and ``coef`` (one
+   more read of the slice, one write), with ``grad_output`` and the mean's 1/denominator folded into
+   its scale: no communication, rounded once, exact for a per-row ``grad_output``.
 
-Bytes moved per rank: O(N) in two collectives, against the N*r/world logits it holds.
+Communication per row, forward+backward: 4 + 12 bytes (16 + 4 with label smoothing) in float32 (twice
+that for float64 logits), nothing that grows with r. Before them, one all-gather of a 9-number header
+per rank per call gives the offsets and lets every rank check that the others agree (bad input on any
+rank raises on every rank, so none is left waiting in a collective); reading it back is the only host
+sync.
 
-With ``lse = m + log(sum_c exp(y_c - m))``, a kept row's loss is
-``(1 - eps) w_t (lse - y_t) + eps/r (W lse - sum_c w_c y_c) + z_loss lse**2`` (W = sum_c w_c), as in
-``gpuxent.cross_entropy``, and the gradient of each rank's slice is local:
-``scale * (coef * softmax_c - eps/r w_c - (1 - eps) w_t [c == t])`` with
-``coef = (1 - eps) w_t + eps/r W + 2 z_loss lse``; the backward recomputes the softmax from the saved
-logits and the global lse, without any communication.
+Why the gradient is not computed in the forward (as ``gpuxent.cross_entropy`` does): the forward
+needs the global lse, known only after the all-reduces, so a fused forward would store each
+``exp(y - m)`` in the gradient buffer and rescale it after them: two reads and two writes of (N,
+r_k), against one read in the forward and one read + one write in the backward here. The kernel
+pass is memory-bound, so the recomputed exponentials cost less than the extra write, and an
+evaluation-only forward reads the slice once.
 """
 
 from __future__ import annotations
@@ -29,14 +38,34 @@ import math
 import torch
 import torch.distributed as dist
 
+from . import backends, linear
+from .autograd import _row_scale, cross_entropy_backward, cross_entropy_backward_, row_partials
 from .backends import compute_dtype
-from .checks import FLOAT_DTYPES, check_options, check_target, mean_scale, reduce_rows
+from .checks import (
+    FLOAT_DTYPES,
+    check_chunk_size,
+    check_float,
+    check_options,
+    check_target,
+    denominator,
+    mean_scale,
+    reduce_rows,
+    to_tensor,
+)
 
 # Integer codes of the compute dtypes, exchanged so that the ranks can check that they agree.
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 # The fields of the all-gathered per-rank header.
 _OK, _N_CLASSES, _N_ROWS, _DTYPE, _PROB, _HAS_WEIGHT, _T_MIN, _T_MAX, _T_SUM = range(9)
 _HEADER = 9
+
+
+def _require_initialized(name: str) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{name}: torch.distributed is not initialized; call torch.distributed.init_process_group first "
+            "(or use the single-process function on one process)"
+        )
 
 
 def _check_local(local_logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
@@ -65,48 +94,46 @@ def _check_local(local_logits, target, weight, ignore_index, reduction, label_sm
                 f"weight: expected this rank's slice of the class weights, shape ({local_logits.shape[-1]},), "
                 f"got {tuple(weight.shape)}"
             )
+    return opts
 
 
-def _header(local_logits, target, weight, ignore_index, error) -> list[int]:
-    """This rank's facts for the all-gather; a rank whose checks failed sends OK = 0."""
-    h = [0] * _HEADER
+def _header(device, error, n_classes=0, n_rows=0, dtype=None, prob=False, has_weight=False, target=None,
+            ignore_index=-100) -> torch.Tensor:  # fmt: skip
+    """This rank's facts for the all-gather, on ``device`` without a host sync; a rank whose checks
+    failed sends OK = 0."""
+    h = torch.zeros(_HEADER, dtype=torch.int64, device=device)
     if error is not None:
         return h
-    h[_OK] = 1
-    h[_N_CLASSES] = local_logits.shape[-1]
-    h[_N_ROWS] = math.prod(local_logits.shape[:-1])
-    h[_DTYPE] = _DTYPE_CODES[local_logits.dtype]
-    h[_PROB] = int(target.dtype.is_floating_point)
-    h[_HAS_WEIGHT] = int(weight is not None)
-    if not target.dtype.is_floating_point:
+    h[:_T_MIN] = torch.tensor([1, n_classes, n_rows, _DTYPE_CODES[dtype], int(prob), int(has_weight)])
+    if target is not None and not target.dtype.is_floating_point:
         t = target.reshape(-1).long()
         kept = t != ignore_index
-        if bool(kept.any()):
-            h[_T_MIN] = int(t[kept].min())
-            h[_T_MAX] = int(t[kept].max())
+        h[_T_MIN] = torch.where(kept, t, torch.iinfo(torch.int64).max).amin() if t.numel() else 0
+        h[_T_MAX] = torch.where(kept, t, -1).amax() if t.numel() else 0
         # A cheap fingerprint of the targets (int64 wraps around): every rank must pass the same ones.
         pos = torch.arange(1, t.numel() + 1, device=t.device) % 1009 + 1
-        h[_T_SUM] = int((torch.where(kept, t + 1, 0) * pos).sum())
+        h[_T_SUM] = (torch.where(kept, t + 1, 0) * pos).sum()
     return h
 
 
-def _exchange_headers(header, device, group, world) -> torch.Tensor:
-    mine = torch.tensor(header, dtype=torch.int64, device=device)
-    out = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(out, mine, group=group)
+def _exchange_headers(header: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's header, (world, 9) on the host: the one host sync of a call."""
+    out = [torch.empty_like(header) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, header, group=group)
     return torch.stack(out).cpu()
 
 
-def _check_global(headers: torch.Tensor, error: Exception | None, ignore_index) -> None:
-    """Every rank runs the same checks on the same headers, so they all raise or none does."""
+def _check_global(headers: torch.Tensor, error: Exception | None, ignore_index, name: str, data: str) -> None:
+    """Every rank runs the same checks on the same headers, so they all raise or none does; ``data``
+    names the argument that holds the rows and classes."""
     bad = [k for k in range(headers.shape[0]) if headers[k, _OK] == 0]
     if bad:
         if error is not None:
             raise error
-        raise ValueError(f"vocab_parallel_cross_entropy: rank(s) {bad} of the group rejected their inputs")
+        raise ValueError(f"{name}: rank(s) {bad} of the group rejected their inputs")
     for field, what in (
-        (_N_ROWS, "local_logits: the ranks hold different numbers of rows"),
-        (_DTYPE, "local_logits: the ranks hold different dtypes"),
+        (_N_ROWS, f"{data}: the ranks hold different numbers of rows"),
+        (_DTYPE, f"{data}: the ranks hold different dtypes"),
         (_PROB, "target: some ranks pass class indices and others probabilities"),
         (_HAS_WEIGHT, "weight: some ranks pass class weights and others None"),
     ):
@@ -114,7 +141,7 @@ def _check_global(headers: torch.Tensor, error: Exception | None, ignore_index) 
             raise ValueError(f"{what}: {headers[:, field].tolist()}")
     n_classes = int(headers[:, _N_CLASSES].sum())
     if n_classes == 0:
-        raise ValueError("local_logits: the class axis is empty on every rank (r = 0)")
+        raise ValueError(f"{data}: the class axis is empty on every rank (r = 0)")
     if not headers[0, _PROB]:
         if bool((headers[:, _T_SUM] != headers[0, _T_SUM]).any()):
             raise ValueError("target: the ranks pass different class indices; every rank must pass the same ones")
@@ -126,136 +153,141 @@ def _check_global(headers: torch.Tensor, error: Exception | None, ignore_index) 
             )
 
 
-# --------------------------------------------------------------------------- the math
+def _agree(name, data, device, group, error, ignore_index, **facts) -> tuple[int, int]:
+    """(this rank's class offset, r) after every rank checked every other's header (see ``_check_global``)."""
+    headers = _exchange_headers(_header(device, error, ignore_index=ignore_index, **facts), group)
+    _check_global(headers, error, ignore_index, name, data)
+    rank = dist.get_rank(group)
+    return int(headers[:rank, _N_CLASSES].sum()), int(headers[:, _N_CLASSES].sum())
+
+
+def _device_of(tensor, group) -> torch.device:
+    if isinstance(tensor, torch.Tensor):
+        return tensor.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- the combine
+
+
+class _Layout:
+    """One call's slice of the classes and options: what the ranks combine the partials with."""
+
+    def __init__(self, offset, n_local, n_classes, opts, backend, group):
+        self.offset, self.n_local, self.n_classes = offset, n_local, n_classes
+        self.opts, self.backend, self.group = opts, backend, group
+
+    def combine(self, part, t, is_prob, weight_sum):
+        """``(loss rows, lse, coef, B)`` of every row from this rank's (N, 5) ``part``: the two all-reduces.
+
+        ``weight_sum``: this rank's share of the summed class weight ``W`` (a 0-d tensor), summed over
+        the ranks with the rows' numbers. ``B`` is each row's target weight (the mean's denominator).
+        """
+        eps, z = self.opts.label_smoothing, self.opts.z_loss
+        n_rows = part.shape[0]
+        m_local = part[:, 0]
+        m = m_local.clone()
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
+        m = torch.where(torch.isinf(m), 0, m)  # rows of +-inf, as torch.logsumexp
+        n_sums = 4 if eps > 0 else 3
+        buf = torch.empty(n_sums * n_rows + 1, dtype=part.dtype, device=part.device)
+        sums = buf[:-1].view(n_sums, n_rows)
+        shift = m_local - m  # -inf on a rank without a finite logit in the row (its s and b are 0)
+        torch.mul(part[:, 1], torch.exp(shift), out=sums[0])
+        torch.where(part[:, 3] != 0, part[:, 2] + part[:, 3] * shift, part[:, 2], out=sums[1])  # a, relative to M
+        sums[2:] = part[:, 3 : 3 + n_sums - 2].t()
+        buf[-1] = weight_sum
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+        log_s = torch.log(sums[0])
+        lse = m + log_s
+        a, b, w_total = sums[1], sums[2], buf[-1]
+        loss = (1 - eps) * (b * log_s - a) + z * lse * lse
+        coef = (1 - eps) * b + 2 * z * lse
+        if eps > 0:
+            eps_r = eps / self.n_classes
+            loss = loss + eps_r * (w_total * lse - sums[3])
+            coef = coef + eps_r * w_total
+        if not is_prob:
+            loss = torch.where(t != self.opts.ignore_index, loss, 0)
+        return loss, lse, coef, b
+
+    def weight_share(self, w, like):
+        """This rank's part of the summed class weight ``W``: its slice's (r_k without weights)."""
+        dt = compute_dtype(like.dtype)
+        return torch.full((), float(self.n_local), dtype=dt, device=like.device) if w is None else w.sum()
+
+    def denominator(self, b, is_prob, n_rows, dt):
+        """The mean's denominator: the summed target weight of the kept rows (rows for probabilities)."""
+        if is_prob:
+            return torch.full((), float(n_rows), dtype=dt, device=b.device)
+        return b.sum()
+
+    def backward_args(self):
+        o = self.opts
+        return o.ignore_index, o.label_smoothing, self.n_classes, self.offset, o.softcap, self.backend
+
+
+# --------------------------------------------------------------------------- vocab_parallel_cross_entropy
 
 
 class _Problem:
-    """One call's flattened tensors and options, and the forward math over them."""
+    """One call's flattened tensors and the forward over them."""
 
-    def __init__(self, local_logits, target, weight, ignore_index, reduction, smoothing, z_loss, softcap, group):
-        self.group = group
+    def __init__(self, local_logits, target, weight, opts, layout, inplace):
+        self.layout, self.inplace = layout, inplace
         self.shape = local_logits.shape
-        self.n_local = local_logits.shape[-1]
         self.n_rows = math.prod(local_logits.shape[:-1])
         self.dt = compute_dtype(local_logits.dtype)
         self.is_prob = target.dtype.is_floating_point
-        self.t = target.reshape(self.n_rows, self.n_local).to(self.dt) if self.is_prob else target.reshape(-1).long()
-        self.w = None if weight is None else weight.detach().to(self.dt)
-        self.ignore_index = int(ignore_index)
-        self.reduction = reduction
-        self.eps = float(smoothing)
-        self.z_loss = float(z_loss)
-        self.softcap = float(softcap) if softcap else None
+        n_local = layout.n_local
+        self.t = target.reshape(self.n_rows, n_local) if self.is_prob else target.reshape(-1).long()
+        self.w = None if weight is None else weight.detach().to(self.dt).contiguous()
+        self.reduction = opts.reduction
+        self.x = local_logits.detach().reshape(self.n_rows, n_local)
+        if self.x.stride(-1) != 1 and n_local > 1:
+            self.x = self.x.contiguous()
 
-    def capped(self, x2d):
-        """The (soft-capped) logits in the compute dtype."""
-        y = x2d.detach().to(self.dt)
-        return self.softcap * torch.tanh(y / self.softcap) if self.softcap else y
-
-    def local_target(self):
-        """(owner, index): whether this rank holds row i's target class, and its local index (clamped)."""
-        lt = self.t - self.offset
-        owner = (self.t != self.ignore_index) & (lt >= 0) & (lt < self.n_local)
-        return owner, lt.clamp(0, max(self.n_local - 1, 0))
-
-    def forward(self, x2d):
-        """Per-row losses; keeps what the backward needs (global lse, row coefficients) on ``self``."""
-        y = self.capped(x2d)
-        n_rows, dt, device = y.shape[0], self.dt, y.device
-        n_classes = self.n_classes
-        if self.n_local:
-            m = y.amax(-1)
-        else:
-            m = torch.full((n_rows,), -math.inf, dtype=dt, device=device)
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
-        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows of +-inf, as torch.logsumexp
-        w = self.w
-        sums = torch.zeros(4 * n_rows + 1, dtype=dt, device=device)
-        col = sums[: 4 * n_rows].view(4, n_rows)
-        col[0] = torch.exp(y - m[:, None]).sum(-1)
-        if self.is_prob:
-            wq = (1 - self.eps) * self.t + self.eps / n_classes
-            if w is not None:
-                wq = wq * w
-            col[1] = wq.sum(-1)
-            col[2] = (wq * y).sum(-1)
-        else:
-            owner, lt = self.local_target()
-            if self.n_local:
-                col[1] = torch.where(owner, y.gather(1, lt[:, None])[:, 0], 0)
-                w_t = torch.ones_like(col[2]) if w is None else w[lt]
-                col[2] = torch.where(owner, w_t, 0)
-            if self.eps > 0:
-                col[3] = y.sum(-1) if w is None else y @ w
-            sums[-1] = self.n_local if w is None else w.sum()
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group)
-        lse = m + torch.log(col[0])
-        if self.is_prob:
-            kept = torch.ones(n_rows, dtype=torch.bool, device=device)
-            coef = col[1] + 2 * self.z_loss * lse
-            loss = col[1] * lse - col[2] + self.z_loss * lse * lse
-            self.denom = torch.tensor(float(n_rows), dtype=dt, device=device)
-        else:
-            kept = self.t != self.ignore_index
-            y_t, w_t, sum_wy, sum_w = col[1], col[2], col[3], sums[-1]
-            loss = (1 - self.eps) * w_t * (lse - y_t) + self.z_loss * lse * lse
-            coef = (1 - self.eps) * w_t + 2 * self.z_loss * lse
-            if self.eps > 0:
-                loss = loss + self.eps / n_classes * (sum_w * lse - sum_wy)
-                coef = coef + self.eps / n_classes * sum_w
-            loss = torch.where(kept, loss, 0)
-            self.denom = w_t.sum()  # w_t is 0 on ignored rows
-            self.w_t = w_t
-        self.lse, self.coef, self.kept = lse, coef, kept
-        return loss
-
-    def reduce(self, loss_rows):
+    def forward(self):
+        """The reduced loss; keeps the rows' lse and coefficient and the mean's 1/denominator."""
+        lay, o = self.layout, self.layout.opts
+        part = row_partials(self.x, self.t, self.w, o.ignore_index, o.softcap, lay.offset, o.label_smoothing > 0,
+                            lay.backend)  # fmt: skip
+        loss_rows, self.lse, self.coef, b = lay.combine(part, self.t, self.is_prob, lay.weight_share(self.w, self.x))
+        self.denom = self.scale = None
+        if self.reduction == "mean":
+            self.denom = lay.denominator(b, self.is_prob, self.n_rows, self.dt)
+            self.scale = mean_scale(self.denom)
         return reduce_rows(loss_rows, self.reduction, self.denom, self.shape[:-1])
 
-    def grad(self, x2d, grad_output):
-        """d loss / d local_logits (2-D), from the saved logits and the forward's row numbers."""
-        y = self.capped(x2d)
-        scale = grad_output.detach().to(self.dt)
-        scale = scale.reshape(-1) if self.reduction == "none" else scale.reshape(()).expand(y.shape[0])
-        if self.reduction == "mean":
-            scale = scale * mean_scale(self.denom)
-        scale = torch.where(self.kept, scale, 0)
-        g = torch.exp(y - self.lse[:, None]) * (scale * self.coef)[:, None]
-        eps_r = self.eps / self.n_classes
-        if self.is_prob:
-            wq = (1 - self.eps) * self.t + eps_r
-            if self.w is not None:
-                wq = wq * self.w
-            g -= wq * scale[:, None]
-        else:
-            if self.eps > 0:
-                w = torch.ones(self.n_local, dtype=self.dt, device=y.device) if self.w is None else self.w
-                g -= (eps_r * scale)[:, None] * w
-            owner, lt = self.local_target()
-            if self.n_local:
-                d = torch.where(owner, (1 - self.eps) * self.w_t * scale, 0)
-                g.scatter_add_(1, lt[:, None], -d[:, None])
-        if self.softcap:
-            g *= 1 - (y / self.softcap) ** 2
-        return g
+    def grad(self, grad_output):
+        """d loss / d local_logits, ``grad_output`` and the mean's scale folded into the kernel's scale;
+        written over the logits when ``inplace``."""
+        row_scale = _row_scale(grad_output, self.reduction, self.scale, self.n_rows, self.dt)
+        args = (self.t, self.w, self.lse, self.coef, None, row_scale, None, *self.layout.backward_args())
+        if self.inplace:
+            cross_entropy_backward_(self.x, *args)
+            return self.x.view(self.shape)
+        return cross_entropy_backward(self.x, *args).reshape(self.shape)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local_logits, problem):
-        x2d = local_logits.reshape(problem.n_rows, problem.n_local)
-        loss = problem.reduce(problem.forward(x2d))
         ctx.problem = problem
-        ctx.save_for_backward(local_logits)
-        return loss
+        ctx.save_for_backward(local_logits)  # autograd refuses a backward after an in-place change of them
+        # an in-place gradient of a leaf's logits must not become the leaf's .grad, aliasing the leaf
+        base = local_logits if local_logits._base is None else local_logits._base
+        ctx.copy_grad = problem.inplace and base.is_leaf
+        return problem.forward()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        (local_logits,) = ctx.saved_tensors
-        problem = ctx.problem
-        g = problem.grad(local_logits.reshape(problem.n_rows, problem.n_local), grad_output)
-        return g.to(local_logits.dtype).reshape(local_logits.shape), None
+        ctx.saved_tensors  # noqa: B018 - the version check
+        g = ctx.problem.grad(grad_output)
+        return (g.clone() if ctx.copy_grad else g), None
 
 
 def vocab_parallel_cross_entropy(
@@ -269,6 +301,8 @@ def vocab_parallel_cross_entropy(
     *,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    backend: str | None = None,
+    inplace_grad: bool = False,
 ):
     """Cross-entropy over classes split across the ranks of a ``torch.distributed`` group.
 
@@ -279,6 +313,9 @@ def vocab_parallel_cross_entropy(
     is each rank's slice of the full gradient. Every rank of the group must call it, with the same
     ``target``, keywords and number of rows. Works with the gloo (CPU) and nccl (CUDA) backends.
 
+    One kernel pass over the local slice and two all-reduces of 16-20 bytes per row (float32) in the
+    forward; the backward is one more kernel pass, without communication (see the module docstring).
+
     Args:
         local_logits: ``(..., r_k)`` float tensor, this rank's slice of the classes.
         target: global class indices in ``[0, r)`` of shape ``local_logits.shape[:-1]``, the same on
@@ -286,8 +323,12 @@ def vocab_parallel_cross_entropy(
             get no gradient).
         group: the process group (default: the world).
         weight: ``(r_k,)`` this rank's slice of the class weights (or None on every rank).
-        ignore_index, reduction, label_smoothing, z_loss, softcap: as in :func:`gpuxent.cross_entropy`;
-            label smoothing, z-loss and the weighted mean are over the global ``r`` classes.
+        ignore_index, reduction, label_smoothing, z_loss, softcap, backend: as in
+            :func:`gpuxent.cross_entropy`; label smoothing, z-loss and the weighted mean are over the
+            global ``r`` classes.
+        inplace_grad: the backward writes the gradient over ``local_logits`` (no new (N, r_k) buffer;
+            it bumps their version counter, as a torch in-place op). For logits that are not a leaf
+            (the output of the layer before); a leaf's gradient is copied, so that it does not alias it.
 
     Returns:
         The loss, a 0-d tensor (or per-row values for ``reduction="none"``), float32 for half inputs.
@@ -295,35 +336,193 @@ def vocab_parallel_cross_entropy(
     Bad input on any rank raises ``ValueError``/``TypeError`` on every rank (after one all-gather),
     so that no rank is left waiting in a collective.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            "vocab_parallel_cross_entropy: torch.distributed is not initialized; call "
-            "torch.distributed.init_process_group first (or use gpuxent.cross_entropy on one process)"
-        )
-    error = None
+    name = "vocab_parallel_cross_entropy"
+    _require_initialized(name)
+    error = opts = None
     try:
-        _check_local(local_logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    except (TypeError, ValueError) as exc:
+        opts = _check_local(local_logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
+        chosen = backends.select(local_logits.device, backend)
+    except (TypeError, ValueError, RuntimeError) as exc:
         error = exc
-    if isinstance(local_logits, torch.Tensor):
-        device = local_logits.device
-    elif dist.get_backend(group) == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
-    world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
-    header = _header(local_logits, target, weight, ignore_index, error)
-    headers = _exchange_headers(header, device, group, world)
-    _check_global(headers, error, ignore_index)
-
-    problem = _Problem(local_logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, group)
-    problem.offset = int(headers[:rank, _N_CLASSES].sum())
-    problem.n_classes = int(headers[:, _N_CLASSES].sum())
+    facts = {}
+    if error is None:
+        facts = dict(
+            n_classes=local_logits.shape[-1], n_rows=math.prod(local_logits.shape[:-1]), dtype=local_logits.dtype,
+            prob=target.dtype.is_floating_point, has_weight=weight is not None, target=target,
+        )  # fmt: skip
+    device = _device_of(local_logits, group)
+    offset, n_classes = _agree(name, "local_logits", device, group, error, ignore_index, **facts)
+    layout = _Layout(offset, local_logits.shape[-1], n_classes, opts, chosen, group)
+    problem = _Problem(local_logits, target, weight, opts, layout, bool(inplace_grad))
     if torch.is_grad_enabled() and local_logits.requires_grad:
         return _VocabParallelCrossEntropy.apply(local_logits, problem)
     with torch.no_grad():
-        return problem.reduce(problem.forward(local_logits.reshape(problem.n_rows, problem.n_local)))
+        return problem.forward()
 
 
-__all__ = ["vocab_parallel_cross_entropy"]
+# --------------------------------------------------------------------------- vocab_parallel_linear_cross_entropy
+
+
+class _LinearProblem(linear._Problem):
+    """``linear._Problem`` (its chunk loop, gradients and autograd Function) over this rank's rows of the
+    weight: each chunk's logits are a slice of the classes, reduced with the others' by ``_Layout``;
+    the hidden gradient is summed over the ranks."""
+
+    def __init__(self, hidden, weight, target, bias, ce_weight, opts, layout, chunk_size, is_prob):
+        n_local, d = weight.shape
+        self.layout = layout
+        self.h = hidden.detach().reshape(-1, d)
+        self.weight = weight.detach()
+        self.bias = None if bias is None else bias.detach()
+        self.n_rows = self.h.shape[0]
+        self.batch_shape = hidden.shape[:-1]
+        self.dtype = hidden.dtype
+        self.dt = compute_dtype(hidden.dtype)
+        self.opts, self.reduction, self.is_prob = opts, opts.reduction, is_prob
+        self.backend = layout.backend
+        self.chunk_size = chunk_size or linear.default_chunk_size(max(n_local, 1), hidden.dtype)
+        lo, hi = layout.offset, layout.offset + n_local
+        # class indices stay global; probabilities (full rows, as ce_weight) are sliced to this rank's classes
+        self.t = target.reshape(self.n_rows, -1)[:, lo:hi].to(self.dt) if is_prob else target.reshape(-1).long()
+        w_full = None if ce_weight is None else ce_weight.detach().to(self.dt)
+        self.w = None if w_full is None else w_full[lo:hi].contiguous()
+        self.weight_share = layout.weight_share(self.w, self.h)
+        self.denom = self.scale = None
+        if self.reduction == "mean":
+            self.denom = denominator(self.t, w_full, is_prob, opts.ignore_index, self.n_rows, self.dt)
+            self.scale = mean_scale(self.denom).reshape(1)
+
+    def chunk_loss(self, logits, lo, hi, grad_scale, want_grad):
+        lay, o = self.layout, self.opts
+        t = self.t[lo:hi]
+        part = row_partials(logits, t, self.w, o.ignore_index, o.softcap, lay.offset, o.label_smoothing > 0,
+                            self.backend)  # fmt: skip
+        loss, lse, coef, _ = lay.combine(part, t, self.is_prob, self.weight_share)
+        if want_grad:
+            cross_entropy_backward_(logits, t, self.w, lse, coef, None, grad_scale, None, *lay.backward_args())
+        return loss
+
+    def run(self, want=(False, False, False), row_scale=None):
+        loss_rows, grad_h, acc_w, acc_b = super().run(want, row_scale)
+        if grad_h is not None:  # every rank's classes contribute to every row: the full gradient everywhere
+            summed = grad_h if grad_h.dtype == self.dt else grad_h.to(self.dt)
+            dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=self.layout.group)
+            if summed is not grad_h:
+                grad_h.copy_(summed)
+        return loss_rows, grad_h, acc_w, acc_b
+
+
+def _check_linear_local(hidden, weight_shard, bias_shard):
+    """The linear part's checks each rank can do alone."""
+    check_float(hidden, "hidden")
+    check_float(weight_shard, "weight_shard")
+    if hidden.dim() == 0:
+        raise ValueError("hidden: expected shape (..., d) with the features on the last axis, got a scalar")
+    if weight_shard.dim() != 2:
+        raise ValueError(f"weight_shard: expected shape (r_local, d), got {tuple(weight_shard.shape)}")
+    if hidden.shape[-1] != weight_shard.shape[1]:
+        raise ValueError(
+            f"hidden: last axis has {hidden.shape[-1]} features but weight_shard has shape "
+            f"{tuple(weight_shard.shape)} (r_local, d)"
+        )
+    if weight_shard.dtype != hidden.dtype or weight_shard.device != hidden.device:
+        raise TypeError(f"weight_shard: {weight_shard.dtype} on {weight_shard.device}, but hidden is "
+                        f"{hidden.dtype} on {hidden.device}; use one dtype and device")  # fmt: skip
+    if bias_shard is not None:
+        if bias_shard.dtype != hidden.dtype or bias_shard.device != hidden.device:
+            raise TypeError(f"bias_shard: {bias_shard.dtype} on {bias_shard.device}, but hidden is "
+                            f"{hidden.dtype} on {hidden.device}")  # fmt: skip
+        if bias_shard.shape != (weight_shard.shape[0],):
+            raise ValueError(f"bias_shard: expected shape ({weight_shard.shape[0]},), got {tuple(bias_shard.shape)}")
+
+
+def vocab_parallel_linear_cross_entropy(
+    hidden,
+    weight_shard,
+    target,
+    bias_shard=None,
+    group=None,
+    *,
+    ce_weight=None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    backend: str | None = None,
+    chunk_size: int | None = None,
+):
+    """Cross-entropy of ``hidden @ weight.T + bias`` with the rows of ``weight`` (the classes) split
+    across the ranks of a ``torch.distributed`` group, without any rank holding (N, r_local) logits.
+
+    Rank k holds ``weight_shard = weight[offset_k : offset_k + r_k]`` (and ``bias_shard`` likewise),
+    in the group's rank order; the slices may differ in size or be empty. ``hidden`` and ``target``
+    are the same on every rank. The loss equals :func:`gpuxent.linear_cross_entropy` with the full
+    weight, on every rank. Gradients: ``hidden`` gets the full gradient on every rank (one all-reduce of
+    (N, d) in the backward's place), ``weight_shard`` and ``bias_shard`` their own slices.
+
+    The rows go through in chunks of ``chunk_size`` as in :func:`gpuxent.linear_cross_entropy`: a
+    (chunk, r_k) buffer of logits, one kernel pass, the two all-reduces of a few numbers per row, the
+    gradient written over the buffer, the three gradient matmuls. For ``reduction="none"`` the
+    gradients wait for ``grad_output`` (the backward runs the chunks again).
+
+    Args:
+        hidden: ``(..., d)`` float tensor, replicated.
+        weight_shard: ``(r_k, d)`` this rank's rows of the output layer's weight, ``hidden``'s dtype.
+        target: global class indices of shape ``hidden.shape[:-1]``, or probabilities of shape
+            ``hidden.shape[:-1] + (r,)`` (full rows, as ``ce_weight``).
+        bias_shard: ``(r_k,)`` or None (on every rank).
+        group: the process group (default: the world).
+        ce_weight: ``(r,)`` the FULL class weights of the cross-entropy, or None.
+        ignore_index, reduction, label_smoothing, z_loss, softcap, backend, chunk_size: as in
+            :func:`gpuxent.linear_cross_entropy`; smoothing, z-loss and the weighted mean over all r classes.
+
+    Every rank must call it with the same ``requires_grad`` on ``hidden``; bad input on any rank raises
+    on every rank.
+    """
+    name = "vocab_parallel_linear_cross_entropy"
+    _require_initialized(name)
+    error = opts = None
+    facts = {}
+    try:
+        h = to_tensor(hidden, "hidden")
+        w = to_tensor(weight_shard, "weight_shard")
+        t = to_tensor(target, "target")
+        b = None if bias_shard is None else to_tensor(bias_shard, "bias_shard")
+        cw = None if ce_weight is None else to_tensor(ce_weight, "ce_weight")
+        _check_linear_local(h, w, b)
+        opts = check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+        chunk_size = check_chunk_size(chunk_size)
+        chosen = backends.select(h.device, backend)
+        is_prob = t.dtype.is_floating_point
+        if t.device != h.device or (cw is not None and cw.device != h.device):
+            raise ValueError("target, ce_weight: expected on hidden's device")
+        if is_prob:  # the width is checked against r below, on every rank alike
+            check_target(t, h.shape[:-1], t.shape[-1] if t.dim() else 0, opts)
+        else:
+            check_target(t, h.shape[:-1], 0, opts)
+        if cw is not None:
+            check_float(cw, "ce_weight")
+            if cw.dim() != 1:
+                raise ValueError(f"ce_weight: expected shape (r,), the full class weights, got {tuple(cw.shape)}")
+        widths = (t.shape[-1] if is_prob and t.dim() else -1, -1 if cw is None else cw.shape[0])
+        facts = dict(
+            n_classes=w.shape[0], n_rows=math.prod(h.shape[:-1]), dtype=h.dtype, prob=is_prob,
+            has_weight=cw is not None, target=t,
+        )  # fmt: skip
+    except (TypeError, ValueError, RuntimeError) as exc:
+        error = exc
+    offset, n_classes = _agree(name, "weight_shard", _device_of(hidden, group), group, error, ignore_index, **facts)
+    for what, width in zip(("target", "ce_weight"), widths):  # the same on every rank: all raise or none
+        if width not in (-1, n_classes):
+            raise ValueError(f"{what}: expected {n_classes} classes (the sum of the shards' rows), got {width}")
+    layout = _Layout(offset, w.shape[0], n_classes, opts, chosen, group)
+    problem = _LinearProblem(h, w, t, b, cw, opts, layout, chunk_size, is_prob)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, w, b))
+    if needs_grad:
+        return linear._LinearCrossEntropy.apply(h, w, b, problem)
+    with torch.no_grad():
+        return problem.reduce(problem.run()[0])
+
+
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]

@@ -128,7 +128,7 @@ class _Problem:
         The logit gradient of each chunk is scaled by 1/denominator for a mean, and row by row by
         ``row_scale`` (a (N,) tensor) when given.
         """
-        n_rows, dt, opts = self.n_rows, self.dt, self.opts
+        n_rows, dt = self.n_rows, self.dt
         n_classes, d = self.weight.shape
         want_grad = any(want)
         loss_rows = torch.empty(n_rows, dtype=dt, device=self.h.device)
@@ -149,11 +149,9 @@ class _Problem:
             grad_scale = self.scale  # the chunk's gradient is written over its logits, scaled per row
             if row_scale is not None:
                 grad_scale = row_scale[lo:hi] if grad_scale is None else row_scale[lo:hi] * grad_scale
-            args = (opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap, self.backend)
+            loss_rows[lo:hi] = self.chunk_loss(logits, lo, hi, grad_scale, want_grad)
             if not want_grad:
-                loss_rows[lo:hi] = cross_entropy_rows(logits, self.t[lo:hi], self.w, None, *args, False)[0]
                 continue
-            loss_rows[lo:hi] = cross_entropy_rows_(logits, self.t[lo:hi], self.w, grad_scale, *args)[0]
             g = logits
             if want[0]:
                 torch.mm(g, self.weight, out=grad_h[lo:hi])
@@ -165,6 +163,15 @@ class _Problem:
             if want[2]:
                 acc_b += g.sum(0, dtype=dt)
         return loss_rows, grad_h, acc_w, acc_b
+
+    def chunk_loss(self, logits, lo, hi, grad_scale, want_grad):
+        """Per-row losses of rows ``[lo, hi)`` from their logits; with ``want_grad`` their gradient,
+        times ``grad_scale``, is written over ``logits``."""
+        opts = self.opts
+        args = (opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap, self.backend)
+        if not want_grad:
+            return cross_entropy_rows(logits, self.t[lo:hi], self.w, None, *args, False)[0]
+        return cross_entropy_rows_(logits, self.t[lo:hi], self.w, grad_scale, *args)[0]
 
     def reduce(self, loss_rows):
         return reduce_rows(loss_rows, self.reduction, self.denom, self.batch_shape)
