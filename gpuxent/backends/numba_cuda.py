@@ -718,12 +718,14 @@ def distillation(student, teacher, target, *, divergence, beta, temperature, ign
     tg = torch.zeros(1, dtype=torch.int64, device=dev) if target is None else target.detach().to(torch.int64)
     scale = _row_scale(grad_scale, n_rows, dt, dev)
     jsd = divergence == "jsd"
+    # named, not temporaries: _Launch keys its arrays by data pointer, which a freed temporary hands on
+    s, t = _compute(student, dt), _compute(teacher, dt)
     tpr, rows_per_block = _row_layout(n_classes)
     args = _Launch(dev)
     with _grad_out(args, grad, (n_rows, n_classes), dt) as g:
         args.launch(
             _distillation_kernel(np_dt), _grid(n_rows, rows_per_block), tpr * rows_per_block,
-            args(_compute(student, dt)), args(_compute(teacher, dt)), args(tg), args(scale), args(g), args(loss),
+            args(s), args(t), args(tg), args(scale), args(g), args(loss),
             target is not None, int(ignore_index), DIVERGENCE_CODES[divergence], f(1 / temperature), f(temperature),
             f(beta), f(math.log(beta) if jsd else 0.0), f(math.log1p(-beta) if jsd else 0.0), grad is not None, tpr,
         )  # fmt: skip
