@@ -693,9 +693,10 @@ def _distillation_kernel(dtype: np.dtype):
                         if divergence == KL:
                             g = p_s - math.exp((t - m_t) - log_st)
                         elif p_s > ZERO:
-                            r = s - t if divergence == REVERSE_KL else log_ps - log_mixture(
-                                log_ps, (t - m_t) - log_st, log_beta, log_1mbeta
-                            )
+                            if divergence == REVERSE_KL:
+                                r = s - t
+                            else:
+                                r = log_ps - log_mixture(log_ps, (t - m_t) - log_st, log_beta, log_1mbeta)
                             g = p_s * (r - mu)
                         g *= coef
                     grad[row, j] = g
