@@ -34,10 +34,13 @@ PEAK_LOGIT_COPIES = 6
 MEMORY_FRACTION = 0.8  # of the free memory: leaves room for the allocator's rounding and torch.compile
 
 
-def bytes_moved(n_rows: int, n_classes: int, element_size: int, pass_: str) -> int:
+def bytes_moved(n_rows: int, n_classes: int, element_size: int, pass_: str, op: str = "cross_entropy") -> int:
     """The byte model of the module docstring (every GB/s figure of gpuxent divides by it):
-    ``"fwd"`` reads the logits once, ``"fwd+bwd"`` also writes the gradient once."""
-    return n_rows * n_classes * element_size * (1 if pass_ == "fwd" else 2)
+    ``"fwd"`` reads the logits once, ``"fwd+bwd"`` also writes the gradient once. ``op="distillation"``
+    reads two (N, r) inputs once each (student and teacher logits) and writes the student's gradient:
+    2 and 3 times N*r elements (the O(N) targets and losses are left out)."""
+    reads = 2 if op == "distillation" else 1
+    return n_rows * n_classes * element_size * (reads + (0 if pass_ == "fwd" else 1))
 
 
 def add_arguments(p) -> None:
