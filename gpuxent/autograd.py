@@ -560,6 +560,7 @@ class Distillation(torch.autograd.Function):
         student, teacher, target, opts, backend, want_grad = inputs
         _, grad, scale = output
         ctx.mark_non_differentiable(grad, scale)
+        ctx.set_materialize_grads(False)  # else autograd fills an (N, r) zeros for the unused grad output
         ctx.opts, ctx.backend = opts, backend
         ctx.save_for_backward(student, teacher, target, grad, scale)
 
@@ -569,7 +570,7 @@ class Distillation(torch.autograd.Function):
         opts = ctx.opts
         n_rows = student.shape[0]
         dt = compute_dtype(student.dtype)
-        if not ctx.needs_input_grad[0]:
+        if not ctx.needs_input_grad[0] or grad_loss is None:
             return None, None, None, None, None, None
         go = grad_loss.to(dt)
         if opts.reduction == "none":
