@@ -254,21 +254,6 @@ DISTILL_TEMPERATURE = 2.0
 DISTILL_BETA = 0.5
 
 
-def torch_distillation(s, t, divergence, beta=DISTILL_BETA, temperature=DISTILL_TEMPERATURE):
-    """The unfused composition, reduction "batchmean"."""
-    log_ps = F.log_softmax(s / temperature, -1)
-    log_pt = F.log_softmax(t / temperature, -1)
-    if divergence == "kl":
-        loss = F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
-    elif divergence == "reverse_kl":
-        loss = F.kl_div(log_pt, log_ps, reduction="batchmean", log_target=True)
-    else:
-        log_m = torch.log(beta * log_pt.exp() + (1 - beta) * log_ps.exp())
-        loss = beta * F.kl_div(log_m, log_pt, reduction="batchmean", log_target=True)
-        loss = loss + (1 - beta) * F.kl_div(log_m, log_ps, reduction="batchmean", log_target=True)
-    return temperature**2 * loss
-
-
 def _status_kb(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
@@ -277,9 +262,11 @@ def _status_kb(field: str) -> int | None:
         return None
 
 
-def peak_extra_mib(step) -> float | None:
-    """Resident memory one call of ``step`` adds at its peak (None where /proc cannot say)."""
+def peak_extra_mib(step, before) -> float | None:
+    """Resident memory one call of ``step`` adds at its peak, from the state ``before()`` leaves (None where
+    /proc cannot say)."""
     step()  # warm-up: compilation, and the allocator's first touch
+    before()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to VmRSS
@@ -302,7 +289,7 @@ def _distill_steps(xg, teacher, divergence) -> dict:
 
     def eager():
         xg.grad = None
-        torch_distillation(xg, teacher, divergence).backward()
+        bench.torch_distillation(xg, teacher, divergence, DISTILL_BETA, DISTILL_TEMPERATURE).backward()
 
     return {"gpuxent": ours, "eager": eager}
 
@@ -316,10 +303,10 @@ def run_distillation(repeats: int) -> dict:
     nbytes = bench.bytes_moved(n, r, student.element_size(), "fwd+bwd", op="distillation")
     rows = []
     for divergence in ("kl", "reverse_kl", "jsd"):
-        steps = _distill_steps(student.clone().requires_grad_(), teacher, divergence)
+        xg = student.clone().requires_grad_()
         ms, peak = {}, {}
-        for name, step in steps.items():
-            peak[name] = peak_extra_mib(step)
+        for name, step in _distill_steps(xg, teacher, divergence).items():
+            peak[name] = peak_extra_mib(step, lambda xg=xg: setattr(xg, "grad", None))  # the gradient counts
             ms[name] = round(bench.time_ms(step, repeats), 3)
             print(f"distillation {divergence} {n} x {r} {name}: {ms[name]:.2f} ms, peak +{peak[name]} MiB", flush=True)
         rows.append(

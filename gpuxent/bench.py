@@ -43,6 +43,22 @@ def bytes_moved(n_rows: int, n_classes: int, element_size: int, pass_: str, op: 
     return n_rows * n_classes * element_size * (reads + (0 if pass_ == "fwd" else 1))
 
 
+def torch_distillation(s, t, divergence: str, beta: float, temperature: float) -> torch.Tensor:
+    """The PyTorch composition that ``gx.distillation_loss`` fuses (the benchmarks' baseline): log_softmax of
+    both rows, then ``F.kl_div``, reduction ``"batchmean"``; it materialises several (N, r) tensors."""
+    log_ps = F.log_softmax(s / temperature, -1)
+    log_pt = F.log_softmax(t / temperature, -1)
+    if divergence == "kl":
+        loss = F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
+    elif divergence == "reverse_kl":
+        loss = F.kl_div(log_pt, log_ps, reduction="batchmean", log_target=True)
+    else:
+        log_m = torch.log(beta * log_pt.exp() + (1 - beta) * log_ps.exp())
+        loss = beta * F.kl_div(log_m, log_pt, reduction="batchmean", log_target=True)
+        loss = loss + (1 - beta) * F.kl_div(log_m, log_ps, reduction="batchmean", log_target=True)
+    return temperature**2 * loss
+
+
 def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--full", action="store_true", help="every size (slower); the default is a ~1 minute run")
