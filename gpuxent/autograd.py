@@ -509,6 +509,24 @@ def _(student, teacher, target, grad_scale, divergence, beta, temperature, ignor
     return student.new_empty(student.shape[0], dtype=compute_dtype(student.dtype)), grad
 
 
+@torch.library.register_vmap("gpuxent::distillation_rows")
+def _(info, in_dims, student, teacher, target, grad_scale, divergence, beta, temperature, ignore_index, backend,
+      want_grad):  # fmt: skip
+    b = info.batch_size
+    sd, td, gd, scd = in_dims[:4]
+    s, t = _front(student, sd, b), _front(teacher, td, b)
+    n_rows, n_classes = s.shape[1], s.shape[2]
+    tg = None if target is None else _front(target, gd, b).reshape(-1)
+    if grad_scale is not None and (scd is not None or grad_scale.numel() > 1):
+        grad_scale = _front(grad_scale, scd, b).reshape(b, -1).expand(b, n_rows).reshape(-1)
+    loss, grad = distillation_rows(
+        s.reshape(-1, n_classes), t.reshape(-1, n_classes), tg, grad_scale, divergence, beta, temperature,
+        ignore_index, backend, want_grad,
+    )  # fmt: skip
+    grad = grad.view(b, n_rows, n_classes) if want_grad else grad
+    return (loss.view(b, n_rows), grad), (0, 0 if want_grad else None)
+
+
 def distillation_grad_formula(student, teacher, target, opts, row_scale):
     """``d loss / d student`` of (N, r) logits in torch ops, differentiable again (see
     ``backends/numba_cpu.py`` for the per-divergence formulas): ``row_scale * temperature * d div / d S``."""
@@ -539,6 +557,8 @@ def distillation_grad_formula(student, teacher, target, opts, row_scale):
 class Distillation(torch.autograd.Function):
     """Fused distillation loss of (N, r) student logits against a teacher's, reduced; outputs
     ``(loss, grad, 1/denominator)``, ``grad`` the forward's gradient for a unit ``grad_output``."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(student, teacher, target, opts, backend, want_grad):

@@ -271,3 +271,39 @@ def test_bad_input(backend, rng, monkeypatch, what, spec, error, name):
         spec["target"] = spec["target"](s)
     with pytest.raises(error, match=name):
         gx.distillation_loss(student, teacher, backend=backend.name, **spec)
+
+
+def test_non_contiguous_inputs(backend, rng):
+    """Transposed and strided views give the result of their contiguous copies."""
+    base_s = backend.tensor(rng.standard_normal((40, 6)), dtype=torch.float64)
+    base_t = backend.tensor(rng.standard_normal((3, 80)), dtype=torch.float64)
+    s, t = base_s.T, base_t[:, ::2]  # (6, 40) and (3, 40): classes strided
+    s, t = s[:3], t
+    loss, grad, go = run(backend, s, t, divergence="reverse_kl", temperature=0.7)
+    ref_loss, ref_grad = reference(s, t, "reverse_kl", temperature=0.7, grad_output=go)
+    assert_close(loss, ref_loss, torch.float64, "loss")
+    assert_close(grad, ref_grad, torch.float64, "grad")
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_torch_func_vmap_and_compile(rng):
+    """torch.func.grad, vmap (batch folded into rows) and torch.compile(fullgraph=True) give PyTorch's values."""
+    s = torch.as_tensor(rng.standard_normal((3, 4, 20)))
+    t = torch.as_tensor(rng.standard_normal((3, 4, 20)))
+
+    def ours(x, y):
+        return gx.distillation_loss(x, y, divergence="jsd", beta=0.3, temperature=2.0, backend="numba_cpu")
+
+    def theirs(x, y):
+        return torch_distillation_rows(x.reshape(-1, 20), y.reshape(-1, 20), "jsd", 0.3, 2.0).sum() / (x.numel() // 20)
+
+    assert_close(torch.func.grad(ours)(s, t), torch.func.grad(theirs)(s, t), torch.float64, "func.grad")
+    assert_close(torch.vmap(ours)(s, t), torch.vmap(theirs)(s, t), torch.float64, "vmap")
+    got = torch.vmap(torch.func.grad(ours))(s, t)
+    assert_close(got, torch.vmap(torch.func.grad(theirs))(s, t), torch.float64, "vmap(grad)")
+    x = s.clone().requires_grad_()
+    loss = torch.compile(ours, fullgraph=True)(x, t)
+    loss.backward()
+    ref_loss, ref_grad = reference(s, t, "jsd", 0.3, 2.0)
+    assert_close(loss, ref_loss, torch.float64, "compiled loss")
+    assert_close(x.grad, ref_grad, torch.float64, "compiled grad")
