@@ -172,11 +172,12 @@ def test_all_rows_ignored(backend, rng, reduction):
     assert (grad == 0).all()
 
 
+@pytest.mark.parametrize("short", [False, True], ids=["long-rows", "short-rows"])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_backend_writes_every_element(backend, rng, divergence):
+def test_backend_writes_every_element(backend, rng, divergence, short):
     """The backend entry point writes every gradient element of a NaN-poisoned buffer (ignored rows 0),
-    with a per-row grad_scale."""
-    s, t, target = make(backend, rng, shape_for(backend, big=True))
+    with a per-row grad_scale; short rows: several rows per program / block, the last one partly empty."""
+    s, t, target = make(backend, rng, (7, 10) if short else shape_for(backend, big=True))
     s2, t2, tg = s.reshape(-1, s.shape[-1]), t.reshape(-1, s.shape[-1]), target.reshape(-1)
     scale = torch.as_tensor(rng.random(s2.shape[0]) + 0.5, dtype=torch.float32, device=s.device)
     grad = torch.full_like(s2, float("nan"))
