@@ -308,3 +308,21 @@ def test_torch_func_vmap_and_compile(rng):
     ref_loss, ref_grad = reference(s, t, "jsd", 0.3, 2.0)
     assert_close(loss, ref_loss, torch.float64, "compiled loss")
     assert_close(x.grad, ref_grad, torch.float64, "compiled grad")
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_rows_without_softmax_are_nan(backend, rng, divergence):
+    """A row holding a NaN or +inf, or all -inf, in either input is NaN in loss and gradient, as in torch;
+    the other rows are unaffected."""
+    s, t, _ = make(backend, rng, (6, 40), ignore=False)
+    s[0, 3] = float("nan")
+    t[1, 5] = float("nan")
+    t[2] = -float("inf")
+    s[3] = -float("inf")
+    s[4, 7] = float("inf")
+    kw = dict(divergence=divergence, temperature=1.3, reduction="none")
+    loss, grad, go = run(backend, s, t, **kw)
+    ref_loss, ref_grad = reference(s, t, grad_output=go, **kw)
+    assert torch.isnan(loss[:5]).all() and torch.isnan(grad[:5]).all()
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert_close(grad[5], ref_grad[5], torch.float32, "grad")

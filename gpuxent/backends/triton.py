@@ -576,6 +576,9 @@ def _distillation_kernel(
     log_dt = tl.log(tl.where(kept, d_t, 1))
     log_beta = tl.log(beta)
     log_1mbeta = tl.log(1 - beta)
+    # a row without a softmax (all -inf, or a NaN or +inf in it) is NaN, as in torch; checked here because
+    # the sums below leave out the terms of zero probability, NaN ones included
+    no_softmax = ~((tl.abs(m_s + log_ds) < float("inf")) & (tl.abs(m_t + log_dt) < float("inf")))
 
     if DIVERGENCE == KL:
         mu = cross / tl.where(kept, d_t, 1)  # sum p_t (T - S)
@@ -600,6 +603,7 @@ def _distillation_kernel(
             kl_s += tl.sum(tl.where(p_s > 0, p_s * (log_ps - log_m), 0), axis=1)
         div = beta * kl_t + (1 - beta) * kl_s
         mu = kl_s
+    div = tl.where(no_softmax, NAN, div)
     tl.store(loss_ptr + rows, tl.where(kept, tau * tau * div, 0), mask=row_mask)
 
     # last loop: grad = scale * tau * d div / d S
@@ -628,7 +632,8 @@ def _distillation_kernel(
                 log_pt = (t - m_t[:, None]) - log_dt[:, None]
                 log_m = _log_mixture(log_ps, log_pt, log_beta, log_1mbeta)
                 g = tl.where(p_s > 0, p_s * ((log_ps - log_m) - mu[:, None]), 0)
-            g = tl.where(kept[:, None], coef[:, None] * g, 0)
+            g = tl.where(no_softmax[:, None], NAN, coef[:, None] * g)
+            g = tl.where(kept[:, None], g, 0)
             tl.store(
                 g_rows[:, None] + cols[None, :],
                 g.to(grad_ptr.dtype.element_ty),
