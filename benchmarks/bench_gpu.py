@@ -393,7 +393,7 @@ def _peak_extra_mib(step) -> float | None:
 def run_distillation(args) -> dict:
     started = time.perf_counter()
     result = new_result(args.dry_run)
-    sizes = args.sizes if args.sizes != DEFAULT_SIZES else ("64x300" if args.dry_run else DISTILL_SIZES)
+    sizes = args.sizes if args.sizes != DEFAULT_SIZES else ("4x64" if args.dry_run else DISTILL_SIZES)
     for n_rows, n_classes in parse_sizes(sizes):
         for dtype_name in args.dtypes.split(","):
             dtype = DTYPES[dtype_name]
