@@ -301,7 +301,6 @@ def train(cfg: TrainConfig, data: Dataset | None = None, *, rank: int = 0, world
     model.eval()
     return {
         "model": model,
-        "teacher_test_accuracy": accuracy(teacher, X_test, y_test) if teacher is not None else None,
         "history": history,
         "data": data,
         "epochs": epochs,
@@ -518,9 +517,12 @@ def run(cfg: TrainConfig) -> dict:
         "history": {k: history[k] for k in ("loss", "train_acc", "test_acc")},
     }
     if cfg.distill_from:
+        device = next(model.parameters()).device
+        teacher = load_teacher(cfg.distill_from, data, device)
+        X_test, y_test = (torch.from_numpy(a).to(device) for a in (data.X_test, data.y_test))
         out["summary"].update(
             distill_from=cfg.distill_from, temperature=cfg.temperature, alpha=cfg.alpha,
-            teacher_test_accuracy=out.get("teacher_test_accuracy"),
+            teacher_test_accuracy=accuracy(teacher, X_test, y_test),
         )  # fmt: skip
     return out
 
