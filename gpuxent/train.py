@@ -477,6 +477,8 @@ def run(cfg: TrainConfig) -> dict:
         check_outputs(cfg)
     t0 = time.perf_counter()
     data = load_data(cfg)
+    # the teacher is checked here, before any process is spawned
+    teacher = load_teacher(cfg.distill_from, data, torch.device("cpu")) if cfg.distill_from else None
     if launch is not None:
         out = train_launched(cfg, launch, data)
     elif cfg.nproc > 1:
@@ -516,10 +518,8 @@ def run(cfg: TrainConfig) -> dict:
         "checkpoint": cfg.checkpoint,
         "history": {k: history[k] for k in ("loss", "train_acc", "test_acc")},
     }
-    if cfg.distill_from:
-        device = next(model.parameters()).device
-        teacher = load_teacher(cfg.distill_from, data, device)
-        X_test, y_test = (torch.from_numpy(a).to(device) for a in (data.X_test, data.y_test))
+    if teacher is not None:
+        X_test, y_test = (torch.from_numpy(a) for a in (data.X_test, data.y_test))
         out["summary"].update(
             distill_from=cfg.distill_from, temperature=cfg.temperature, alpha=cfg.alpha,
             teacher_test_accuracy=accuracy(teacher, X_test, y_test),
