@@ -1,6 +1,7 @@
 """CPU benchmark: the fused cross-entropy against torch eager, torch.compile and JAX, in one run.
 
     python benchmarks/bench_cpu.py [--repeats 7] [--no-compile] [--no-jax] [--out benchmarks/results_cpu.json]
+    python benchmarks/bench_cpu.py --distillation [--repeats 7]     (the distillation rows, see that section)
 
 Cases (mean reduction, class-index targets, logits ~ N(0, 2^2)):
     fwd                 gx.cross_entropy(x, t)                                   read N*r logits
@@ -121,7 +122,7 @@ def run(repeats: int, compile_: bool, jax_: bool) -> dict:
         ms = {}
         for name, fn in impls.items():
             if fn is not None:
-                ms[name] = round(bench.time_ms(fn, cpu, repeats), 3)
+                ms[name] = round(bench.time_ms(fn, repeats), 3)
                 print(f"{n} x {r} {dtype} {pass_} {name}: {ms[name]:.2f} ms", flush=True)
         del impls
         gbps = nbytes / ms["gpuxent"] / 1e6
@@ -219,12 +220,11 @@ def diagnostics(repeats: int) -> list[str]:
     (the page faults: the kernel zeroes every page)."""
     from gpuxent.backends import numba_cpu as nc
 
-    cpu = torch.device("cpu")
     out = []
     for (n, r), dtype in (((256, 2048), torch.float32), ((256, 2048), torch.bfloat16), ((2048, 128), torch.float32)):
         x = (torch.randn(n, r) * 2).to(dtype)  # 2 MiB or less: stays in L2 + L3 between calls
         t = torch.randint(0, r, (n,))
-        fwd, fwd_bwd = (bench.time_ms(_calls(x, t, g), cpu, repeats) / 50 / (n * r) * 1e6 for g in (None, x.clone()))
+        fwd, fwd_bwd = (bench.time_ms(_calls(x, t, g), repeats) / 50 / (n * r) * 1e6 for g in (None, x.clone()))
         out.append(
             f"compute floor, {str(dtype).replace('torch.', '')} rows of {r} in cache: fwd {fwd:.3f} ns/element, "
             f"fwd+bwd {fwd_bwd:.3f} ns/element"
@@ -233,13 +233,129 @@ def diagnostics(repeats: int) -> list[str]:
     for shape, dtype in sizes:
         faulted = nc.empty(shape, dtype)
         faulted.fill_(0)
-        fill = bench.time_ms(lambda f=faulted: f.fill_(1), cpu, repeats)
-        fresh = bench.time_ms(_fresh_fill(shape, dtype), cpu, repeats)
+        fill = bench.time_ms(lambda f=faulted: f.fill_(1), repeats)
+        fresh = bench.time_ms(_fresh_fill(shape, dtype), repeats)
         out.append(
             f"fresh gradient buffer {shape[0]} x {shape[1]} {str(dtype).replace('torch.', '')}: fill {fill:.1f} ms "
             f"once faulted, {fresh:.1f} ms fresh (first touch)"
         )
     return out
+
+
+# --------------------------------------------------------------------------- distillation
+# gx.distillation_loss(s, t, divergence=d, temperature=2).backward() against the PyTorch composition
+# (log_softmax of both rows, then F.kl_div), forward+backward with a fresh student gradient.
+# Byte model: bench.bytes_moved(..., op="distillation"): read N*r student + N*r teacher, write N*r gradient.
+# Peak extra memory: VmHWM - VmRSS around one step (after a warm-up step, ``/proc/self/clear_refs``
+# resets the high-water mark), every buffer the step allocates, the gradient included.
+
+DISTILL_SIZE = (4096, 32768)
+DISTILL_TEMPERATURE = 2.0
+DISTILL_BETA = 0.5
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def peak_extra_mib(step, before) -> float | None:
+    """Resident memory one call of ``step`` adds at its peak, from the state ``before()`` leaves (None where
+    /proc cannot say)."""
+    step()  # warm-up: compilation, and the allocator's first touch
+    before()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to VmRSS
+    except OSError:
+        return None
+    base = _status_kb("VmRSS")
+    step()
+    peak = _status_kb("VmHWM")
+    return None if base is None or peak is None else round((peak - base) / 1024, 1)
+
+
+def _distill_steps(xg, teacher, divergence) -> dict:
+    """One forward+backward each of gpuxent and the composition, into a fresh ``xg.grad``."""
+
+    def ours():
+        xg.grad = None
+        gx.distillation_loss(
+            xg, teacher, divergence=divergence, beta=DISTILL_BETA, temperature=DISTILL_TEMPERATURE
+        ).backward()
+
+    def eager():
+        xg.grad = None
+        bench.torch_distillation(xg, teacher, divergence, DISTILL_BETA, DISTILL_TEMPERATURE).backward()
+
+    return {"gpuxent": ours, "eager": eager}
+
+
+def run_distillation(repeats: int) -> dict:
+    n, r = DISTILL_SIZE
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(n, r, generator=gen) * 2
+    teacher = torch.randn(n, r, generator=gen) * 2
+    copy_start = bench.copy_bandwidth(torch.device("cpu"))
+    nbytes = bench.bytes_moved(n, r, student.element_size(), "fwd+bwd", op="distillation")
+    divergences = ("kl", "reverse_kl", "jsd")
+    xg = student.clone().requires_grad_()
+    ms = {d: {} for d in divergences}
+    peak = {d: {} for d in divergences}
+    # gpuxent's rows first: the composition's GiB of temporaries fragment memory, after which a fresh
+    # gradient buffer may fault in 4 KiB pages instead of huge ones (3-4x slower to first touch)
+    for name in ("gpuxent", "eager"):
+        for d in divergences:
+            step = _distill_steps(xg, teacher, d)[name]
+            peak[d][name] = peak_extra_mib(step, lambda: setattr(xg, "grad", None))  # the gradient counts
+            ms[d][name] = round(bench.time_ms(step, repeats), 3)
+            print(f"distillation {d} {n} x {r} {name}: {ms[d][name]:.2f} ms, peak +{peak[d][name]} MiB", flush=True)
+    rows = [
+        {
+            "divergence": d, "n_rows": n, "n_classes": r, "dtype": "float32", "pass": "fwd+bwd", "bytes": nbytes,
+            "median_ms": ms[d], "gbps": round(nbytes / ms[d]["gpuxent"] / 1e6, 2),
+            "speedup_vs_eager": round(ms[d]["eager"] / ms[d]["gpuxent"], 2), "peak_extra_mib": peak[d],
+        }
+        for d in divergences
+    ]  # fmt: skip
+    copy_gbps = max(copy_start, bench.copy_bandwidth(torch.device("cpu")))
+    for row in rows:
+        row["pct_copy"] = round(100 * row["gbps"] / copy_gbps, 1)
+        # the time of one pass over N*r elements at copy speed (read + write counted): bytes / copy bandwidth
+        row["passes_at_copy_speed"] = round(row["median_ms"]["gpuxent"] * copy_gbps * 1e6 / (n * r * 4), 2)
+    return {
+        "machine": bench.machine(),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "temperature": DISTILL_TEMPERATURE,
+        "beta": DISTILL_BETA,
+        "copy_gbps": round(copy_gbps, 2),
+        "rows": rows,
+    }
+
+
+def distillation_markdown(result: dict) -> str:
+    lines = [
+        f"Machine: {result['machine']}, {result['date']}, torch {result['torch']}, {result['threads']} threads, "
+        f"copy bandwidth {result['copy_gbps']} GB/s (read + write). fwd+bwd, temperature {result['temperature']}, "
+        f"jsd beta {result['beta']}; bytes = read student + read teacher + write gradient.",
+        "",
+        "| N x r | divergence | gpuxent ms | GB/s | % of copy | N*r passes at copy speed | eager ms | x eager "
+        "| peak extra MiB gpuxent | peak extra MiB eager |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['n_rows']} x {r['n_classes']} | {r['divergence']} | {r['median_ms']['gpuxent']:.1f} "
+            f"| {r['gbps']:.1f} | {r['pct_copy']:.0f}% | {r['passes_at_copy_speed']:.2f} "
+            f"| {r['median_ms']['eager']:.1f} | {r['speedup_vs_eager']:.2f} "
+            f"| {r['peak_extra_mib']['gpuxent']} | {r['peak_extra_mib']['eager']} |"
+        )
+    return "\n".join(lines)
 
 
 def main():
@@ -248,7 +364,16 @@ def main():
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--no-jax", action="store_true", help="skip the JAX baseline")
     p.add_argument("--out", default=str(pathlib.Path(__file__).with_name("results_cpu.json")))
+    p.add_argument(
+        "--distillation", action="store_true", help="the distillation rows only (to results_distillation_cpu.json)"
+    )
     args = p.parse_args()
+    if args.distillation:
+        result = run_distillation(args.repeats)
+        path = pathlib.Path(__file__).with_name("results_distillation_cpu.json")
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(distillation_markdown(result))
+        return
     result = run(args.repeats, not args.no_compile, not args.no_jax)
     result["goals"] = goals(result)
     result["diagnostics"] = diagnostics(args.repeats)

@@ -3,6 +3,7 @@
     python benchmarks/bench_gpu.py [--sizes 16384x32768,65536x128] [--dtypes bfloat16,float32]
                                    [--json-out bench.json] [--markdown-out bench.md] [--no-compile]
                                    [--budget-s 240] [--sweep [--blocks 2048,4096 --warps 8,16]] [--dry-run]
+    python benchmarks/bench_gpu.py --distillation [...]   (distillation rows: see that section)
 
 Implementations, each timed with ``triton.testing.do_bench`` (median, L2 flushed between runs):
   gpuxent-triton      the Triton kernel through the registered op ``gpuxent::cross_entropy_rows`` + the mean
@@ -344,6 +345,93 @@ def run_sweep(args) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------- distillation
+# --distillation: gx.distillation_loss(s, t, divergence=d, temperature=2).backward() on each GPU backend
+# against the PyTorch composition (gpuxent.bench.torch_distillation), eagerly and under torch.compile,
+# forward+backward. Byte model: bytes_moved(..., op="distillation") (read student + teacher, write the
+# gradient; the Triton kernel rereads both rows once more, jsd twice, mostly from L2). Peak extra memory:
+# torch.cuda.max_memory_allocated over one step, above what was allocated before it.
+
+DISTILL_SIZES = "8192x32768,4096x131072"
+DISTILL_TEMPERATURE = 2.0
+DISTILL_BETA = 0.5
+
+
+def _distill_steps(args, s, t, divergence) -> dict:
+    """{impl: a forward+backward step into ``s.grad``}."""
+    import gpuxent as gx
+    from gpuxent import backends
+    from gpuxent.bench import torch_distillation
+
+    def composition(st, tt):
+        return torch_distillation(st, tt, divergence, DISTILL_BETA, DISTILL_TEMPERATURE)
+
+    steps = {}
+    for name in ("triton", "numba_cuda"):
+        if backends.status()[name][0]:
+            steps[f"gpuxent-{name}-api"] = lambda name=name: gx.distillation_loss(
+                s, t, divergence=divergence, beta=DISTILL_BETA, temperature=DISTILL_TEMPERATURE, backend=name
+            ).backward()
+    steps["torch-eager"] = lambda: composition(s, t).backward()
+    if not args.no_compile:
+        compiled = torch.compile(composition, dynamic=False)
+        steps["torch-compile"] = lambda: compiled(s, t).backward()
+    return steps
+
+
+def _peak_extra_mib(step) -> float | None:
+    if not ON_GPU:
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+
+
+def run_distillation(args) -> dict:
+    started = time.perf_counter()
+    result = new_result(args.dry_run)
+    sizes = args.sizes if args.sizes != DEFAULT_SIZES else ("4x64" if args.dry_run else DISTILL_SIZES)
+    for n_rows, n_classes in parse_sizes(sizes):
+        for dtype_name in args.dtypes.split(","):
+            dtype = DTYPES[dtype_name]
+            s = torch.randn(n_rows, n_classes, device=device(), dtype=dtype).requires_grad_()
+            t = torch.randn(n_rows, n_classes, device=device(), dtype=dtype)
+            nbytes = bytes_moved(n_rows, n_classes, s.element_size(), "fwd+bwd", op="distillation")
+            for divergence in ("kl", "reverse_kl", "jsd"):
+                times, peaks = {}, {}
+                for impl, step in _distill_steps(args, s, t, divergence).items():
+                    if time.perf_counter() > started + args.budget_s:
+                        result["skipped"].append(f"{impl} {divergence} {n_rows}x{n_classes}: over the time budget")
+                        continue
+                    try:
+                        times[impl] = median_ms(step, [s])
+                        s.grad = None
+                        peaks[impl] = _peak_extra_mib(step)
+                    except Exception as exc:  # an optional baseline that fails here is reported, not fatal
+                        msg = f"{impl} {divergence} {n_rows}x{n_classes}: {type(exc).__name__}: {str(exc)[:200]}"
+                        result["skipped"].append(msg)
+                    s.grad = None
+                    free_memory()
+                ours = times.get("gpuxent-triton-api")
+                for impl, ms in times.items():
+                    gbps = nbytes / ms / 1e6
+                    row = {
+                        "n_rows": n_rows, "n_classes": n_classes, "dtype": dtype_name,
+                        "pass": f"{divergence} fwd+bwd", "impl": impl, "ms": round(ms, 4), "gbps": round(gbps, 1),
+                        "pct_copy": round(100 * gbps / result["copy_gbps"], 1), "peak_extra_mib": peaks.get(impl),
+                    }  # fmt: skip
+                    if ours and impl != "gpuxent-triton-api":
+                        row["triton_speedup"] = round(ms / ours, 2)
+                    result["rows"].append(row)
+            del s, t
+            free_memory()
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
 def _header(result: dict) -> list[str]:
     v = result["versions"]
     return [
@@ -396,6 +484,9 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="BLOCK x num_warps of the large-r Triton kernel instead")
     p.add_argument("--blocks", default="4096,8192,2048,16384", help="--sweep: BLOCK values, most wanted first")
     p.add_argument("--warps", default="16,8,32,4", help="--sweep: num_warps values, most wanted first")
+    p.add_argument(
+        "--distillation", action="store_true", help=f"gx.distillation_loss rows instead (default sizes {DISTILL_SIZES})"
+    )
     p.add_argument("--dry-run", action="store_true", help="on the CPU interpreters: checks the script, times nothing")
     args = p.parse_args(argv)
     for name in args.dtypes.split(","):
@@ -408,7 +499,10 @@ def main(argv=None) -> int:
     elif not ON_GPU:
         print("bench_gpu.py needs a CUDA GPU and the interpreters off (or --dry-run)", file=sys.stderr)
         return 2
-    result = run_sweep(args) if args.sweep else run(args)
+    if args.distillation:
+        result = run_distillation(args)
+    else:
+        result = run_sweep(args) if args.sweep else run(args)
     print(table(result))
     if args.json_out:
         with open(args.json_out, "w") as f:

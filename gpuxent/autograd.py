@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import backends
 from .backends import compute_dtype
-from .checks import denominator, mean_scale, reduce_rows
+from .checks import denominator, distill_denominator, mean_scale, reduce_rows
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -580,3 +580,140 @@ def cross_entropy_backward_(
 def _(logits, target, weight, lse, coef, entropy, grad_scale, entropy_scale, ignore_index, label_smoothing, n_classes,
       class_offset, softcap, backend):  # fmt: skip
     return None
+
+
+# --------------------------------------------------------------------------- distillation
+
+
+@torch.library.custom_op("gpuxent::distillation_rows", mutates_args=())
+def distillation_rows(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: Optional[torch.Tensor],
+    grad_scale: Optional[torch.Tensor],
+    divergence: str,
+    beta: float,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+    want_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, grad)`` per row of (N, r) student and teacher logits: ``temperature**2`` times the
+    divergence (0 for rows whose target is ``ignore_index``), and ``grad_scale * d loss_i / d student_i``
+    (the student's dtype) or an empty tensor unless ``want_grad``."""
+    grad = backends.empty(backend, student.shape, student.dtype, student.device) if want_grad else student.new_empty(0)
+    loss = backends.module(backend).distillation(
+        student, teacher, target, divergence=divergence, beta=beta, temperature=temperature,
+        ignore_index=ignore_index, grad_scale=grad_scale, grad=grad if want_grad else None,
+    )  # fmt: skip
+    return loss, grad
+
+
+@distillation_rows.register_fake
+def _(student, teacher, target, grad_scale, divergence, beta, temperature, ignore_index, backend, want_grad):
+    grad = torch.empty_like(student) if want_grad else student.new_empty(0)
+    return student.new_empty(student.shape[0], dtype=compute_dtype(student.dtype)), grad
+
+
+@torch.library.register_vmap("gpuxent::distillation_rows")
+def _(info, in_dims, student, teacher, target, grad_scale, divergence, beta, temperature, ignore_index, backend,
+      want_grad):  # fmt: skip
+    b = info.batch_size
+    sd, td, gd, scd = in_dims[:4]
+    s, t = _front(student, sd, b), _front(teacher, td, b)
+    n_rows, n_classes = s.shape[1], s.shape[2]
+    tg = None if target is None else _front(target, gd, b).reshape(-1)
+    if grad_scale is not None and (scd is not None or grad_scale.numel() > 1):
+        grad_scale = _front(grad_scale, scd, b).reshape(b, -1).expand(b, n_rows).reshape(-1)
+    loss, grad = distillation_rows(
+        s.reshape(-1, n_classes), t.reshape(-1, n_classes), tg, grad_scale, divergence, beta, temperature,
+        ignore_index, backend, want_grad,
+    )  # fmt: skip
+    grad = grad.view(b, n_rows, n_classes) if want_grad else grad
+    return (loss.view(b, n_rows), grad), (0, 0 if want_grad else None)
+
+
+def distillation_grad_formula(student, teacher, target, opts, row_scale):
+    """``d loss / d student`` of (N, r) logits in torch ops, differentiable again (see
+    ``backends/numba_cpu.py`` for the per-divergence formulas): ``row_scale * temperature * d div / d S``."""
+    dt = compute_dtype(student.dtype)
+    tau, beta = opts.temperature, opts.beta
+    log_ps = torch.log_softmax(student.to(dt) / tau, -1)
+    log_pt = torch.log_softmax(teacher.to(dt) / tau, -1)
+    ps = log_ps.exp()
+    if opts.divergence == "kl":
+        g = ps - log_pt.exp()
+    else:
+        if opts.divergence == "reverse_kl":
+            r = log_ps - log_pt
+        else:
+            r = log_ps - torch.logaddexp(math.log(beta) + log_pt, math.log1p(-beta) + log_ps)
+        r = torch.where(ps > 0, r, 0)  # p_s = 0 carries no term (its log ratio may be -inf - -inf)
+        g = ps * (r - (ps * r).sum(-1, keepdim=True))
+        if opts.divergence == "jsd":
+            g = (1 - beta) * g
+    n_rows = student.shape[0]
+    kept = torch.ones(n_rows, 1, dtype=torch.bool, device=student.device)
+    if target is not None:
+        kept = (target != opts.ignore_index)[:, None]
+    rs = torch.where(kept, row_scale.to(dt).reshape(-1, 1), 0)
+    return torch.where(kept, rs * tau * g, 0).to(student.dtype)
+
+
+class Distillation(torch.autograd.Function):
+    """Fused distillation loss of (N, r) student logits against a teacher's, reduced; outputs
+    ``(loss, grad, 1/denominator)``, ``grad`` the forward's gradient for a unit ``grad_output``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(student, teacher, target, opts, backend, want_grad):
+        n_rows, n_classes = student.shape
+        dt = compute_dtype(student.dtype)
+        denom = scale = None
+        if opts.reduction in ("batchmean", "mean"):
+            denom = distill_denominator(target, opts, n_rows, n_classes, dt, student.device)
+            scale = mean_scale(denom)
+        loss_rows, grad = distillation_rows(
+            student, teacher, target, None if scale is None else scale.reshape(1), opts.divergence, opts.beta,
+            opts.temperature, opts.ignore_index, backend, want_grad,
+        )  # fmt: skip
+        loss = reduce_rows(loss_rows, "mean" if denom is not None else opts.reduction, denom, (n_rows,))
+        return loss, grad, torch.ones((), dtype=dt, device=student.device) if scale is None else scale
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        student, teacher, target, opts, backend, want_grad = inputs
+        _, grad, scale = output
+        ctx.mark_non_differentiable(grad, scale)
+        ctx.set_materialize_grads(False)  # else autograd fills an (N, r) zeros for the unused grad output
+        ctx.opts, ctx.backend = opts, backend
+        ctx.save_for_backward(student, teacher, target, grad, scale)
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad, _scale):
+        student, teacher, target, grad, scale = ctx.saved_tensors
+        opts = ctx.opts
+        n_rows = student.shape[0]
+        dt = compute_dtype(student.dtype)
+        if not ctx.needs_input_grad[0] or grad_loss is None:
+            return None, None, None, None, None, None
+        go = grad_loss.to(dt)
+        if opts.reduction == "none":
+            row_scale = go.reshape(n_rows)
+        else:
+            row_scale = (go * scale if opts.reduction != "sum" else go).reshape(1)
+        if torch.is_grad_enabled():  # the backward is differentiated: the formula in torch ops
+            g = distillation_grad_formula(student, teacher, target, opts, row_scale)
+        elif grad.dtype in HALF and not _is_one(grad_loss):
+            # fold grad_output into the kernel's float32 scale: one rounding, not two
+            g = distillation_rows(
+                student, teacher, target, row_scale, opts.divergence, opts.beta, opts.temperature,
+                opts.ignore_index, ctx.backend, True,
+            )[1]  # fmt: skip
+        else:
+            g = scale_grad(grad, grad_loss if opts.reduction != "none" else grad_loss.reshape(n_rows))
+        return g, None, None, None, None, None
+
+
+distillation = Distillation.apply

@@ -34,10 +34,29 @@ PEAK_LOGIT_COPIES = 6
 MEMORY_FRACTION = 0.8  # of the free memory: leaves room for the allocator's rounding and torch.compile
 
 
-def bytes_moved(n_rows: int, n_classes: int, element_size: int, pass_: str) -> int:
+def bytes_moved(n_rows: int, n_classes: int, element_size: int, pass_: str, op: str = "cross_entropy") -> int:
     """The byte model of the module docstring (every GB/s figure of gpuxent divides by it):
-    ``"fwd"`` reads the logits once, ``"fwd+bwd"`` also writes the gradient once."""
-    return n_rows * n_classes * element_size * (1 if pass_ == "fwd" else 2)
+    ``"fwd"`` reads the logits once, ``"fwd+bwd"`` also writes the gradient once. ``op="distillation"``
+    reads two (N, r) inputs once each (student and teacher logits) and writes the student's gradient:
+    2 and 3 times N*r elements (the O(N) targets and losses are left out)."""
+    reads = 2 if op == "distillation" else 1
+    return n_rows * n_classes * element_size * (reads + (0 if pass_ == "fwd" else 1))
+
+
+def torch_distillation(s, t, divergence: str, beta: float, temperature: float) -> torch.Tensor:
+    """The PyTorch composition that ``gx.distillation_loss`` fuses (the benchmarks' baseline): log_softmax of
+    both rows, then ``F.kl_div``, reduction ``"batchmean"``; it materialises several (N, r) tensors."""
+    log_ps = F.log_softmax(s / temperature, -1)
+    log_pt = F.log_softmax(t / temperature, -1)
+    if divergence == "kl":
+        loss = F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
+    elif divergence == "reverse_kl":
+        loss = F.kl_div(log_pt, log_ps, reduction="batchmean", log_target=True)
+    else:
+        log_m = torch.log(beta * log_pt.exp() + (1 - beta) * log_ps.exp())
+        loss = beta * F.kl_div(log_m, log_pt, reduction="batchmean", log_target=True)
+        loss = loss + (1 - beta) * F.kl_div(log_m, log_ps, reduction="batchmean", log_target=True)
+    return temperature**2 * loss
 
 
 def add_arguments(p) -> None:

@@ -264,3 +264,87 @@ def reduce_rows(loss_rows: torch.Tensor, reduction: str, denom, batch_shape) -> 
     if reduction == "sum":
         return loss_rows.sum()
     return torch.where(denom == 0, math.nan, loss_rows.sum() / denom)
+
+
+# --------------------------------------------------------------------------- distillation
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+DISTILL_REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+class DistillOptions(NamedTuple):
+    """The scalar keywords of a distillation call, checked."""
+
+    divergence: str
+    beta: float
+    temperature: float
+    ignore_index: int
+    reduction: str
+
+
+class DistillProblem(NamedTuple):
+    """A checked distillation call: (N, r) student and teacher logits of one dtype with unit class
+    stride (the teacher detached), (N,) int64 targets or None, the options."""
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+    target: torch.Tensor | None
+    opts: DistillOptions
+    batch_shape: torch.Size
+
+
+def check_distill_options(divergence, beta, temperature, ignore_index, reduction) -> DistillOptions:
+    if not isinstance(divergence, str) or divergence not in DIVERGENCES:
+        raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {divergence!r}")
+    b = _real(beta, "beta")
+    if divergence == "jsd" and not 0.0 < b < 1.0:
+        raise ValueError(f"beta: expected a number in (0, 1) for divergence='jsd', got {beta!r}")
+    tau = _real(temperature, "temperature")
+    if not (tau > 0 and math.isfinite(tau)):
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    if not isinstance(reduction, str) or reduction not in DISTILL_REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {DISTILL_REDUCTIONS}, got {reduction!r}")
+    return DistillOptions(divergence, b, tau, check_int(ignore_index, "ignore_index"), reduction)
+
+
+def prepare_distillation(student, teacher, target, divergence, beta, temperature, ignore_index, reduction):
+    """Checked, flattened arguments of a distillation call (:class:`DistillProblem`); a teacher of
+    another float dtype is cast to the student's."""
+    check_float(student, "student_logits")
+    check_float(teacher, "teacher_logits")
+    if student.dim() == 0:
+        raise ValueError("student_logits: expected shape (..., r) with the classes on the last axis, got a scalar")
+    if teacher.shape != student.shape:
+        raise ValueError(
+            f"teacher_logits: expected the student's shape {tuple(student.shape)}, got {tuple(teacher.shape)}"
+        )
+    n_classes = student.shape[-1]
+    if n_classes == 0:
+        raise ValueError("student_logits: the class axis is empty (r = 0)")
+    check_device(student, teacher, "teacher_logits")
+    opts = check_distill_options(divergence, beta, temperature, ignore_index, reduction)
+    batch_shape = student.shape[:-1]
+    t = None
+    if target is not None:
+        check_device(student, target, "target")
+        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+            raise TypeError(f"target: expected integer class indices (only ignore_index is read), got {target.dtype}")
+        if tuple(target.shape) != tuple(batch_shape):
+            raise ValueError(f"target: expected the batch shape {tuple(batch_shape)}, got {tuple(target.shape)}")
+        t = target.detach().reshape(-1).long()
+    s = student.reshape(-1, n_classes)
+    if s.stride(-1) != 1 and n_classes > 1:
+        s = s.contiguous()
+    tch = teacher.detach().to(student.dtype).reshape(-1, n_classes)
+    if tch.stride(-1) != 1 and n_classes > 1:
+        tch = tch.contiguous()
+    return DistillProblem(s, tch, t, opts, batch_shape)
+
+
+def distill_denominator(target: torch.Tensor | None, opts: DistillOptions, n_rows: int, n_classes: int, dt, device):
+    """The denominator of ``"batchmean"`` (kept rows) and ``"mean"`` (kept rows times r), a device tensor."""
+    if target is None:
+        kept = torch.full((), float(n_rows), dtype=dt, device=device)
+    else:
+        kept = (target != opts.ignore_index).sum().to(dt)
+    return kept if opts.reduction == "batchmean" else kept * n_classes

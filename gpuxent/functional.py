@@ -23,6 +23,7 @@ from .checks import (
     host_value,
     out,
     prepare_cross_entropy,
+    prepare_distillation,
     to_tensor,
 )
 
@@ -258,6 +259,57 @@ def predict_binary(probs: Array, threshold: float = 0.5) -> Array:
     return (np.asarray(probs) >= threshold).astype(np.int64)
 
 
+# --------------------------------------------------------------------------- distillation
+
+
+def distillation_loss(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    target: Array | None = None,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    backend: str | None = None,
+) -> Array:
+    """Distillation from teacher logits, fused: no ``(N, r)`` probability tensor is built.
+
+    With ``S = student_logits / temperature``, ``T = teacher_logits / temperature``, ``p_s = softmax(S)``,
+    ``p_t = softmax(T)``, each row's value is ``temperature**2`` times:
+
+    - ``"kl"``: ``KL(p_t || p_s)``; ``"reverse_kl"``: ``KL(p_s || p_t)``;
+    - ``"jsd"``: ``beta KL(p_t || m) + (1 - beta) KL(p_s || m)``, ``m = beta p_t + (1 - beta) p_s``.
+
+    Args:
+        student_logits: ``(..., r)`` float array or tensor; the gradient flows to it only.
+        teacher_logits: the same shape (cast to the student's dtype); never differentiated.
+        divergence: ``"kl"``, ``"reverse_kl"`` or ``"jsd"``.
+        beta: the JSD's mixture weight, in ``(0, 1)`` (0.5: the symmetric Jensen-Shannon divergence).
+        temperature: ``> 0``; divides both logits, and the loss is multiplied by its square.
+        target: optional class indices of shape ``student_logits.shape[:-1]``: rows equal to
+            ``ignore_index`` are left out (only that is read).
+        reduction: ``"batchmean"`` (sum over kept rows / kept rows), ``"sum"``, ``"mean"`` (sum /
+            (kept rows * r)) or ``"none"`` (per row, 0 for left-out rows), as ``F.kl_div``.
+        backend: ``"numba_cpu"``, ``"triton"`` or ``"numba_cuda"``; default by device.
+
+    Returns:
+        The loss as the input's kind; float32 for half inputs.
+    """
+    as_numpy = not isinstance(student_logits, torch.Tensor)
+    s = to_tensor(student_logits, "student_logits")
+    t = to_tensor(teacher_logits, "teacher_logits")
+    tg = None if target is None else to_tensor(target, "target")
+    p = prepare_distillation(s, t, tg, divergence, beta, temperature, ignore_index, reduction)
+    name = backends.select(s.device, backend)
+    want_grad = torch.is_grad_enabled() and s.requires_grad
+    loss, _, _ = autograd.distillation(p.student, p.teacher, p.target, p.opts, name, want_grad)
+    if p.opts.reduction == "none":
+        loss = loss.reshape(p.batch_shape)
+    return out(loss, as_numpy)
+
+
 def available_backends() -> list[str]:
     """Names of the backends that can run here."""
     return backends.available_backends()
@@ -270,6 +322,7 @@ __all__ = [
     "binary_cross_entropy_with_logits",
     "cross_entropy",
     "cross_entropy_and_grad",
+    "distillation_loss",
     "log_softmax",
     "predict",
     "predict_binary",

@@ -85,3 +85,28 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, *, backend: str | None =
             return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
         return F.cross_entropy(logits, target)
     raise ValueError(f"impl: expected 'gpuxent' or 'torch', got {impl!r}")
+
+
+def class_logits(logits: torch.Tensor) -> torch.Tensor:
+    """``(N, k)`` class logits: a binary model's ``(N,)`` logit z becomes ``[0, z]`` (softmax: 1 - p, p)."""
+    return torch.stack([torch.zeros_like(logits), logits], -1) if logits.dim() == 1 else logits
+
+
+def distillation_loss_fn(
+    logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *, temperature: float, alpha: float,
+    backend: str | None = None, impl: str = "gpuxent",
+):  # fmt: skip
+    """``alpha * loss_fn + (1 - alpha) * KL(teacher || student)`` at ``temperature`` (Hinton's
+    distillation, the KL scaled by ``temperature**2``, averaged over the batch).
+
+    ``impl="torch"`` computes the KL with ``log_softmax`` and ``F.kl_div`` (the unfused composition).
+    """
+    ce = loss_fn(logits, target, backend=backend, impl=impl)
+    s, t = class_logits(logits), class_logits(teacher_logits.detach())
+    if impl == "gpuxent":
+        kl = gx.distillation_loss(s, t, temperature=temperature, backend=backend)
+    else:
+        F = torch.nn.functional
+        log_ps, log_pt = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
+        kl = temperature**2 * F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
+    return alpha * ce + (1 - alpha) * kl

@@ -68,3 +68,27 @@ class BCEWithLogitsLoss(torch.nn.Module):
         return F.binary_cross_entropy_with_logits(
             input, target, self.weight, self.pos_weight, self.reduction, backend=self.backend
         )
+
+
+class DistillationLoss(torch.nn.Module):
+    """Distillation from teacher logits (:func:`gpuxent.distillation_loss`): ``loss(student_logits,
+    teacher_logits, target=None)``."""
+
+    def __init__(
+        self, divergence: str = "kl", beta: float = 0.5, temperature: float = 1.0, ignore_index: int = -100,
+        reduction: str = "batchmean", *, backend: str | None = None,
+    ):  # fmt: skip
+        super().__init__()
+        self.divergence = divergence
+        self.beta = beta
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, student_logits, teacher_logits, target=None):
+        return F.distillation_loss(
+            student_logits, teacher_logits, divergence=self.divergence, beta=self.beta,
+            temperature=self.temperature, target=target, ignore_index=self.ignore_index,
+            reduction=self.reduction, backend=self.backend,
+        )  # fmt: skip

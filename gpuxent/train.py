@@ -37,7 +37,7 @@ import torch
 
 from . import backends
 from .data import DATASETS, Dataset, load_csv, load_dataset, require
-from .mlp import ACTIVATIONS, MLP, loss_fn
+from .mlp import ACTIVATIONS, MLP, distillation_loss_fn, loss_fn
 
 LOG_LINE = "epoch {epoch}: loss {loss:.4f}, train_acc {train_acc:.2f}, test_acc {test_acc:.2f}, time {time_ms:.1f}ms"
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -67,6 +67,9 @@ class TrainConfig:
     plot: str | None = None  # PNG of loss and accuracy per epoch
     checkpoint: str | None = None  # torch.save'd dict: state_dict + config
     json: bool = False  # machine-readable run: logs go to stderr, no progress bar
+    distill_from: str | None = None  # a teacher checkpoint: train on alpha * CE + (1 - alpha) * distillation
+    temperature: float = 4.0  # of the distillation
+    alpha: float = 0.5  # the weight of the CE against the teacher's KL
 
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -158,6 +161,12 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
             raise ValueError(f"{name}: expected one of {sorted(choices)}, got {value!r}")
     if cfg.csv is not None and not cfg.target:
         raise ValueError("target: --csv needs --target COLUMN, the name of the label column")
+    if not (math.isfinite(cfg.temperature) and cfg.temperature > 0):
+        raise ValueError(f"temperature: expected a finite number > 0, got {cfg.temperature}")
+    if not 0 <= cfg.alpha <= 1:
+        raise ValueError(f"alpha: expected a number in [0, 1], got {cfg.alpha}")
+    if cfg.distill_from is not None and not pathlib.Path(cfg.distill_from).is_file():
+        raise ValueError(f"distill_from: no checkpoint file at {cfg.distill_from}")
     try:
         device = cfg.resolved_device()
     except RuntimeError as exc:
@@ -230,6 +239,7 @@ def train(cfg: TrainConfig, data: Dataset | None = None, *, rank: int = 0, world
 
     X_train, y_train = (torch.from_numpy(a).to(device) for a in (data.X_train, data.y_train))
     X_test, y_test = (torch.from_numpy(a).to(device) for a in (data.X_test, data.y_test))
+    teacher = load_teacher(cfg.distill_from, data, device) if cfg.distill_from else None
     torch.manual_seed(cfg.seed)
     model = MLP(data.n_features, data.n_classes, cfg.hidden, cfg.activation).to(device)
     model.set_standardization(X_train)
@@ -257,7 +267,15 @@ def train(cfg: TrainConfig, data: Dataset | None = None, *, rank: int = 0, world
             step_losses, loss_sum = [], torch.zeros((), device=device, dtype=torch.float64)
             for start in range(0, len(shard), per_rank):
                 idx = shard[start : start + per_rank]
-                loss = loss_fn(net(X_train[idx]), y_train[idx], backend=cfg.backend, impl=cfg.loss_impl)
+                if teacher is None:
+                    loss = loss_fn(net(X_train[idx]), y_train[idx], backend=cfg.backend, impl=cfg.loss_impl)
+                else:
+                    with torch.no_grad():
+                        teacher_logits = teacher(X_train[idx])
+                    loss = distillation_loss_fn(
+                        net(X_train[idx]), teacher_logits, y_train[idx], temperature=cfg.temperature,
+                        alpha=cfg.alpha, backend=cfg.backend, impl=cfg.loss_impl,
+                    )  # fmt: skip
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -398,6 +416,21 @@ def load_checkpoint(path, map_location="cpu") -> tuple[MLP, dict]:
     return model.to(map_location).eval(), ckpt
 
 
+def load_teacher(path, data: Dataset, device: torch.device) -> MLP:
+    """The teacher of a distillation run: a checkpoint of :func:`save_checkpoint` for ``data``'s
+    features and classes (ValueError naming ``distill_from`` otherwise)."""
+    try:
+        teacher, _ = load_checkpoint(path, map_location=device)
+    except Exception as exc:  # not a gpuxent checkpoint
+        raise ValueError(f"distill_from: cannot load a gpuxent checkpoint from {path}: {exc}") from None
+    if (teacher.n_features, teacher.n_classes) != (data.n_features, data.n_classes):
+        raise ValueError(
+            f"distill_from: the teacher has {teacher.n_features} features and {teacher.n_classes} classes, "
+            f"the data {data.n_features} and {data.n_classes}"
+        )
+    return teacher
+
+
 def plot_history(history: dict, path=None, title: str = ""):
     """Loss and accuracy per epoch side by side; saved as PNG when ``path`` is given.
 
@@ -444,6 +477,8 @@ def run(cfg: TrainConfig) -> dict:
         check_outputs(cfg)
     t0 = time.perf_counter()
     data = load_data(cfg)
+    # the teacher is checked here, before any process is spawned
+    teacher = load_teacher(cfg.distill_from, data, torch.device("cpu")) if cfg.distill_from else None
     if launch is not None:
         out = train_launched(cfg, launch, data)
     elif cfg.nproc > 1:
@@ -483,6 +518,12 @@ def run(cfg: TrainConfig) -> dict:
         "checkpoint": cfg.checkpoint,
         "history": {k: history[k] for k in ("loss", "train_acc", "test_acc")},
     }
+    if teacher is not None:
+        X_test, y_test = (torch.from_numpy(a) for a in (data.X_test, data.y_test))
+        out["summary"].update(
+            distill_from=cfg.distill_from, temperature=cfg.temperature, alpha=cfg.alpha,
+            teacher_test_accuracy=accuracy(teacher, X_test, y_test),
+        )  # fmt: skip
     return out
 
 
@@ -529,6 +570,16 @@ def add_arguments(parser) -> None:
         "--nproc", type=int, default=1, help="data-parallel processes on this machine (DDP; default: 1; see torchrun)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object (logs go to stderr)")
+    parser.add_argument(
+        "--distill-from", metavar="CHECKPOINT",
+        help="a teacher checkpoint (--checkpoint of an earlier run): train on alpha * CE + (1 - alpha) * distillation",
+    )  # fmt: skip
+    parser.add_argument(
+        "--temperature", type=float, default=d.temperature, help="distillation temperature (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--alpha", type=float, default=d.alpha, help="weight of the CE against the distillation (default: %(default)s)"
+    )
 
 
 def config_from_args(args) -> TrainConfig:
@@ -550,4 +601,7 @@ def config_from_args(args) -> TrainConfig:
         plot=args.plot,
         checkpoint=args.checkpoint,
         json=args.json,
+        distill_from=args.distill_from,
+        temperature=args.temperature,
+        alpha=args.alpha,
     )

@@ -225,3 +225,46 @@ def test_nproc_under_a_launcher_is_an_error(monkeypatch):
         monkeypatch.setenv(key, value)
     with pytest.raises(ValueError, match="nproc: the 2 processes come from the launcher"):
         run(TrainConfig(dataset="and", nproc=2))
+
+
+# --------------------------------------------------------------------------- distillation
+
+
+def test_distilled_half_width_student_matches_teacher(digits_run, capsys):
+    """`gpuxent train --distill-from`: a 32,32 student taught by the default 64,64 MLP on digits reaches the
+    teacher's test accuracy within 1 point."""
+    teacher = digits_run["summary"]
+    argv = ["train", "--dataset", "digits", "--hidden", "32,32", "--distill-from", teacher["checkpoint"]]
+    assert cli.main([*argv, "--temperature", "4", "--alpha", "0.5", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["hidden"] == [32, 32] and s["distill_from"] == teacher["checkpoint"]
+    assert s["temperature"] == 4.0 and s["alpha"] == 0.5
+    assert s["teacher_test_accuracy"] == pytest.approx(teacher["test_accuracy"])
+    assert s["test_accuracy"] >= teacher["test_accuracy"] - 0.01, s
+
+
+@pytest.mark.parametrize("dataset", ["digits", "breast_cancer"])
+def test_distillation_losses_match_torch(dataset, tmp_path):
+    """The same seed, student, teacher and batches: the fused distillation loss and torch's composition
+    (log_softmax + F.kl_div) give the same trajectory (binary tasks as two-class logits [0, z])."""
+    data = load_dataset(dataset)
+    ckpt = str(tmp_path / "teacher.pt")
+    run(TrainConfig(dataset=dataset, epochs=1, device="cpu", checkpoint=ckpt))
+    cfg = dict(dataset=dataset, epochs=2, hidden=(16,), device="cpu", distill_from=ckpt, temperature=3.0, alpha=0.3)
+    runs = {impl: train(TrainConfig(**cfg, loss_impl=impl), data) for impl in ("gpuxent", "torch")}
+    ours, ref = (np.array(runs[impl]["history"]["step_losses"][:10]) for impl in ("gpuxent", "torch"))
+    assert len(ours) == 10
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_distillation_arguments_are_checked(digits_run, tmp_path, capsys):
+    for argv, needle in [
+        (["--distill-from", str(tmp_path / "none.pt")], "distill_from"),
+        (["--distill-from", __file__], "distill_from"),
+        (["--temperature", "0"], "temperature"),
+        (["--alpha", "1.5"], "alpha"),
+        (["--dataset", "breast_cancer", "--distill-from", digits_run["summary"]["checkpoint"]], "distill_from"),
+    ]:
+        assert cli.main(["train", "--epochs", "1", *argv]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err

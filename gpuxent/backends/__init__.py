@@ -43,6 +43,15 @@ n_classes, class_offset, softcap, grad_scale, entropy_scale, grad)``
     ``g_j = [grad_scale (coef p_j - m_j) + entropy_scale p_j ((lse - H) - y_j)] dy_j/dx_j``, rounded once
     to ``grad``'s dtype; ignored rows get 0 and are not read. For cross-entropy ``coef = sum_j m_j``
     (whole vocabulary) ``+ 2 z_loss lse``; the entropy term is ``d H / d y``.
+``distillation(student, teacher, target, *, divergence, beta, temperature, ignore_index, grad_scale, grad)``
+    ``student``, ``teacher``: (N, r) float tensors of one dtype with unit class stride. ``target``: None
+    (every row kept) or (N,) int64, read only to leave out the rows equal to ``ignore_index``.
+    ``divergence``: ``"kl"`` (KL(p_t || p_s)), ``"reverse_kl"`` (KL(p_s || p_t)) or ``"jsd"`` (``beta``
+    KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s), of p = softmax(logits /
+    ``temperature``). ``grad_scale`` as in ``cross_entropy``. ``grad``: None or an (N, r) tensor of the
+    student's dtype that receives ``grad_scale * d loss_i / d student_i`` (left-out rows 0), rounded once.
+    Returns (N,) per-row ``temperature**2 * divergence`` (0 for left-out rows) in the compute dtype.
+    One pass over both rows gives both lse and the cross terms; the gradient is one more (jsd: two).
 ``empty(shape, dtype)`` (optional)
     Allocates the gradient buffers the backend writes; ``torch.empty`` on the device otherwise.
 ``softmax(x, *, log)``

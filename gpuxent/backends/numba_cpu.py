@@ -1068,3 +1068,297 @@ def cross_entropy_backward(
             float(label_smoothing), float(n_classes), int(class_offset), float(softcap or 0.0),
             _grad_scale(grad_scale, n_rows), _entropy_scale(entropy_scale, n_rows), g, inplace,
         )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- distillation
+#
+# Per row, with S = student / tau, T = teacher / tau, p_s = softmax(S), p_t = softmax(T):
+#   kl          KL(p_t || p_s) = sum p_t (T - S) - lse_T + lse_S       d/dS = p_s - p_t
+#   reverse_kl  KL(p_s || p_t) = sum p_s (S - T) - lse_S + lse_T       d/dS = p_s (S - T - mu), mu = sum p_s (S - T)
+#   jsd         beta KL(p_t || m) + (1 - beta) KL(p_s || m)            d/dS = (1 - beta) p_s (R - K)
+#               with m = beta p_t + (1 - beta) p_s, R = log p_s - log m, K = sum p_s R = KL(p_s || m)
+# times tau**2 (the loss) and tau**2 / tau (the gradient in the logits).
+#
+# Sweep 1 reads both rows from memory, chunk by chunk: each chunk's maxima, exp((x - chunk max) / tau)
+# of both rows kept in two compute-dtype row buffers, their sums and the cross term
+# sum exp(lead - max) (lead - other) (lead: the teacher for kl, the student for reverse_kl), merged
+# into the row's by online rescaling (``rowmath.merge_cross``). kl and reverse_kl have their loss
+# then; a second sweep over the buffers (no exp) writes the gradient. jsd needs log m, hence both lse
+# first: its second sweep turns the buffers into p_s and R (log m = logaddexp(log beta + log p_t,
+# log(1 - beta) + log p_s): one exp and one vectorised log1p per element, no log of a tiny m) and
+# sums the loss and K; a third writes the gradient. The later sweeps touch the row's buffers, still
+# in L2 (2 x r x 4 bytes), and the student row for reverse_kl.
+#
+# Byte model, forward+backward: read 2*N*r logits, write N*r gradient, read N targets, write N losses.
+
+KL, REVERSE_KL, JSD = 0, 1, 2
+DIVERGENCE_CODES = {"kl": KL, "reverse_kl": REVERSE_KL, "jsd": JSD}
+_merge_cross = nb.njit(_ROW.merge_cross)
+
+
+def _log1p_unit(u):  # pragma: no cover - replaced by the overload below inside njit code
+    raise NotImplementedError
+
+
+def _make_log1p_unit(dtype, n_terms):
+    """log(1 + u) for u in [0, 1] without branches, so that it vectorises (``math.log1p`` is a libm
+    call, and made jsd's in-cache sweep 21x slower): 1 + u = 2**k (1 + z) / (1 - z) with k = 0 or 1 and
+    |z| <= 3 - 2 sqrt(2) = 0.172, then 2 atanh(z) = z (2 + 2 z**2 / 3 + 2 z**4 / 5 + ...), ``n_terms``
+    terms (error below the dtype's ulp). float64 uses it; float32 the division-free polynomial below."""
+    f = dtype.type
+    ln2, split, zero, one, two, three = f(math.log(2)), f(math.sqrt(2) - 1), f(0), f(1), f(2), f(3)
+    coeffs = tuple(f(2 / (2 * k + 1)) for k in range(n_terms - 2, -1, -1))
+    top = f(2 / (2 * n_terms - 1))
+
+    def impl(u):
+        big = u > split
+        z = (u - one if big else u) / (u + (three if big else two))
+        z2 = z * z
+        p = top
+        for c in coeffs:
+            p = p * z2 + c
+        return (ln2 if big else zero) + z * p
+
+    return impl
+
+
+def _make_log1p_unit_poly(dtype, degree):
+    """log(1 + u) for u in [0, 1] as one polynomial in t = 2u - 1 (Chebyshev interpolation, no division:
+    ``degree`` 9 is within 8e-8 in float32, its rounding; the series above needs a division per call)."""
+    from numpy.polynomial import chebyshev
+
+    f = dtype.type
+    power = chebyshev.cheb2poly(chebyshev.chebinterpolate(lambda x: np.log1p((x + 1) / 2), degree))
+    coeffs = tuple(f(c) for c in power[-2::-1])
+    top, one = f(power[-1]), f(1)
+
+    def impl(u):
+        t = (u + u) - one
+        p = top
+        for c in coeffs:
+            p = p * t + c
+        return p
+
+    return impl
+
+
+# float32: the polynomial made jsd's in-cache sweep 0.72-0.84 ns/element, the series 1.06 (its division)
+_LOG1P32 = _make_log1p_unit_poly(np.dtype(np.float32), 9)
+_LOG1P64 = _make_log1p_unit(np.dtype(np.float64), 11)
+
+
+@overload(_log1p_unit, fastmath=FASTMATH)
+def _log1p_unit_overload(u):
+    if u == types.float32:
+        return _LOG1P32
+    if u == types.float64:
+        return _LOG1P64
+    return None
+
+
+@nb.njit(fastmath=FASTMATH, inline="always")
+def _pair_exps(lead, other, m_lead, m_other, inv_tau, e_lead, e_other, cross):
+    """One chunk of both rows: ``e = exp((x - m) / tau)`` of each into ``e_lead`` and ``e_other``;
+    returns their sums and, when ``cross``, ``sum e_lead (lead - other)`` (a term with ``e_lead`` = 0
+    is 0: a -inf logit there gives no NaN)."""
+    zero = _cast(e_lead, 0)
+    ml = m_lead if m_lead > -np.inf else zero  # a chunk of -inf: its exps are 0
+    mo = m_other if m_other > -np.inf else zero
+    s_lead = zero
+    s_other = zero
+    c = zero
+    if cross:
+        for j in range(lead.shape[0]):
+            x_lead = _widen(lead[j])
+            x_other = _widen(other[j])
+            el = _exp_neg((x_lead - ml) * inv_tau)
+            eo = _exp_neg((x_other - mo) * inv_tau)
+            e_lead[j] = el
+            e_other[j] = eo
+            s_lead += el
+            s_other += eo
+            v = el * (x_lead - x_other)
+            c += v if el > zero else zero
+    else:
+        for j in range(lead.shape[0]):
+            el = _exp_neg((_widen(lead[j]) - ml) * inv_tau)
+            eo = _exp_neg((_widen(other[j]) - mo) * inv_tau)
+            e_lead[j] = el
+            e_other[j] = eo
+            s_lead += el
+            s_other += eo
+    return np.float64(s_lead), np.float64(s_other), np.float64(c)
+
+
+@nb.njit(fastmath=FASTMATH, inline="always")
+def _jsd_chunk(s, t, es, et, shift_s, shift_t, a_s, a_t, k_s, k_t, inv_tau, beta, log_beta, log_1mbeta):
+    """jsd's second sweep over a chunk: turns ``es`` into p_s and ``et`` into R = log p_s - log m;
+    returns (sum p_t (log p_t - log m), sum p_s R). ``log p = (x - shift) / tau + k``, ``p = a e``."""
+    zero = _cast(es, 0)
+    sum_t = zero
+    sum_s = zero
+    for j in range(s.shape[0]):
+        ls = (_widen(s[j]) - shift_s) * inv_tau + k_s
+        lt = (_widen(t[j]) - shift_t) * inv_tau + k_t
+        ps = a_s * es[j]
+        pt = a_t * et[j]
+        u = log_beta + lt
+        v = log_1mbeta + ls
+        hi = u if u > v else v
+        lo = v if u > v else u
+        log_m = hi + _log1p_unit(_exp_neg(lo - hi))
+        r = ls - log_m
+        vt = pt * (lt - log_m)
+        vs = ps * r
+        sum_t += vt if pt > zero else zero
+        sum_s += vs if ps > zero else zero
+        es[j] = ps
+        et[j] = r
+    return np.float64(sum_t), np.float64(sum_s)
+
+
+@nb.njit(fastmath=FASTMATH, inline="always")
+def _distill_grad_chunk(s, t, es, et, g, divergence, a_s, a_t, inv_tau, mu):
+    """The gradient of one chunk from the buffers, rounded once to g's type (see the section comment):
+    kl ``a_s e_s - a_t e_t``; reverse_kl ``a_s e_s ((s - t) / tau - mu)``; jsd ``a_s p_s (R - mu)``."""
+    zero = _cast(es, 0)
+    if divergence == KL:
+        for j in range(g.shape[0]):
+            g[j] = _narrow(g, a_s * es[j] - a_t * et[j])
+    elif divergence == REVERSE_KL:
+        for j in range(g.shape[0]):
+            e = es[j]
+            v = (a_s * e) * ((_widen(s[j]) - _widen(t[j])) * inv_tau - mu)
+            g[j] = _narrow(g, v if e > zero else zero)
+    else:
+        for j in range(g.shape[0]):
+            e = es[j]
+            v = (a_s * e) * (et[j] - mu)
+            g[j] = _narrow(g, v if e > zero else zero)
+
+
+@nb.njit(fastmath=FASTMATH, inline="always")
+def _distill_row(s, t, divergence, inv_tau, tau, beta, scale, g, want_grad, es, et, cms, cmt):
+    """tau**2 times the divergence of one kept row; writes ``scale * tau * d div / d S`` into ``g``
+    when ``want_grad``. ``cms``/``cmt`` receive the chunk maxima of S and T."""
+    n_classes = s.shape[0]
+    n_chunks = (n_classes + CHUNK - 1) // CHUNK
+    inv = _cast(es, inv_tau)
+    m_s = -np.inf
+    m_t = -np.inf
+    sum_s = 0.0
+    sum_t = 0.0
+    cross = 0.0
+    for c in range(n_chunks):
+        lo = c * CHUNK
+        hi = min(lo + CHUNK, n_classes)
+        ms = _chunk_max(s[lo:hi])
+        mt = _chunk_max(t[lo:hi])
+        cms[c] = np.float64(ms) * inv_tau
+        cmt[c] = np.float64(mt) * inv_tau
+        if divergence == KL:
+            st_c, ss_c, cr = _pair_exps(t[lo:hi], s[lo:hi], mt, ms, inv, et[lo:hi], es[lo:hi], True)
+            m_t, sum_t, cross = _merge_cross(m_t, sum_t, cross, cmt[c], st_c, cr)
+            m_s, sum_s = _merge(m_s, sum_s, cms[c], ss_c)
+        else:
+            ss_c, st_c, cr = _pair_exps(s[lo:hi], t[lo:hi], ms, mt, inv, es[lo:hi], et[lo:hi], divergence == REVERSE_KL)
+            m_s, sum_s, cross = _merge_cross(m_s, sum_s, cross, cms[c], ss_c, cr)
+            m_t, sum_t = _merge(m_t, sum_t, cmt[c], st_c)
+    log_ss = math.log(sum_s)
+    log_st = math.log(sum_t)
+    if not (-np.inf < m_s + log_ss < np.inf and -np.inf < m_t + log_st < np.inf):  # no softmax: NaN, as torch
+        if want_grad:
+            g[:] = _narrow(g, np.nan)
+        return np.nan
+    if divergence == KL:
+        mu = inv_tau * cross / sum_t  # sum p_t (T - S)
+        div = mu - (m_t - m_s) - (log_st - log_ss)
+    elif divergence == REVERSE_KL:
+        mu = inv_tau * cross / sum_s  # sum p_s (S - T)
+        div = mu - (m_s - m_t) - (log_ss - log_st)
+    else:
+        log_beta = _cast(es, math.log(beta))
+        log_1mbeta = _cast(es, math.log1p(-beta))
+        kl_t = 0.0
+        kl_s = 0.0
+        for c in range(n_chunks):
+            lo = c * CHUNK
+            hi = min(lo + CHUNK, n_classes)
+            shift_s = cms[c] / inv_tau if cms[c] > -np.inf else 0.0  # the shifts of _pair_exps
+            shift_t = cmt[c] / inv_tau if cmt[c] > -np.inf else 0.0
+            k_s = (shift_s * inv_tau - m_s) - log_ss
+            k_t = (shift_t * inv_tau - m_t) - log_st
+            d_t, d_s = _jsd_chunk(
+                s[lo:hi], t[lo:hi], es[lo:hi], et[lo:hi], _cast(es, shift_s), _cast(es, shift_t),
+                _cast(es, _chunk_scale(cms[c], m_s, sum_s)), _cast(es, _chunk_scale(cmt[c], m_t, sum_t)),
+                _cast(es, k_s), _cast(es, k_t), inv, _cast(es, beta), log_beta, log_1mbeta,
+            )  # fmt: skip
+            kl_t += d_t
+            kl_s += d_s
+        div = beta * kl_t + (1 - beta) * kl_s
+        mu = kl_s  # K = KL(p_s || m)
+    if want_grad:
+        coef = scale * tau * ((1 - beta) if divergence == JSD else 1.0)
+        for c in range(n_chunks):
+            lo = c * CHUNK
+            hi = min(lo + CHUNK, n_classes)
+            if divergence == JSD:  # es already holds p_s
+                a_s = coef
+                a_t = 0.0
+            else:
+                a_s = coef * _chunk_scale(cms[c], m_s, sum_s)
+                a_t = coef * _chunk_scale(cmt[c], m_t, sum_t)
+            _distill_grad_chunk(
+                s[lo:hi], t[lo:hi], es[lo:hi], et[lo:hi], g[lo:hi], divergence, _cast(es, a_s), _cast(es, a_t),
+                inv, _cast(es, mu),
+            )  # fmt: skip
+    return tau * tau * div
+
+
+@nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _distill_kernel(
+    student, teacher, target, has_target, ignore_index, divergence, tau, beta, grad_scale, grad, want_grad, loss
+):  # fmt: skip
+    """Rows in tasks, as ``_ce_kernel``; ``grad_scale`` holds one factor or one per row."""
+    n_rows, n_classes = student.shape
+    rows_per_task = max(ROWS_PER_TASK, TASK_ELEMENTS // n_classes)
+    n_tasks = (n_rows + rows_per_task - 1) // rows_per_task
+    n_chunks = (n_classes + CHUNK - 1) // CHUNK
+    per_row = grad_scale.shape[0] > 1
+    for task in prange(n_tasks):
+        es = _compute_buffer(student, n_classes)
+        et = _compute_buffer(student, n_classes)
+        cms = np.empty(n_chunks, np.float64)
+        cmt = np.empty(n_chunks, np.float64)
+        for i in range(task * rows_per_task, min((task + 1) * rows_per_task, n_rows)):
+            g = grad[i if want_grad else 0]
+            if has_target and target[i] == ignore_index:  # left out: 0, not read
+                if want_grad:
+                    g[:] = _narrow(g, 0)
+                loss[i] = 0.0
+                continue
+            loss[i] = _distill_row(
+                student[i], teacher[i], divergence, 1 / tau, tau, beta, grad_scale[i if per_row else 0], g,
+                want_grad, es, et, cms, cmt,
+            )  # fmt: skip
+
+
+def distillation(student, teacher, target, *, divergence, beta, temperature, ignore_index, grad_scale, grad):
+    """Per-row tau**2 * divergence of (N, r) student and teacher logits; see ``gpuxent.backends``."""
+    s = np.ascontiguousarray(_view(student))
+    t = np.ascontiguousarray(_view(teacher))
+    dt = _COMPUTE_DTYPE.get(student.dtype, np.float32)
+    n_rows = s.shape[0]
+    if teacher.shape != student.shape or teacher.dtype != student.dtype:
+        raise ValueError("teacher: expected the student's shape and dtype")
+    if grad is not None and (grad.shape != student.shape or grad.dtype != student.dtype or not grad.is_contiguous()):
+        raise ValueError(f"grad: expected a contiguous {tuple(student.shape)} {student.dtype} tensor")
+    tg = _as(target, np.int64) if target is not None else np.zeros(1, np.int64)
+    g = _view(grad) if grad is not None else np.zeros((1, 0), s.dtype)
+    loss = np.empty(n_rows, dt)
+    if n_rows:
+        _launch(
+            _distill_kernel, s.size, s, t, tg, target is not None, int(ignore_index), DIVERGENCE_CODES[divergence],
+            float(temperature), float(beta), _grad_scale(grad_scale, n_rows), g, grad is not None, loss,
+        )  # fmt: skip
+    return torch.from_numpy(loss)

@@ -745,3 +745,210 @@ def cross_entropy_backward(
             f(label_smoothing / n_classes), int(class_offset), f(softcap or 0.0), bool(prob), weight is not None,
             entropy is not None, tpr,
         )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- distillation
+# Per row, S = student / tau, T = teacher / tau (formulas: ``backends/numba_cpu.py``, distillation).
+# Pass 1: each thread keeps online (max, sum of exp) of S and T over its strided elements and, for kl /
+# reverse_kl, the cross term sum exp(lead - max) (lead - other), merged like the sum
+# (``rowmath.merge_cross``), then across the row's threads in shared memory. jsd: pass 2 reads both rows
+# again for log m and sums the loss and K = KL(p_s || m). Last pass: reads them again, writes the gradient.
+# Byte model, forward+backward: read 2*N*r logits per pass (2 passes, jsd 3), write N*r gradient, read N
+# targets, write N losses.
+
+DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
+
+
+@functools.cache
+def _distillation_kernel(dtype: np.dtype):
+    """The distillation kernel computing in ``dtype``."""
+    f = dtype.type
+    ZERO, NEG_INF, NAN = f(0), f(-math.inf), f(math.nan)
+    KL, REVERSE_KL = 0, 1
+    int64 = numba.int64
+    acc_t = numba.from_dtype(dtype)
+    row = rowmath.make(f)
+    merge = cuda.jit(device=True)(row.merge)
+    merge_cross = cuda.jit(device=True)(row.merge_cross)
+
+    @cuda.jit(device=True)
+    def row_reduce(sm_m1, sm_s1, sm_c1, sm_m2, sm_s2, tid, lane, threads_per_row, m1, s1, c1, m2, s2):
+        """``merge_cross`` (m1, s1, c1) and ``merge`` (m2, s2) over each row group's threads (every
+        thread of the block calls it); the group's result comes back to all its threads."""
+        sm_m1[tid] = m1
+        sm_s1[tid] = s1
+        sm_c1[tid] = c1
+        sm_m2[tid] = m2
+        sm_s2[tid] = s2
+        cuda.syncthreads()
+        stride = threads_per_row // 2
+        while stride > 0:
+            if lane < stride:
+                o = tid + stride
+                m1, s1, c1 = merge_cross(m1, s1, c1, sm_m1[o], sm_s1[o], sm_c1[o])
+                m2, s2 = merge(m2, s2, sm_m2[o], sm_s2[o])
+                sm_m1[tid] = m1
+                sm_s1[tid] = s1
+                sm_c1[tid] = c1
+                sm_m2[tid] = m2
+                sm_s2[tid] = s2
+            cuda.syncthreads()
+            stride //= 2
+        first = tid - lane
+        m1, s1, c1, m2, s2 = sm_m1[first], sm_s1[first], sm_c1[first], sm_m2[first], sm_s2[first]
+        cuda.syncthreads()  # the slots are rewritten for the next row
+        return m1, s1, c1, m2, s2
+
+    @cuda.jit(device=True)
+    def log_mixture(log_ps, log_pt, log_beta, log_1mbeta):
+        """log(beta p_t + (1 - beta) p_s) from the log-probabilities."""
+        u = log_beta + log_pt
+        v = log_1mbeta + log_ps
+        hi = u if u > v else v
+        lo = v if u > v else u
+        if hi == NEG_INF:
+            return NEG_INF
+        return hi + math.log1p(math.exp(lo - hi))
+
+    @cuda.jit(device=True)
+    def log_of(s):
+        return math.log(s) if s > ZERO else (NEG_INF if s == ZERO else NAN)  # the simulator raises on log(0)
+
+    @cuda.jit
+    def kernel(
+        student, teacher, target, grad_scale, grad, loss,
+        has_target, ignore_index, divergence, inv_tau, tau, beta, log_beta, log_1mbeta, want_grad, threads_per_row,
+    ):  # fmt: skip
+        sm_m1 = cuda.shared.array(MAX_THREADS, acc_t)
+        sm_s1 = cuda.shared.array(MAX_THREADS, acc_t)
+        sm_c1 = cuda.shared.array(MAX_THREADS, acc_t)
+        sm_m2 = cuda.shared.array(MAX_THREADS, acc_t)
+        sm_s2 = cuda.shared.array(MAX_THREADS, acc_t)
+        n_rows = student.shape[0]
+        n_classes = student.shape[1]
+        tid = int64(cuda.threadIdx.x)
+        lane = tid % threads_per_row
+        rows_per_block = int64(cuda.blockDim.x) // threads_per_row
+        per_row_scale = grad_scale.shape[0] > 1
+        lead_is_teacher = divergence == KL
+        # Every thread runs the same number of iterations: syncthreads inside must not diverge.
+        base = int64(cuda.blockIdx.x) * rows_per_block
+        while base < n_rows:
+            row = base + tid // threads_per_row
+            live = row < n_rows
+            kept = live
+            if live and has_target:
+                kept = target[row] != ignore_index
+            # pass 1: (m1, s1, c1) of the lead row (the teacher for kl), (m2, s2) of the other
+            m1 = NEG_INF
+            s1 = ZERO
+            c1 = ZERO
+            m2 = NEG_INF
+            s2 = ZERO
+            if kept:
+                for j in range(lane, n_classes, threads_per_row):
+                    s = student[row, j] * inv_tau
+                    t = teacher[row, j] * inv_tau
+                    lead = t if lead_is_teacher else s
+                    other = s if lead_is_teacher else t
+                    if lead != NEG_INF:  # exp(lead - lead): 1, or NaN for +inf (a NaN row, as torch)
+                        cross = lead - other if divergence != 2 else ZERO
+                        m1, s1, c1 = merge_cross(m1, s1, c1, lead, math.exp(lead - lead), cross)
+                    if other != NEG_INF:
+                        m2, s2 = merge(m2, s2, other, math.exp(other - other))
+            m1, s1, c1, m2, s2 = row_reduce(
+                sm_m1, sm_s1, sm_c1, sm_m2, sm_s2, tid, lane, threads_per_row, m1, s1, c1, m2, s2
+            )
+            m_s, sum_s, m_t, sum_t = (m2, s2, m1, s1) if lead_is_teacher else (m1, s1, m2, s2)
+            log_ss = log_of(sum_s)
+            log_st = log_of(sum_t)
+            finite = kept and NEG_INF < m_s + log_ss < -NEG_INF and NEG_INF < m_t + log_st < -NEG_INF
+            div = NAN
+            mu = NAN
+            if finite:
+                if divergence == KL:
+                    mu = c1 / sum_t  # sum p_t (T - S)
+                    div = mu - (m_t - m_s) - (log_st - log_ss)
+                elif divergence == REVERSE_KL:
+                    mu = c1 / sum_s  # sum p_s (S - T)
+                    div = mu - (m_s - m_t) - (log_ss - log_st)
+            if divergence == 2:  # pass 2: sum p_t (log p_t - log m) and K = sum p_s (log p_s - log m)
+                kl_t = ZERO
+                kl_s = ZERO
+                if finite:
+                    for j in range(lane, n_classes, threads_per_row):
+                        log_ps = (student[row, j] * inv_tau - m_s) - log_ss
+                        log_pt = (teacher[row, j] * inv_tau - m_t) - log_st
+                        log_m = log_mixture(log_ps, log_pt, log_beta, log_1mbeta)
+                        p_s = math.exp(log_ps)
+                        p_t = math.exp(log_pt)
+                        if p_t > ZERO:
+                            kl_t += p_t * (log_pt - log_m)
+                        if p_s > ZERO:
+                            kl_s += p_s * (log_ps - log_m)
+                _, kl_t, kl_s, _, _ = row_reduce(
+                    sm_m1, sm_s1, sm_c1, sm_m2, sm_s2, tid, lane, threads_per_row, NEG_INF, kl_t, kl_s, NEG_INF, ZERO
+                )
+                if finite:
+                    div = beta * kl_t + (f(1) - beta) * kl_s
+                    mu = kl_s
+            if not live:
+                base += int64(cuda.gridDim.x) * rows_per_block
+                continue
+            if lane == 0:
+                loss[row] = tau * tau * div if kept else ZERO
+            if want_grad:  # last pass: grad = scale * tau * d div / d S
+                coef = (grad_scale[row] if per_row_scale else grad_scale[0]) * tau
+                if divergence == 2:
+                    coef *= f(1) - beta
+                for j in range(lane, n_classes, threads_per_row):
+                    g = ZERO
+                    if kept and not finite:
+                        g = NAN
+                    elif kept:
+                        s = student[row, j] * inv_tau
+                        t = teacher[row, j] * inv_tau
+                        log_ps = (s - m_s) - log_ss
+                        p_s = math.exp(log_ps)
+                        if divergence == KL:
+                            g = p_s - math.exp((t - m_t) - log_st)
+                        elif p_s > ZERO:
+                            if divergence == REVERSE_KL:
+                                r = s - t
+                            else:
+                                r = log_ps - log_mixture(log_ps, (t - m_t) - log_st, log_beta, log_1mbeta)
+                            g = p_s * (r - mu)
+                        g *= coef
+                    grad[row, j] = g
+            base += int64(cuda.gridDim.x) * rows_per_block
+
+    return kernel
+
+
+@_moved
+def distillation(student, teacher, target, *, divergence, beta, temperature, ignore_index, grad_scale, grad):
+    """Per-row tau**2 * divergence of (N, r) student and teacher logits; see ``gpuxent.backends``."""
+    dt = compute_dtype(student.dtype)
+    np_dt = _np_dtype(dt)
+    f = np_dt.type
+    dev = student.device
+    n_rows, n_classes = student.shape
+    loss = torch.empty(n_rows, dtype=dt, device=dev)
+    if n_rows == 0:
+        return loss
+    tg = torch.zeros(1, dtype=torch.int64, device=dev) if target is None else target.detach().to(torch.int64)
+    scale = _row_scale(grad_scale, n_rows, dt, dev)
+    jsd = divergence == "jsd"
+    # named, not temporaries: _Launch keys its arrays by data pointer, which a freed temporary hands on
+    s, t = _compute(student, dt), _compute(teacher, dt)
+    tpr, rows_per_block = _row_layout(n_classes)
+    args = _Launch(dev)
+    with _grad_out(args, grad, (n_rows, n_classes), dt) as g:
+        args.launch(
+            _distillation_kernel(np_dt), _grid(n_rows, rows_per_block), tpr * rows_per_block,
+            args(s), args(t), args(tg), args(scale), args(g), args(loss),
+            target is not None, int(ignore_index), DIVERGENCE_CODES[divergence], f(1 / temperature), f(temperature),
+            f(beta), f(math.log(beta) if jsd else 0.0), f(math.log1p(-beta) if jsd else 0.0), grad is not None, tpr,
+        )  # fmt: skip
+    args.write_back(loss)
+    return loss

@@ -70,4 +70,19 @@ def make(f) -> SimpleNamespace:
         sig = one / (one + e) if x >= zero else e / (one + e)
         return w * ((one - y) * x + lw * softplus_neg), w * (lw * sig - pw * y)
 
-    return SimpleNamespace(merge=merge, loss_and_coef=loss_and_coef, bce=bce, bce_logits=bce_logits)
+    def merge_cross(m_a, s_a, c_a, m_b, s_b, c_b):
+        """:func:`merge` of two parts that also carry a cross term ``c = sum exp(x - max) v``, which
+        rescales like the sum (distillation: ``v = lead - other`` of the two rows' logits)."""
+        if m_b == neg_inf:
+            return m_a, s_a + s_b, c_a + c_b
+        if m_a == neg_inf:
+            return m_b, s_a + s_b, c_a + c_b
+        if m_b > m_a:
+            f = math.exp(m_a - m_b)
+            return m_b, s_a * f + s_b, c_a * f + c_b
+        f = math.exp(m_b - m_a)
+        return m_a, s_a + s_b * f, c_a + c_b * f
+
+    return SimpleNamespace(
+        merge=merge, loss_and_coef=loss_and_coef, bce=bce, bce_logits=bce_logits, merge_cross=merge_cross
+    )

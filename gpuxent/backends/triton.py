@@ -709,3 +709,183 @@ def cross_entropy_backward(
             PROB_TARGET=prob, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0,
             HAS_SOFTCAP=bool(softcap), HAS_ENTROPY=entropy is not None, ROWS=rows, BLOCK=block, num_warps=num_warps,
         )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- distillation
+# Per row, S = student / tau, T = teacher / tau (formulas: ``backends/numba_cpu.py``, distillation).
+# Loop 1: online max and sum of exp of both rows and, for kl / reverse_kl, the cross term
+#   sum exp(lead - m_lead) (lead - other) (lead: T for kl, S for reverse_kl), rescaled like the sum;
+#   the loss follows. jsd: loop 2 reads both rows again for log m = logaddexp(log beta + log p_t,
+#   log(1 - beta) + log p_s) and sums the loss and K = KL(p_s || m).
+# Last loop: reads both rows again and writes the student gradient.
+# Byte model, forward+backward: read 2*N*r logits per loop (2 loops, jsd 3; the rereads of a row
+# mostly hit L2 for r up to a few 10^4), write N*r gradient, read N targets, write N losses.
+
+KL, REVERSE_KL, JSD = 0, 1, 2
+DIVERGENCE_CODES = {"kl": KL, "reverse_kl": REVERSE_KL, "jsd": JSD}
+
+
+@triton.jit
+def _log_mixture(log_ps, log_pt, log_beta, log_1mbeta):
+    """log(beta p_t + (1 - beta) p_s) from the log-probabilities, without the log of a tiny sum."""
+    u = log_beta[:, None] + log_pt
+    v = log_1mbeta[:, None] + log_ps
+    hi = tl.maximum(u, v)
+    lo = tl.minimum(u, v)
+    return hi + _log1p(tl.exp(lo - hi))
+
+
+@triton.jit
+def _distillation_kernel(
+    student_ptr, teacher_ptr, target_ptr, grad_scale_ptr, grad_ptr, loss_ptr,
+    stride_student, stride_teacher, stride_grad, stride_scale,
+    n_rows, n_classes, ignore_index,
+    inv_tau_hi, inv_tau_lo, tau_hi, tau_lo, beta_hi, beta_lo, scale_hi, scale_lo,
+    DIVERGENCE: tl.constexpr, HAS_TARGET: tl.constexpr, WANT_GRAD: tl.constexpr, SCALE_IS_PTR: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    acc_dtype = loss_ptr.dtype.element_ty
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_rows
+    zero = tl.zeros([ROWS], dtype=acc_dtype)
+    inv_tau = _scalar(inv_tau_hi, inv_tau_lo, zero)
+    tau = _scalar(tau_hi, tau_lo, zero)
+    beta = _scalar(beta_hi, beta_lo, zero)
+    if HAS_TARGET:
+        target = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index)
+        kept = row_mask & (target != ignore_index)
+    else:
+        kept = row_mask
+    s_rows = student_ptr + rows.to(tl.int64) * stride_student
+    t_rows = teacher_ptr + rows.to(tl.int64) * stride_teacher
+
+    # loop 1: online (max, sum of exp) of S and T, and the cross term of kl / reverse_kl
+    m_s = tl.full([ROWS], NEG_INF, dtype=acc_dtype)
+    m_t = tl.full([ROWS], NEG_INF, dtype=acc_dtype)
+    d_s = zero
+    d_t = zero
+    cross = zero
+    for start in range(0, n_classes, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = kept[:, None] & (cols < n_classes)[None, :]
+        s = tl.load(s_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
+        t = tl.load(t_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
+        m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
+        m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
+        shift_s = tl.where(m_s_new == NEG_INF, 0, m_s_new)  # a row of -inf so far must not give -inf - -inf
+        shift_t = tl.where(m_t_new == NEG_INF, 0, m_t_new)
+        alpha_s = tl.exp(m_s - shift_s)
+        alpha_t = tl.exp(m_t - shift_t)
+        e_s = tl.exp(s - shift_s[:, None])
+        e_t = tl.exp(t - shift_t[:, None])
+        d_s = d_s * alpha_s + tl.sum(e_s, axis=1)
+        d_t = d_t * alpha_t + tl.sum(e_t, axis=1)
+        if DIVERGENCE == KL:  # a term whose weight is 0 is 0 (its difference may be -inf - -inf)
+            cross = cross * alpha_t + tl.sum(tl.where(e_t > 0, e_t * (t - s), 0), axis=1)
+        elif DIVERGENCE == REVERSE_KL:
+            cross = cross * alpha_s + tl.sum(tl.where(e_s > 0, e_s * (s - t), 0), axis=1)
+        m_s = m_s_new
+        m_t = m_t_new
+    m_s = tl.where(kept, m_s, 0)
+    m_t = tl.where(kept, m_t, 0)
+    log_ds = tl.log(tl.where(kept, d_s, 1))
+    log_dt = tl.log(tl.where(kept, d_t, 1))
+    log_beta = tl.log(beta)
+    log_1mbeta = tl.log(1 - beta)
+    # a row without a softmax (all -inf, or a NaN or +inf in it) is NaN, as in torch; checked here because
+    # the sums below leave out the terms of zero probability, NaN ones included
+    no_softmax = ~((tl.abs(m_s + log_ds) < float("inf")) & (tl.abs(m_t + log_dt) < float("inf")))
+
+    if DIVERGENCE == KL:
+        mu = cross / tl.where(kept, d_t, 1)  # sum p_t (T - S)
+        div = mu - (m_t - m_s) - (log_dt - log_ds)
+    elif DIVERGENCE == REVERSE_KL:
+        mu = cross / tl.where(kept, d_s, 1)  # sum p_s (S - T)
+        div = mu - (m_s - m_t) - (log_ds - log_dt)
+    else:  # loop 2: sum p_t (log p_t - log m) and K = sum p_s (log p_s - log m)
+        kl_t = zero
+        kl_s = zero
+        for start in range(0, n_classes, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = kept[:, None] & (cols < n_classes)[None, :]
+            s = tl.load(s_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
+            t = tl.load(t_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
+            log_ps = (s - m_s[:, None]) - log_ds[:, None]
+            log_pt = (t - m_t[:, None]) - log_dt[:, None]
+            p_s = tl.exp(log_ps)
+            p_t = tl.exp(log_pt)
+            log_m = _log_mixture(log_ps, log_pt, log_beta, log_1mbeta)
+            kl_t += tl.sum(tl.where(p_t > 0, p_t * (log_pt - log_m), 0), axis=1)
+            kl_s += tl.sum(tl.where(p_s > 0, p_s * (log_ps - log_m), 0), axis=1)
+        div = beta * kl_t + (1 - beta) * kl_s
+        mu = kl_s
+    div = tl.where(no_softmax, NAN, div)
+    tl.store(loss_ptr + rows, tl.where(kept, tau * tau * div, 0), mask=row_mask)
+
+    # last loop: grad = scale * tau * d div / d S
+    if WANT_GRAD:
+        if SCALE_IS_PTR:  # one factor (stride 0) or one per row
+            scale = tl.load(grad_scale_ptr + rows * stride_scale, mask=row_mask, other=0).to(acc_dtype)
+        else:
+            scale = _scalar(scale_hi, scale_lo, zero)
+        coef = scale * tau
+        if DIVERGENCE == JSD:
+            coef = coef * (1 - beta)
+        g_rows = grad_ptr + rows.to(tl.int64) * stride_grad
+        for start in range(0, n_classes, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            col_mask = cols < n_classes
+            mask = kept[:, None] & col_mask[None, :]
+            s = tl.load(s_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
+            t = tl.load(t_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
+            log_ps = (s - m_s[:, None]) - log_ds[:, None]
+            p_s = tl.exp(log_ps)
+            if DIVERGENCE == KL:
+                g = p_s - tl.exp((t - m_t[:, None]) - log_dt[:, None])
+            elif DIVERGENCE == REVERSE_KL:
+                g = tl.where(p_s > 0, p_s * ((s - t) - mu[:, None]), 0)
+            else:
+                log_pt = (t - m_t[:, None]) - log_dt[:, None]
+                log_m = _log_mixture(log_ps, log_pt, log_beta, log_1mbeta)
+                g = tl.where(p_s > 0, p_s * ((log_ps - log_m) - mu[:, None]), 0)
+            g = tl.where(no_softmax[:, None], NAN, coef[:, None] * g)
+            g = tl.where(kept[:, None], g, 0)
+            tl.store(
+                g_rows[:, None] + cols[None, :],
+                g.to(grad_ptr.dtype.element_ty),
+                mask=row_mask[:, None] & col_mask[None, :],
+            )
+
+
+def distillation(student, teacher, target, *, divergence, beta, temperature, ignore_index, grad_scale, grad):
+    """Per-row tau**2 * divergence of (N, r) student and teacher logits; see ``gpuxent.backends``."""
+    if student.dim() != 2 or teacher.shape != student.shape:
+        raise ValueError(f"student, teacher: expected two (N, r) tensors of one shape, got {tuple(student.shape)}")
+    n_rows, n_classes = student.shape
+    student = _unit_class_stride(student)
+    teacher = _unit_class_stride(teacher)
+    dt = compute_dtype(student.dtype)
+    loss = torch.empty(n_rows, dtype=dt, device=student.device)
+    scale_is_ptr = isinstance(grad_scale, torch.Tensor)
+    if scale_is_ptr:
+        grad_scale = grad_scale.to(device=student.device, dtype=dt).reshape(-1)
+    if grad is not None and (grad.shape != student.shape or (grad.stride(1) != 1 and n_classes > 1)):
+        raise ValueError(f"grad: expected an (N, r) tensor with unit class stride, got {tuple(grad.shape)}")
+    if n_rows == 0:
+        return loss
+    if target is not None:
+        target = target.contiguous()
+    block, rows, num_warps = _launch_config(n_classes, student.element_size())
+    with _device_ctx(student):
+        _distillation_kernel[(triton.cdiv(n_rows, rows),)](
+            student, teacher, target if target is not None else loss, grad_scale if scale_is_ptr else loss,
+            grad if grad is not None else loss, loss,
+            student.stride(0), teacher.stride(0), grad.stride(0) if grad is not None else 0,
+            1 if scale_is_ptr and grad_scale.numel() > 1 else 0,
+            n_rows, n_classes, int(ignore_index),
+            *_split(1 / temperature), *_split(temperature), *_split(beta),
+            *_split(1.0 if grad_scale is None or scale_is_ptr else float(grad_scale)),
+            DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_TARGET=target is not None, WANT_GRAD=grad is not None,
+            SCALE_IS_PTR=scale_is_ptr, ROWS=rows, BLOCK=block, num_warps=num_warps,
+        )  # fmt: skip
+    return loss
