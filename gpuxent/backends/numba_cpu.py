@@ -568,8 +568,9 @@ def _chunk_exps_stats(y, m, e, want_grad, lo, best_m, best_j, nan_j):
 
 _ROW = rowmath.make(np.float64)  # the row math shared with numba_cuda, on float64 row sums
 _merge = nb.njit(_ROW.merge)
-_merge_entropy = nb.njit(_ROW.merge_entropy)
-_entropy = nb.njit(_ROW.entropy)
+_ENTROPY = rowmath.make_entropy(np.float64)
+_merge_entropy = nb.njit(_ENTROPY.merge_entropy)
+_entropy = nb.njit(_ENTROPY.entropy)
 _loss_and_coef = nb.njit(_ROW.loss_and_coef)
 _bce = nb.njit(_ROW.bce)
 _bce_logits = nb.njit(_ROW.bce_logits)

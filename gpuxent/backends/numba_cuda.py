@@ -109,8 +109,8 @@ def _kernels(dtype: np.dtype, stats: bool = False):
     row = rowmath.make(f)  # the row math shared with numba_cpu
     merge = cuda.jit(device=True)(row.merge)
     loss_and_coef = cuda.jit(device=True)(row.loss_and_coef)
-    merge_entropy = cuda.jit(device=True)(row.merge_entropy)
-    entropy = cuda.jit(device=True)(row.entropy)
+    merge_entropy = cuda.jit(device=True)(rowmath.make_entropy(f).merge_entropy)
+    entropy = cuda.jit(device=True)(rowmath.make_entropy(f).entropy)
     bce = cuda.jit(device=True)(row.bce)
     bce_logits = cuda.jit(device=True)(row.bce_logits)
 

@@ -70,13 +70,21 @@ def make(f) -> SimpleNamespace:
         sig = one / (one + e) if x >= zero else e / (one + e)
         return w * ((one - y) * x + lw * softplus_neg), w * (lw * sig - pw * y)
 
+    return SimpleNamespace(merge=merge, loss_and_coef=loss_and_coef, bce=bce, bce_logits=bce_logits)
+
+
+# ---- statistics: the entropy of a row, from sums merged like (max, sum of exp)
+
+
+def make_entropy(f) -> SimpleNamespace:
+    """The entropy's row functions with constants of type ``f`` (as :func:`make`)."""
+    neg_inf = f(-math.inf)
+
     def merge_entropy(m_a, s_a, t_a, m_b, s_b, t_b):
         """The entropy sum ``t = sum exp(y - m) (y - m)`` of two disjoint parts merged, as ``merge``
         merges their ``(m, s)``: each part's ``t`` moves to the larger max ``M`` as
         ``exp(m - M) (t + (m - M) s)``. A part of max -inf adds its ``t`` (0) as it is."""
-        if m_b == neg_inf:
-            return t_a + t_b
-        if m_a == neg_inf:
+        if m_b == neg_inf or m_a == neg_inf:
             return t_a + t_b
         if m_b > m_a:
             return (t_a + (m_a - m_b) * s_a) * math.exp(m_a - m_b) + t_b
@@ -84,10 +92,7 @@ def make(f) -> SimpleNamespace:
 
     def entropy(log_s, s, t):
         """``H = lse - E_p[y] = log s - t / s`` of a row from its sums ``s = sum exp(y - m)`` and
-        ``t = sum exp(y - m) (y - m)``: no cancellation of two numbers of the size of the logits."""
+        ``t = sum exp(y - m) (y - m)``: no cancellation between two numbers of the logits' size."""
         return log_s - t / s
 
-    return SimpleNamespace(
-        merge=merge, loss_and_coef=loss_and_coef, bce=bce, bce_logits=bce_logits, merge_entropy=merge_entropy,
-        entropy=entropy,
-    )
+    return SimpleNamespace(merge_entropy=merge_entropy, entropy=entropy)
