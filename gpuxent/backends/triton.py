@@ -227,8 +227,9 @@ def _cross_entropy_kernel(
             nan_j = tl.minimum(nan_j, tl.min(tl.where(y != y, cols[None, :], 2147483647), axis=1))
             e = tl.exp(y - m_shift[:, None])
             alpha = tl.exp(m - m_shift)
-            t_old = tl.where(m == NEG_INF, 0, t_sum + (m - m_shift) * d)  # no -inf * 0
-            t_sum = t_old * alpha + tl.sum(tl.where(e > 0, e * (y - m_shift[:, None]), 0), axis=1)
+            # where() before the products: no -inf * 0 (a row of -inf so far, masked or -inf lanes)
+            t_sum = (t_sum + tl.where(m == NEG_INF, 0, m - m_shift) * d) * alpha
+            t_sum += tl.sum(e * tl.where(e > 0, y - m_shift[:, None], 0), axis=1)
             d = d * alpha + tl.sum(e, axis=1)
         else:
             d = d * tl.exp(m - m_shift) + tl.sum(tl.exp(y - m_shift[:, None]), axis=1)
