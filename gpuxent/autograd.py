@@ -477,6 +477,112 @@ binary_cross_entropy = _applier(BinaryCrossEntropy)
 softmax = _applier(Softmax)
 
 
+# ------------------------------------------------------------ vocab-parallel: row partials and the gradient pass
+# The ops under ``gpuxent.distributed``: a rank reduces its slice of the classes to ``N_PARTIALS``
+# numbers per row, the ranks combine them, and the gradient pass writes the slice's gradient from
+# the global lse and coefficient. ``cross_entropy_backward`` also carries the entropy term of
+# ``cross_entropy_with_stats``.
+
+N_PARTIALS = 5  # (m, s, a, b, c): see ``backends`` (row_partials)
+
+
+@torch.library.custom_op("gpuxent::row_partials", mutates_args=())
+def row_partials(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    ignore_index: int,
+    softcap: float,
+    class_offset: int,
+    smoothing: bool,
+    backend: str,
+) -> torch.Tensor:
+    """(N, 5) per-row partials of a (N, r_local) slice of the classes, in the compute dtype."""
+    out = torch.empty((logits.shape[0], N_PARTIALS), dtype=compute_dtype(logits.dtype), device=logits.device)
+    backends.module(backend).row_partials(
+        logits, target, weight, ignore_index=ignore_index, softcap=softcap, class_offset=class_offset,
+        smoothing=smoothing, out=out,
+    )  # fmt: skip
+    return out
+
+
+@row_partials.register_fake
+def _(logits, target, weight, ignore_index, softcap, class_offset, smoothing, backend):
+    return logits.new_empty((logits.shape[0], N_PARTIALS), dtype=compute_dtype(logits.dtype))
+
+
+def _cross_entropy_backward(logits, target, weight, lse, coef, entropy, grad_scale, entropy_scale, grad, ignore_index,
+                            label_smoothing, n_classes, class_offset, softcap, backend):  # fmt: skip
+    backends.module(backend).cross_entropy_backward(
+        logits, target, weight, lse, coef, entropy, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        n_classes=n_classes, class_offset=class_offset, softcap=softcap, grad_scale=grad_scale,
+        entropy_scale=entropy_scale, grad=grad,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("gpuxent::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    coef: torch.Tensor,
+    entropy: Optional[torch.Tensor],
+    grad_scale: Optional[torch.Tensor],
+    entropy_scale: Optional[torch.Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    n_classes: int,
+    class_offset: int,
+    softcap: float,
+    backend: str,
+) -> torch.Tensor:
+    """The gradient of (N, r_local) logits (their dtype, from the backend's allocator) given each row's
+    global ``lse`` and coefficient; see ``backends`` for the formula."""
+    grad = backends.empty(backend, logits.shape, logits.dtype, logits.device)
+    _cross_entropy_backward(
+        logits, target, weight, lse, coef, entropy, grad_scale, entropy_scale, grad, ignore_index, label_smoothing,
+        n_classes, class_offset, softcap, backend,
+    )  # fmt: skip
+    return grad
+
+
+@cross_entropy_backward.register_fake
+def _(logits, target, weight, lse, coef, entropy, grad_scale, entropy_scale, ignore_index, label_smoothing, n_classes,
+      class_offset, softcap, backend):  # fmt: skip
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("gpuxent::cross_entropy_backward_", mutates_args=("logits",))
+def cross_entropy_backward_(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    coef: torch.Tensor,
+    entropy: Optional[torch.Tensor],
+    grad_scale: Optional[torch.Tensor],
+    entropy_scale: Optional[torch.Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    n_classes: int,
+    class_offset: int,
+    softcap: float,
+    backend: str,
+) -> None:
+    """:func:`cross_entropy_backward` written over the logits (in place)."""
+    _cross_entropy_backward(
+        logits, target, weight, lse, coef, entropy, grad_scale, entropy_scale, logits, ignore_index, label_smoothing,
+        n_classes, class_offset, softcap, backend,
+    )  # fmt: skip
+
+
+@cross_entropy_backward_.register_fake
+def _(logits, target, weight, lse, coef, entropy, grad_scale, entropy_scale, ignore_index, label_smoothing, n_classes,
+      class_offset, softcap, backend):  # fmt: skip
+    return None
+
+
 # --------------------------------------------------------------------------- statistics (cross_entropy_with_stats)
 # The fused kernel with ``stats=``: each row's argmax and entropy come from the pass that computes the
 # loss. Without a differentiable entropy the gradient is still computed in the forward
@@ -546,32 +652,6 @@ def cross_entropy_stats_rows_(
     )
 
 
-@torch.library.custom_op("gpuxent::cross_entropy_stats_backward", mutates_args=())
-def cross_entropy_stats_backward(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    lse: torch.Tensor,
-    coef: torch.Tensor,
-    entropy: Optional[torch.Tensor],
-    grad_scale: torch.Tensor,
-    entropy_scale: Optional[torch.Tensor],
-    ignore_index: int,
-    label_smoothing: float,
-    softcap: float,
-    backend: str,
-) -> torch.Tensor:
-    """``grad_scale_i dCE_i/dx + entropy_scale_i dH_i/dx`` of (N, r) logits in one pass (the backend's
-    ``cross_entropy_backward``, contract in ``gpuxent.backends``), in the logits' dtype."""
-    grad = backends.empty(backend, logits.shape, logits.dtype, logits.device)
-    backends.module(backend).cross_entropy_backward(
-        logits, target, weight, lse, coef, entropy, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        n_classes=logits.shape[1], class_offset=0, softcap=softcap, grad_scale=grad_scale,
-        entropy_scale=entropy_scale, grad=grad,
-    )  # fmt: skip
-    return grad
-
-
 @cross_entropy_stats_rows.register_fake
 def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, backend, want_grad):
     dt = compute_dtype(logits.dtype)
@@ -585,12 +665,6 @@ def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
     dt = compute_dtype(logits.dtype)
     n_rows = logits.shape[0]
     return logits.new_empty(n_rows, dtype=dt), logits.new_empty(n_rows, dtype=dt), *_stats_outputs(logits)
-
-
-@cross_entropy_stats_backward.register_fake
-def _(logits, target, weight, lse, coef, entropy, grad_scale, entropy_scale, ignore_index, label_smoothing, softcap,
-      backend):  # fmt: skip
-    return torch.empty_like(logits)
 
 
 def stats_coef(target, weight, is_prob: bool, opts, lse: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -651,7 +725,7 @@ class CrossEntropyStats(CrossEntropy):
 class CrossEntropyWithEntropy(torch.autograd.Function):
     """Per-row cross-entropy and entropy of (N, r) logits, both differentiable: outputs ``(loss_rows,
     entropy_rows, lse, argmax)``. The forward computes no gradient; the backward is one pass over the
-    logits for any pair of upstream gradients (``cross_entropy_stats_backward``)."""
+    logits for any pair of upstream gradients (``cross_entropy_backward``)."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, is_prob, opts, backend):
@@ -673,10 +747,10 @@ class CrossEntropyWithEntropy(torch.autograd.Function):
         g = g_target = None
         if ctx.needs_input_grad[0]:
             coef = stats_coef(target, weight, ctx.is_prob, opts, lse, logits.shape[1])
-            g = cross_entropy_stats_backward(
+            g = cross_entropy_backward(
                 logits, target, weight, lse, coef, None if grad_entropy is None else entropy, grad_loss,
                 None if grad_entropy is None else grad_entropy.to(dt), opts.ignore_index, opts.label_smoothing,
-                opts.softcap, ctx.backend,
+                logits.shape[1], 0, opts.softcap, ctx.backend,
             )  # fmt: skip
         if ctx.is_prob and ctx.needs_input_grad[1]:
             g_target = cross_entropy_grad_formula(logits, target, weight, True, opts, grad_loss, True)[1]

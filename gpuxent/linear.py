@@ -34,9 +34,9 @@ from torch.autograd.function import once_differentiable
 
 from . import backends
 from .autograd import (
+    cross_entropy_backward_,
     cross_entropy_rows,
     cross_entropy_rows_,
-    cross_entropy_stats_backward,
     cross_entropy_stats_rows,
     cross_entropy_stats_rows_,
     scale_grad,
@@ -160,9 +160,10 @@ class _Problem:
             grad_scale = self.scale  # the chunk's gradient is written over its logits, scaled per row
             if row_scale is not None:
                 grad_scale = row_scale[lo:hi] if grad_scale is None else row_scale[lo:hi] * grad_scale
-            loss_rows[lo:hi], g = self.chunk(logits, lo, hi, grad_scale if want_grad else None, want_grad)
+            loss_rows[lo:hi] = self.chunk_loss(logits, lo, hi, grad_scale, want_grad)
             if not want_grad:
                 continue
+            g = logits
             if want[0]:
                 torch.mm(g, self.weight, out=grad_h[lo:hi])
             if want[1]:
@@ -174,14 +175,14 @@ class _Problem:
                 acc_b += g.sum(0, dtype=dt)
         return loss_rows, grad_h, acc_w, acc_b
 
-    def chunk(self, logits, lo, hi, grad_scale, want_grad):
-        """``(loss rows, logit gradient)`` of the chunk of rows ``lo:hi`` whose logits are ``logits``;
-        the gradient (times ``grad_scale``) is written over the logits, or None unless ``want_grad``."""
+    def chunk_loss(self, logits, lo, hi, grad_scale, want_grad):
+        """Per-row losses of rows ``[lo, hi)`` from their logits; with ``want_grad`` their gradient,
+        times ``grad_scale``, is written over ``logits``."""
         opts = self.opts
         args = (opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap, self.backend)
         if not want_grad:
-            return cross_entropy_rows(logits, self.t[lo:hi], self.w, None, *args, False)[0], None
-        return cross_entropy_rows_(logits, self.t[lo:hi], self.w, grad_scale, *args)[0], logits
+            return cross_entropy_rows(logits, self.t[lo:hi], self.w, None, *args, False)[0]
+        return cross_entropy_rows_(logits, self.t[lo:hi], self.w, grad_scale, *args)[0]
 
     def reduce(self, loss_rows):
         return reduce_rows(loss_rows, self.reduction, self.denom, self.batch_shape)
@@ -283,8 +284,8 @@ def linear_cross_entropy(
 class _StatsProblem(_Problem):
     """A :class:`_Problem` whose chunks go through the kernel with statistics: each row's lse, argmax
     and entropy land in ``lse``, ``argmax`` and ``entropy``. With ``entropy_scale`` set (the backward of
-    a differentiable entropy), a chunk's logit gradient is the backend's ``cross_entropy_backward``
-    instead, ``grad_scale_i dCE_i + entropy_scale_i dH_i`` in one pass over the chunk."""
+    a differentiable entropy), a chunk's logit gradient is ``cross_entropy_backward`` instead,
+    ``grad_scale_i dCE_i + entropy_scale_i dH_i``, written over its logits in one pass."""
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -293,23 +294,23 @@ class _StatsProblem(_Problem):
         self.entropy = torch.empty(self.n_rows, dtype=self.dt, device=self.h.device)
         self.entropy_scale = None
 
-    def chunk(self, logits, lo, hi, grad_scale, want_grad):
+    def chunk_loss(self, logits, lo, hi, grad_scale, want_grad):
         opts, t = self.opts, self.t[lo:hi]
         args = (opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap, self.backend)
-        if want_grad and self.entropy_scale is not None:  # the backward of loss and entropy (no loss rows)
+        if want_grad and self.entropy_scale is not None:  # the backward of loss and entropy: no loss rows
             lse = self.lse[lo:hi]
             coef = stats_coef(t, self.w, self.is_prob, opts, lse, logits.shape[1])
-            g = cross_entropy_stats_backward(
+            cross_entropy_backward_(
                 logits, t, self.w, lse, coef, self.entropy[lo:hi], grad_scale, self.entropy_scale[lo:hi],
-                opts.ignore_index, opts.label_smoothing, opts.softcap, self.backend,
+                opts.ignore_index, opts.label_smoothing, logits.shape[1], 0, opts.softcap, self.backend,
             )  # fmt: skip
-            return torch.zeros_like(lse), g
+            return torch.zeros_like(lse)
         if want_grad:
             loss, lse, argmax, entropy = cross_entropy_stats_rows_(logits, t, self.w, grad_scale, *args)
         else:
             loss, lse, _, argmax, entropy = cross_entropy_stats_rows(logits, t, self.w, None, *args, False)
         self.lse[lo:hi], self.argmax[lo:hi], self.entropy[lo:hi] = lse, argmax, entropy
-        return loss, logits if want_grad else None
+        return loss
 
 
 class _LinearCrossEntropyWithEntropy(torch.autograd.Function):

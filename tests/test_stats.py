@@ -157,7 +157,7 @@ def test_backend_stats_argmax_ties_nan_and_inf(backend, rng, softcap, grad):
     # a row without a softmax (a NaN, +inf or only -inf in it) has a NaN entropy, as its loss
     ref_entropy = torch.where(torch.isfinite(lse), ref_entropy, math.nan)
     assert_close(entropy, torch.where(kept, ref_entropy, 0), torch.float64, "entropy")
-    assert torch.isnan(entropy[3:6]).tolist() == [True, not softcap, not softcap]  # NaN, +inf, -inf rows (capped: finite)
+    assert torch.isnan(entropy[3:6]).tolist() == [True, not softcap, not softcap]  # NaN, +inf, -inf rows
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -30,6 +30,28 @@ arrive as zero-copy CPU tensors):
     (NaN where the loss is NaN). Ignored rows are not read: 0 in both, for the caller to mask.
     Without ``stats`` the kernel is its variant without them (a compile-time specialisation: no
     extra work). Byte model with ``stats``: the same as without, plus 16 bytes per row written.
+``row_partials(logits, target, weight, *, ignore_index, softcap, class_offset, smoothing, out)``
+    One read of ``logits`` (N, r_local), a slice of the classes that starts at global class
+    ``class_offset``, writing per row into ``out`` (N, 5) compute dtype: ``m`` the max of ``y`` (the
+    soft-capped logits; -inf for an empty slice), ``s = sum_j exp(y_j - m)``, ``a = sum_j w_j q_j y_j``,
+    ``b = sum_j w_j q_j`` (class targets: ``q`` one-hot of the global index ``target - class_offset``
+    when it falls in the slice, so ``a = w_t y_t``, ``b = w_t`` there and 0 elsewhere; probability
+    targets: ``target`` is the (N, r_local) slice of ``q``) and, only when ``smoothing``, ``c = sum_j
+    w_j y_j`` (else 0). An ignored row is not read: ``(-inf, 0, 0, 0, 0)``. The ranks combine them into
+    the loss over the whole vocabulary (``gpuxent.distributed``): with ``M`` the max of the ``m``,
+    ``S = sum exp(m - M) s``, ``lse = M + log S``, ``W = sum_j w_j`` over all classes,
+    ``loss = (1 - eps)(B lse - A) + eps / R (W lse - C) + z_loss lse**2``.
+``cross_entropy_backward(logits, target, weight, lse, coef, entropy, *, ignore_index, label_smoothing,
+n_classes, class_offset, softcap, grad_scale, entropy_scale, grad)``
+    The gradient of a slice of the classes (as in ``row_partials``) given each row's ``lse`` over the
+    WHOLE vocabulary and its coefficient ``coef`` ((N,), compute dtype). ``entropy``: None or (N,)
+    row entropies ``H = lse - E_p[y]``; ``n_classes``: the global vocabulary size R of the eps / R
+    smoothing term; ``grad_scale`` as in ``cross_entropy``; ``entropy_scale``: None or a 1- or
+    N-element tensor; ``grad``: an (N, r_local) tensor of the logits' dtype, possibly ``logits`` itself.
+    Writes, with ``p = exp(y - lse)`` and ``m_j = w_j ((1 - eps) q_j + eps / R)``,
+    ``g_j = [grad_scale (coef p_j - m_j) + entropy_scale p_j ((lse - H) - y_j)] dy_j/dx_j``, rounded once
+    to ``grad``'s dtype; ignored rows get 0 and are not read. For cross-entropy ``coef = sum_j m_j``
+    (whole vocabulary) ``+ 2 z_loss lse``; the entropy term is ``d H / d y``.
 ``empty(shape, dtype)`` (optional)
     Allocates the gradient buffers the backend writes; ``torch.empty`` on the device otherwise.
 ``softmax(x, *, log)``

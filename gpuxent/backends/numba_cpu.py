@@ -936,3 +936,208 @@ def binary_cross_entropy_with_logits(logits, target, weight, pos_weight, *, grad
     pw = np.empty(0, dt) if pos_weight is None else _flat(pos_weight, dt)
     _launch(_bce_logits_kernel, loss.size, _flat(logits), _flat(target, dt), w, pw, loss, g)
     return torch.from_numpy(loss)
+
+
+# ------------------------------------------------------------ vocab-parallel: row partials and the gradient pass
+# A rank that holds a slice of the classes reduces it to a few numbers per row (``row_partials``); the
+# ranks combine them into the global lse and gradient coefficient, and ``cross_entropy_backward``
+# writes the slice's gradient from those. Contract: ``gpuxent.backends``.
+
+N_PARTIALS = 5  # (m, s, a, b, c) per row, see ``row_partials``
+
+
+@nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _partials_kernel(logits, target, probs, prob, weight, ignore_index, softcap, class_offset, smoothing, out):
+    n_rows, n_classes = logits.shape
+    rows_per_task = max(ROWS_PER_TASK, TASK_ELEMENTS // max(n_classes, 1))
+    n_tasks = (n_rows + rows_per_task - 1) // rows_per_task
+    n_chunks = (n_classes + CHUNK - 1) // CHUNK
+    for task in prange(n_tasks):
+        ybuf = _compute_buffer(logits, n_classes if softcap > 0 else 0)
+        no_exps = _compute_buffer(logits, 0)
+        for i in range(task * rows_per_task, min((task + 1) * rows_per_task, n_rows)):
+            t = -1 if prob else target[i]
+            o = out[i]
+            o[0] = -np.inf
+            o[1] = o[2] = o[3] = o[4] = 0.0
+            if not prob and t == ignore_index:  # unread
+                continue
+            x = logits[i]
+            q = probs[i if prob else 0]
+            y = ybuf if softcap > 0 else x
+            m_row = -np.inf
+            s_row = a = b = c = 0.0
+            for ch in range(n_chunks):
+                lo = ch * CHUNK
+                hi = min(lo + CHUNK, n_classes)
+                if softcap > 0:
+                    _softcap_chunk(x[lo:hi], softcap, ybuf[lo:hi])
+                yc = y[lo:hi]
+                m = _chunk_max(yc)
+                m_row, s_row = _merge(m_row, s_row, m, _chunk_exps(yc, m, no_exps, False))
+                if prob:
+                    a_c, b_c = _chunk_target_sums(yc, weight[lo:hi], q[lo:hi], True, 1.0, 0.0)
+                    a += a_c
+                    b += b_c
+                if smoothing:
+                    c += _chunk_target_sums(yc, weight[lo:hi], q[lo:hi], False, 1.0, 0.0)[0]
+            lt = t - class_offset
+            if not prob and 0 <= lt < n_classes:
+                y_t = np.float64(_widen(x[lt]))
+                if softcap > 0:
+                    y_t = softcap * math.tanh(y_t / softcap)
+                a = weight[lt] * y_t
+                b = weight[lt]
+            o[0] = m_row
+            o[1] = s_row
+            o[2] = a
+            o[3] = b
+            o[4] = c
+
+
+def _prob_and_weight(logits, target, weight, dt):
+    """(prob, class indices, probabilities, class weights) as the vocab-parallel kernels read them."""
+    prob = target.is_floating_point()
+    t = np.zeros(1, np.int64) if prob else _as(target, np.int64)
+    q = _as(target, dt) if prob else np.zeros((1, 0), dt)
+    w = np.ones(logits.shape[1], dt) if weight is None else _as(weight, dt)
+    return prob, t, q, w
+
+
+def row_partials(logits, target, weight, *, ignore_index, softcap, class_offset, smoothing, out):
+    """Per-row partials of a slice of the classes into ``out`` (N, 5); see ``gpuxent.backends``."""
+    x = np.ascontiguousarray(_view(logits))
+    dt = _COMPUTE_DTYPE.get(logits.dtype, np.float32)
+    prob, t, q, w = _prob_and_weight(logits, target, weight, dt)
+    o = out.detach().numpy()
+    if x.shape[0]:
+        _launch(
+            _partials_kernel, x.size, x, t, q, prob, w, int(ignore_index), float(softcap or 0.0), int(class_offset),
+            bool(smoothing), o,
+        )  # fmt: skip
+
+
+@nb.njit(fastmath=FASTMATH, inline="always")
+def _backward_row(x, g, w, q, inv_cap, cap, lse, a, bq, b0, ea, ey):
+    """g_j = [a p_j - w_j (bq q_j + b0) + ea p_j (ey - y_j)] dy_j/dx_j with p_j = exp(y_j - lse), rounded
+    once to g's type; ``q`` only for probability targets, the softcap only when ``inv_cap`` is not None
+    (numba compiles the ``is None`` tests away)."""
+    one = _cast(x, 1)
+    zero = _cast(x, 0)
+    for j in range(x.shape[0]):
+        u = _widen(x[j])
+        # both branches define y and dy/dx: a variable defined in one only comes out wrong in prange code
+        if inv_cap is not None:
+            th = _tanh(u * inv_cap)
+            y = cap * th
+            dy = one - th * th
+        else:
+            y = u
+            dy = one
+        p = _exp_neg(y - lse)
+        e = ea * p * (ey - (y if p > zero else zero))  # the entropy term, 0 (not 0 * inf) where p = 0
+        if q is not None:
+            v = a * p - w[j] * (bq * q[j] + b0) + e
+        else:
+            v = a * p - w[j] * b0 + e
+        g[j] = _narrow(g, v * dy)
+
+
+@nb.njit(fastmath=FASTMATH, inline="always")
+def _backward_one(x, g, w, q, prob, softcap, lse, a, bq, b0, ea, ey):
+    """``_backward_row`` with its compile-time variant chosen (probability targets, softcap)."""
+    if softcap > 0:
+        inv_cap = _cast(x, 1 / softcap)
+        cap = _cast(x, softcap)
+        if prob:
+            _backward_row(x, g, w, q, inv_cap, cap, lse, a, bq, b0, ea, ey)
+        else:
+            _backward_row(x, g, w, None, inv_cap, cap, lse, a, bq, b0, ea, ey)
+    elif prob:
+        _backward_row(x, g, w, q, None, lse, lse, a, bq, b0, ea, ey)
+    else:
+        _backward_row(x, g, w, None, None, lse, lse, a, bq, b0, ea, ey)
+
+
+@nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _backward_kernel(
+    logits, target, probs, prob, weight, lse, coef, entropy, ignore_index, smoothing, n_total, class_offset,
+    softcap, grad_scale, entropy_scale, grad, inplace,
+):  # fmt: skip
+    n_rows, n_classes = logits.shape
+    rows_per_task = max(ROWS_PER_TASK, TASK_ELEMENTS // max(n_classes, 1))
+    n_tasks = (n_rows + rows_per_task - 1) // rows_per_task
+    per_row = grad_scale.shape[0] > 1
+    has_entropy = entropy.shape[0] > 0
+    ent_per_row = entropy_scale.shape[0] > 1
+    for task in prange(n_tasks):
+        for i in range(task * rows_per_task, min((task + 1) * rows_per_task, n_rows)):
+            t = -1 if prob else target[i]
+            x = logits[i]
+            g = x if inplace else grad[i]
+            if not prob and t == ignore_index:  # unread, 0
+                g[:] = _narrow(g, 0)
+                continue
+            lse_i = np.float64(lse[i])
+            if not -np.inf < lse_i < np.inf:  # no softmax (a row of -inf, a NaN or +inf in it): NaN as torch
+                g[:] = _narrow(g, np.nan)
+                continue
+            gs = grad_scale[i if per_row else 0]
+            es = entropy_scale[i if ent_per_row else 0] if has_entropy else 0.0
+            ey = lse_i - entropy[i] if has_entropy else 0.0
+            coef_i = np.float64(coef[i])
+            w_t = y_t = 0.0
+            lt = t - class_offset
+            hit = not prob and 0 <= lt < n_classes
+            if hit:  # read before an in-place sweep overwrites it
+                w_t = np.float64(weight[lt])
+                y_t = np.float64(_widen(x[lt]))
+                if softcap > 0:
+                    y_t = softcap * math.tanh(y_t / softcap)
+            eps_r = smoothing / n_total
+            a, bq, b0 = gs * coef_i, gs * (1 - smoothing), gs * eps_r
+            if inplace:  # one array read and written: see ``_ce_kernel``
+                _backward_one(x, x, weight, probs[i if prob else 0], prob, softcap, _cast(x, lse_i), _cast(x, a),
+                              _cast(x, bq), _cast(x, b0), _cast(x, es), _cast(x, ey))  # fmt: skip
+            else:
+                _backward_one(x, g, weight, probs[i if prob else 0], prob, softcap, _cast(x, lse_i), _cast(x, a),
+                              _cast(x, bq), _cast(x, b0), _cast(x, es), _cast(x, ey))  # fmt: skip
+            if hit:  # the target's term, added before the one rounding of g[lt]
+                p_t = math.exp(y_t - lse_i)
+                v = a * p_t - w_t * (bq + b0) + (es * p_t * (ey - y_t) if p_t > 0 else 0.0)
+                if softcap > 0:
+                    v *= 1 - (y_t / softcap) ** 2
+                g[lt] = _narrow(g, v)
+
+
+def _entropy_scale(v, n_rows: int) -> np.ndarray:
+    if v is None:
+        return np.ones(1)
+    s = _as(v.reshape(-1), np.float64)
+    if s.shape[0] not in (1, n_rows):
+        raise ValueError(f"entropy_scale: expected 1 or {n_rows} (one per row) elements, got {s.shape[0]}")
+    return s
+
+
+def cross_entropy_backward(
+    logits, target, weight, lse, coef, entropy, *, ignore_index, label_smoothing, n_classes, class_offset, softcap,
+    grad_scale, entropy_scale, grad,
+):  # fmt: skip
+    """The gradient of a slice of the classes from the global lse and coefficient; see ``gpuxent.backends``."""
+    x = np.ascontiguousarray(_view(logits))
+    dt = _COMPUTE_DTYPE.get(logits.dtype, np.float32)
+    n_rows = x.shape[0]
+    prob, t, q, w = _prob_and_weight(logits, target, weight, dt)
+    if grad.shape != logits.shape or grad.dtype != logits.dtype or not grad.is_contiguous():
+        raise ValueError(f"grad: expected a contiguous {tuple(logits.shape)} {logits.dtype} tensor")
+    inplace = grad.numel() > 0 and grad.data_ptr() == logits.data_ptr()
+    if inplace and x.ctypes.data != logits.data_ptr():
+        raise ValueError("grad: an in-place gradient needs contiguous logits")
+    g = np.zeros((1, 0), x.dtype) if inplace else _view(grad)
+    ent = np.zeros(0, dt) if entropy is None else _as(entropy, dt)
+    if n_rows:
+        _launch(
+            _backward_kernel, x.size, x, t, q, prob, w, _as(lse, dt), _as(coef, dt), ent, int(ignore_index),
+            float(label_smoothing), float(n_classes), int(class_offset), float(softcap or 0.0),
+            _grad_scale(grad_scale, n_rows), _entropy_scale(entropy_scale, n_rows), g, inplace,
+        )  # fmt: skip

@@ -581,3 +581,221 @@ def binary_cross_entropy(probs, target, weight, *, grad):
 def binary_cross_entropy_with_logits(logits, target, weight, pos_weight, *, grad):
     """Elementwise sigmoid + BCE, flat, in the compute dtype; ``grad`` gets d loss / d x."""
     return _elementwise(3, logits, (target, weight, pos_weight), grad)
+
+
+# ------------------------------------------------------------ vocab-parallel: row partials and the gradient pass
+# A rank that holds a slice of the classes reduces it to a few numbers per row (``row_partials``: pass 1
+# of ``ce_kernel``); the ranks combine them, and ``cross_entropy_backward`` (pass 2) writes the slice's
+# gradient from the global lse and coefficient. Contract: ``gpuxent.backends``.
+
+
+@functools.cache
+def _vocab_parallel_kernels(dtype: np.dtype):
+    """(row partials, gradient pass) kernels computing in ``dtype``."""
+    f = dtype.type
+    ZERO, ONE, NEG_INF = f(0), f(1), f(-math.inf)
+    int64 = numba.int64
+    acc_t = numba.from_dtype(dtype)
+    row = rowmath.make(f)
+    merge = cuda.jit(device=True)(row.merge)
+
+    @cuda.jit(device=True)
+    def push(m, s, y):  # as in ``_kernels``
+        if y > m:
+            return y, s * math.exp(m - y) + math.exp(y - y)
+        if y != NEG_INF:
+            s += math.exp(y - m)
+        return m, s
+
+    @cuda.jit(device=True)
+    def group_reduce(sm_m, sm_s, sm_a, tid, lane, threads_per_row, m, s, a):
+        """Merge (m, s) and sum a over each row group (every thread of the block calls it)."""
+        sm_m[tid] = m
+        sm_s[tid] = s
+        sm_a[tid] = a
+        cuda.syncthreads()
+        stride = threads_per_row // 2
+        while stride > 0:
+            if lane < stride:
+                m, s = merge(m, s, sm_m[tid + stride], sm_s[tid + stride])
+                a += sm_a[tid + stride]
+                sm_m[tid] = m
+                sm_s[tid] = s
+                sm_a[tid] = a
+            cuda.syncthreads()
+            stride //= 2
+        first = tid - lane
+        m, s, a = sm_m[first], sm_s[first], sm_a[first]
+        cuda.syncthreads()
+        return m, s, a
+
+    @cuda.jit
+    def partials_kernel(logits, target, probs, weight, out, ignore_index, class_offset, softcap, prob, has_weight,
+                        smoothing, threads_per_row):  # fmt: skip
+        sm_m = cuda.shared.array(MAX_THREADS, acc_t)
+        sm_s = cuda.shared.array(MAX_THREADS, acc_t)
+        sm_a = cuda.shared.array(MAX_THREADS, acc_t)
+        n_rows = logits.shape[0]
+        n_classes = logits.shape[1]
+        tid = int64(cuda.threadIdx.x)
+        lane = tid % threads_per_row
+        rows_per_block = int64(cuda.blockDim.x) // threads_per_row
+        inv_cap = ONE / softcap if softcap > ZERO else ZERO
+        base = int64(cuda.blockIdx.x) * rows_per_block
+        while base < n_rows:  # every thread runs the same iterations: syncthreads must not diverge
+            i = base + tid // threads_per_row
+            live = i < n_rows
+            kept = live
+            t = int64(-1)
+            if live and not prob:
+                t = int64(target[i])
+                kept = t != ignore_index
+            m = NEG_INF
+            s = a = b = c = ZERO
+            if kept:
+                for j in range(lane, n_classes, threads_per_row):
+                    y = logits[i, j]
+                    if softcap > ZERO:
+                        y = softcap * math.tanh(y * inv_cap)
+                    m, s = push(m, s, y)
+                    w = weight[j] if has_weight else ONE
+                    if prob:
+                        wq = w * probs[i, j]
+                        a += wq * y
+                        b += wq
+                    if smoothing:
+                        c += w * y
+            m, s, a = group_reduce(sm_m, sm_s, sm_a, tid, lane, threads_per_row, m, s, a)
+            _, _, b = group_reduce(sm_m, sm_s, sm_a, tid, lane, threads_per_row, NEG_INF, ZERO, b)
+            _, _, c = group_reduce(sm_m, sm_s, sm_a, tid, lane, threads_per_row, NEG_INF, ZERO, c)
+            if live and lane == 0:
+                local = t - class_offset
+                if not prob and kept and 0 <= local < n_classes:
+                    y_t = logits[i, local]
+                    if softcap > ZERO:
+                        y_t = softcap * math.tanh(y_t * inv_cap)
+                    w_t = weight[local] if has_weight else ONE
+                    a = w_t * y_t
+                    b = w_t
+                out[i, 0] = m
+                out[i, 1] = s
+                out[i, 2] = a
+                out[i, 3] = b
+                out[i, 4] = c
+            base += int64(cuda.gridDim.x) * rows_per_block
+
+    @cuda.jit
+    def backward_kernel(logits, target, probs, weight, lse, coef, entropy, grad_scale, entropy_scale, grad,
+                        ignore_index, smoothing, eps_r, class_offset, softcap, prob, has_weight, has_entropy,
+                        threads_per_row):  # fmt: skip
+        n_rows = logits.shape[0]
+        n_classes = logits.shape[1]
+        tid = int64(cuda.threadIdx.x)
+        lane = tid % threads_per_row
+        rows_per_block = int64(cuda.blockDim.x) // threads_per_row
+        inv_cap = ONE / softcap if softcap > ZERO else ZERO
+        keep = ONE - smoothing
+        per_row = grad_scale.shape[0] > 1
+        ent_per_row = entropy_scale.shape[0] > 1
+        i = int64(cuda.blockIdx.x) * rows_per_block + tid // threads_per_row
+        while i < n_rows:  # no syncthreads here: rows loop independently
+            t = int64(-1) if prob else int64(target[i])
+            if not prob and t == ignore_index:
+                for j in range(lane, n_classes, threads_per_row):
+                    grad[i, j] = ZERO
+            else:
+                local = t - class_offset
+                scale = grad_scale[i] if per_row else grad_scale[0]
+                a = scale * coef[i]
+                lse_i = lse[i]
+                es = ZERO
+                ey = ZERO
+                if has_entropy:
+                    es = entropy_scale[i] if ent_per_row else entropy_scale[0]
+                    ey = lse_i - entropy[i]
+                for j in range(lane, n_classes, threads_per_row):
+                    y = logits[i, j]
+                    th = ZERO
+                    if softcap > ZERO:
+                        th = math.tanh(y * inv_cap)
+                        y = softcap * th
+                    p = math.exp(y - lse_i)
+                    g = a * p
+                    if has_entropy and p > ZERO:  # 0, not 0 * inf, where p = 0
+                        g += es * p * (ey - y)
+                    w = weight[j] if has_weight else ONE
+                    if prob:
+                        g -= scale * w * (keep * probs[i, j] + eps_r)
+                    else:
+                        g -= scale * eps_r * w
+                        if j == local:
+                            g -= scale * keep * w
+                    if softcap > ZERO:
+                        g *= ONE - th * th
+                    grad[i, j] = g
+            i += int64(cuda.gridDim.x) * rows_per_block
+
+    return partials_kernel, backward_kernel
+
+
+@_moved
+def row_partials(logits, target, weight, *, ignore_index, softcap, class_offset, smoothing, out):
+    """Per-row partials of a slice of the classes into ``out`` (N, 5); see ``gpuxent.backends``."""
+    dt = compute_dtype(logits.dtype)
+    np_dt = _np_dtype(dt)
+    dev = logits.device
+    n_rows, n_classes = logits.shape
+    if n_rows == 0:
+        return
+    x = _compute(logits, dt)
+    prob = target.is_floating_point()
+    dummy_f = torch.zeros(1, dtype=dt, device=dev)
+    t = torch.zeros(1, dtype=torch.int64, device=dev) if prob else target.detach().to(torch.int64)
+    q = _compute(target, dt) if prob else dummy_f.view(1, 1)
+    w = dummy_f if weight is None else _compute(weight, dt)
+    tpr, rows_per_block = _row_layout(max(n_classes, 1))
+    args = _Launch(dev)
+    o = out if out.device == dev and out.is_contiguous() else torch.empty(out.shape, dtype=dt, device=dev)
+    args.launch(
+        _vocab_parallel_kernels(np_dt)[0], _grid(n_rows, rows_per_block), tpr * rows_per_block,
+        args(x), args(t), args(q), args(w), args(o), int(ignore_index), int(class_offset), np_dt.type(softcap or 0.0),
+        bool(prob), weight is not None, bool(smoothing), tpr,
+    )  # fmt: skip
+    args.write_back(o)
+    if o is not out:
+        out.copy_(o)
+
+
+@_moved
+def cross_entropy_backward(
+    logits, target, weight, lse, coef, entropy, *, ignore_index, label_smoothing, n_classes, class_offset, softcap,
+    grad_scale, entropy_scale, grad,
+):  # fmt: skip
+    """The gradient of a slice of the classes from the global lse and coefficient; see ``gpuxent.backends``."""
+    dt = compute_dtype(logits.dtype)
+    np_dt = _np_dtype(dt)
+    f = np_dt.type
+    dev = logits.device
+    n_rows, n_local = logits.shape
+    if grad.shape != logits.shape:
+        raise ValueError(f"grad: expected shape {tuple(logits.shape)}, got {tuple(grad.shape)}")
+    if n_rows == 0 or n_local == 0:
+        return
+    x = _compute(logits, dt)  # half input: widened copy; an in-place gradient goes through the scratch buffer
+    prob = target.is_floating_point()
+    dummy_f = torch.zeros(1, dtype=dt, device=dev)
+    t = torch.zeros(1, dtype=torch.int64, device=dev) if prob else target.detach().to(torch.int64)
+    q = _compute(target, dt) if prob else dummy_f.view(1, 1)
+    w = dummy_f if weight is None else _compute(weight, dt)
+    ent = dummy_f if entropy is None else _compute(entropy, dt)
+    es = _row_scale(entropy_scale, n_rows, dt, dev)
+    tpr, rows_per_block = _row_layout(n_local)
+    args = _Launch(dev)
+    with _grad_out(args, grad, (n_rows, n_local), dt) as g:
+        args.launch(
+            _vocab_parallel_kernels(np_dt)[1], _grid(n_rows, rows_per_block), tpr * rows_per_block,
+            args(x), args(t), args(q), args(w), args(_compute(lse, dt)), args(_compute(coef, dt)), args(ent),
+            args(_row_scale(grad_scale, n_rows, dt, dev)), args(es), args(g), int(ignore_index), f(label_smoothing),
+            f(label_smoothing / n_classes), int(class_offset), f(softcap or 0.0), bool(prob), weight is not None,
+            entropy is not None, tpr,
+        )  # fmt: skip

@@ -516,3 +516,217 @@ def binary_cross_entropy_with_logits(logits, target, weight, pos_weight, *, grad
         _bce_logits_kernel, logits, (target, weight, pos_weight), grad,
         HAS_WEIGHT=weight is not None, HAS_POS_WEIGHT=pos_weight is not None,
     )  # fmt: skip
+
+
+# ------------------------------------------------------------ vocab-parallel: row partials and the gradient pass
+# A rank that holds a slice of the classes reduces it to a few numbers per row (``row_partials``, the
+# first loop of the fused kernel); the ranks combine them, and ``cross_entropy_backward`` (its second
+# loop) writes the slice's gradient from the global lse and coefficient. Contract: ``gpuxent.backends``.
+
+
+@triton.jit
+def _row_partials_kernel(
+    logits_ptr, target_ptr, weight_ptr, out_ptr,
+    stride_logits, stride_target, stride_out,
+    n_rows, n_classes, ignore_index, class_offset, softcap_hi, softcap_lo,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    acc_dtype = out_ptr.dtype.element_ty
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_rows
+    zero = tl.zeros([ROWS], dtype=acc_dtype)
+    softcap = _scalar(softcap_hi, softcap_lo, zero)
+    inv_cap = 1 / softcap
+    x_rows = logits_ptr + rows.to(tl.int64) * stride_logits
+    t_rows = target_ptr + rows.to(tl.int64) * stride_target
+    if PROB_TARGET:
+        kept = row_mask
+    else:
+        target = tl.load(t_rows, mask=row_mask, other=ignore_index)
+        kept = row_mask & (target != ignore_index)
+        local = target - class_offset
+        hit = kept & (local >= 0) & (local < n_classes)
+        local = tl.where(hit, local, 0)
+    m = tl.full([ROWS], NEG_INF, dtype=acc_dtype)
+    d = zero
+    a = zero  # sum_j w_j q_j y_j (probability targets)
+    b = zero  # sum_j w_j q_j (probability targets)
+    c = zero  # sum_j w_j y_j (label smoothing)
+    for start in range(0, n_classes, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        col_mask = cols < n_classes
+        mask = kept[:, None] & col_mask[None, :]
+        if HAS_SOFTCAP:
+            y = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
+            y = tl.where(mask, softcap[:, None] * _tanh(y * inv_cap[:, None]), NEG_INF)
+        else:
+            y = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(acc_dtype)
+        if PROB_TARGET or SMOOTHING:
+            y_in = tl.where(mask, y, 0)
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + cols[None, :], mask=col_mask[None, :], other=0).to(acc_dtype)
+                wy = y_in * w
+            else:
+                wy = y_in
+            if SMOOTHING:
+                c += tl.sum(wy, axis=1)
+            if PROB_TARGET:
+                q = tl.load(t_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
+                wq = q * w if HAS_WEIGHT else q
+                a += tl.sum(q * wy, axis=1)
+                b += tl.sum(wq, axis=1)
+        m_new = tl.maximum(m, tl.max(y, axis=1))
+        m_shift = tl.where(m_new == NEG_INF, 0, m_new)
+        d = d * tl.exp(m - m_shift) + tl.sum(tl.exp(y - m_shift[:, None]), axis=1)
+        m = m_new
+    if not PROB_TARGET:
+        y_t = tl.load(x_rows + local, mask=hit, other=0).to(acc_dtype)
+        if HAS_SOFTCAP:
+            y_t = softcap * _tanh(y_t * inv_cap)
+        if HAS_WEIGHT:
+            w_t = tl.load(weight_ptr + local, mask=hit, other=0).to(acc_dtype)
+        else:
+            w_t = zero + 1
+        a = tl.where(hit, w_t * y_t, 0)
+        b = tl.where(hit, w_t, 0)
+    o_rows = out_ptr + rows.to(tl.int64) * stride_out
+    tl.store(o_rows, tl.where(kept, m, NEG_INF), mask=row_mask)
+    tl.store(o_rows + 1, tl.where(kept, d, 0), mask=row_mask)
+    tl.store(o_rows + 2, a, mask=row_mask)
+    tl.store(o_rows + 3, b, mask=row_mask)
+    tl.store(o_rows + 4, c, mask=row_mask)
+
+
+def row_partials(logits, target, weight, *, ignore_index, softcap, class_offset, smoothing, out):
+    """Per-row partials of a slice of the classes into ``out`` (N, 5); see ``gpuxent.backends``."""
+    n_rows, n_classes = logits.shape
+    logits = _unit_class_stride(logits)
+    prob = target.is_floating_point()
+    if prob:
+        target = _unit_class_stride(target)
+    if weight is not None:
+        weight = weight.contiguous()
+    if n_rows == 0:
+        return
+    block, rows, num_warps = _launch_config(max(n_classes, 1), logits.element_size())
+    with _device_ctx(logits):
+        _row_partials_kernel[(triton.cdiv(n_rows, rows),)](
+            logits, target, weight if weight is not None else out, out,
+            logits.stride(0), target.stride(0), out.stride(0),
+            n_rows, n_classes, int(ignore_index), int(class_offset), *_split(softcap or 1.0),
+            PROB_TARGET=prob, HAS_WEIGHT=weight is not None, SMOOTHING=bool(smoothing), HAS_SOFTCAP=bool(softcap),
+            ROWS=rows, BLOCK=block, num_warps=num_warps,
+        )  # fmt: skip
+
+
+@triton.jit
+def _cross_entropy_backward_kernel(
+    logits_ptr, target_ptr, weight_ptr, lse_ptr, coef_ptr, entropy_ptr, grad_scale_ptr, entropy_scale_ptr, grad_ptr,
+    stride_logits, stride_target, stride_grad, stride_scale, stride_entropy_scale,
+    n_rows, n_classes, ignore_index, class_offset,
+    eps_hi, eps_lo, eps_r_hi, eps_r_lo, softcap_hi, softcap_lo,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    acc_dtype = lse_ptr.dtype.element_ty
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_rows
+    zero = tl.zeros([ROWS], dtype=acc_dtype)
+    smoothing = _scalar(eps_hi, eps_lo, zero)
+    eps_r = _scalar(eps_r_hi, eps_r_lo, zero)
+    softcap = _scalar(softcap_hi, softcap_lo, zero)
+    inv_cap = 1 / softcap
+    x_rows = logits_ptr + rows.to(tl.int64) * stride_logits
+    t_rows = target_ptr + rows.to(tl.int64) * stride_target
+    g_rows = grad_ptr + rows.to(tl.int64) * stride_grad
+    if PROB_TARGET:
+        kept = row_mask
+    else:
+        target = tl.load(t_rows, mask=row_mask, other=ignore_index)
+        kept = row_mask & (target != ignore_index)
+        local = target - class_offset  # the target's column here, or outside [0, n_classes)
+    lse = tl.load(lse_ptr + rows, mask=kept, other=0).to(acc_dtype)
+    scale = tl.load(grad_scale_ptr + rows * stride_scale, mask=kept, other=0).to(acc_dtype)
+    a = scale * tl.load(coef_ptr + rows, mask=kept, other=0).to(acc_dtype)
+    if HAS_ENTROPY:
+        es = tl.load(entropy_scale_ptr + rows * stride_entropy_scale, mask=kept, other=0).to(acc_dtype)
+        ey = lse - tl.load(entropy_ptr + rows, mask=kept, other=0).to(acc_dtype)  # E_p[y]
+    for start in range(0, n_classes, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        col_mask = cols < n_classes
+        mask = kept[:, None] & col_mask[None, :]
+        x = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
+        if HAS_SOFTCAP:
+            th = _tanh(x * inv_cap[:, None])
+            y = softcap[:, None] * th
+        else:
+            y = x
+        p = tl.exp(y - lse[:, None])
+        g = a[:, None] * p
+        if HAS_ENTROPY:  # 0, not 0 * inf, where p = 0
+            g += tl.where(p > 0, es[:, None] * p * (ey[:, None] - y), 0)
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols[None, :], mask=col_mask[None, :], other=0).to(acc_dtype)
+        if PROB_TARGET:
+            q = tl.load(t_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
+            q = (1 - smoothing[:, None]) * q + eps_r[:, None]
+            if HAS_WEIGHT:
+                q = q * w
+            g -= scale[:, None] * q
+        else:
+            if HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    g -= (scale * eps_r)[:, None] * w
+                else:
+                    g -= (scale * eps_r)[:, None]
+            hit = cols[None, :] == local[:, None]
+            if HAS_WEIGHT:
+                w_hit = w
+            else:
+                w_hit = 1
+            g = tl.where(hit, g - (scale * (1 - smoothing))[:, None] * w_hit, g)
+        if HAS_SOFTCAP:
+            g = g * (1 - th * th)
+        g = tl.where(kept[:, None], g, 0)
+        tl.store(
+            g_rows[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :]
+        )
+
+
+def cross_entropy_backward(
+    logits, target, weight, lse, coef, entropy, *, ignore_index, label_smoothing, n_classes, class_offset, softcap,
+    grad_scale, entropy_scale, grad,
+):  # fmt: skip
+    """The gradient of a slice of the classes from the global lse and coefficient; see ``gpuxent.backends``."""
+    n_rows, n_local = logits.shape
+    logits = _unit_class_stride(logits)
+    prob = target.is_floating_point()
+    if prob:
+        target = _unit_class_stride(target)
+    dt = compute_dtype(logits.dtype)
+    if weight is not None:
+        weight = weight.contiguous()
+    if grad.shape != logits.shape or (grad.stride(1) != 1 and n_local > 1):
+        raise ValueError(f"grad: expected an (N, r) tensor with unit class stride, got {tuple(grad.shape)}")
+    lse, coef = lse.to(dt).contiguous(), coef.to(dt).contiguous()
+    scales = []
+    for name, s in (("grad_scale", grad_scale), ("entropy_scale", entropy_scale)):
+        s = torch.ones(1, dtype=dt, device=logits.device) if s is None else s
+        s = torch.as_tensor(s, dtype=dt, device=logits.device).reshape(-1)
+        if s.numel() not in (1, n_rows):
+            raise ValueError(f"{name}: expected 1 or {n_rows} (one per row) elements, got {s.numel()}")
+        scales.append(s)
+    if n_rows == 0 or n_local == 0:
+        return
+    block, rows, num_warps = _launch_config(n_local, logits.element_size())
+    with _device_ctx(logits):
+        _cross_entropy_backward_kernel[(triton.cdiv(n_rows, rows),)](
+            logits, target, weight if weight is not None else lse, lse, coef,
+            entropy.to(dt).contiguous() if entropy is not None else lse, scales[0], scales[1], grad,
+            logits.stride(0), target.stride(0), grad.stride(0), int(scales[0].numel() > 1),
+            int(scales[1].numel() > 1), n_rows, n_local, int(ignore_index), int(class_offset),
+            *_split(label_smoothing), *_split(label_smoothing / n_classes), *_split(softcap or 1.0),
+            PROB_TARGET=prob, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0,
+            HAS_SOFTCAP=bool(softcap), HAS_ENTROPY=entropy is not None, ROWS=rows, BLOCK=block, num_warps=num_warps,
+        )  # fmt: skip
