@@ -332,8 +332,9 @@ class _LinearCrossEntropyWithEntropy(torch.autograd.Function):
         problem = ctx.problem
         hidden_shape, dtype = ctx.shapes
         dt = problem.dt
-        row_scale = torch.zeros_like(problem.lse) if grad_loss is None else grad_loss.reshape(-1).to(dt)
-        problem.entropy_scale = None if grad_entropy is None else grad_entropy.reshape(-1).to(dt)
+        # per-row factors, contiguous: the reduction's backward hands them over as expanded views
+        row_scale = torch.zeros_like(problem.lse) if grad_loss is None else grad_loss.reshape(-1).to(dt).contiguous()
+        problem.entropy_scale = None if grad_entropy is None else grad_entropy.reshape(-1).to(dt).contiguous()
         _, grad_h, grad_w, grad_b = problem.run(tuple(ctx.needs_input_grad[:3]), row_scale=row_scale)
         grad_h = None if grad_h is None else grad_h.reshape(hidden_shape)
         grad_w = None if grad_w is None else grad_w.to(dtype)
