@@ -36,8 +36,11 @@ MEMORY_FRACTION = 0.8  # of the free memory: leaves room for the allocator's rou
 
 def bytes_moved(n_rows: int, n_classes: int, element_size: int, pass_: str) -> int:
     """The byte model of the module docstring (every GB/s figure of gpuxent divides by it):
-    ``"fwd"`` reads the logits once, ``"fwd+bwd"`` also writes the gradient once."""
-    return n_rows * n_classes * element_size * (1 if pass_ == "fwd" else 2)
+    ``"fwd"`` reads the logits once, ``"fwd+bwd"`` also writes the gradient once; a pass named with
+    ``"entropy"`` (``cross_entropy_with_stats(..., entropy=True)`` forward+backward) reads them twice,
+    once in the forward and once in the backward, and writes the gradient once."""
+    passes = 1 if pass_ == "fwd" else 3 if "entropy" in pass_ else 2
+    return n_rows * n_classes * element_size * passes
 
 
 def add_arguments(p) -> None:

@@ -24,7 +24,9 @@ A row without a softmax (all -inf, or a NaN or +inf in it) gets a NaN gradient a
 NaN loss, as in PyTorch.
 
 Byte model, forward+backward, class targets: read N*r logits, write N*r gradient, read N targets,
-write N losses and N lse.
+write N losses and N lse. With ``stats`` (argmax and entropy of each row, from the same visit of each
+chunk: the argmax from the chunk's max, a first-index search only when it beats the earlier chunks',
+and the entropy's sum from the same exps) the same bytes plus N argmaxes and N entropies written.
 """
 
 from __future__ import annotations
@@ -614,11 +616,11 @@ def _grad_chunk(e, g, w, q, y, a, b, b0, prob, inv_cap):
 @nb.njit(fastmath=FASTMATH, inline="always")
 def _ce_row(
     x, t, q, prob, w, sum_w, ignore_index, smoothing, z_loss, softcap, scale, g, want_grad, exp_buf, ybuf,
-    chunk_max, stats,
+    chunk_max, want_stats,
 ):  # fmt: skip
     """``(loss, lse, argmax, entropy)`` of one row; writes the row's gradient (times ``scale``) into ``g``
-    when ``want_grad``. ``stats`` None (a compile-time branch: argmax and entropy then cost nothing and
-    come back as 0) or not: then they come from the same chunk visits (``_chunk_exps_stats``).
+    when ``want_grad``. With ``want_stats`` the argmax and entropy come from the same chunk visits
+    (``_chunk_exps_stats``); without, they cost one test per chunk and come back as 0.
 
     ``t`` is the class index, or ``q`` the probability row when ``prob``; ``w`` are the class
     weights (ones when none were given) and ``sum_w`` their sum. ``g`` may be ``x`` itself (in-place
@@ -657,7 +659,7 @@ def _ce_row(
             y_t = np.float64(_widen(x[t]))
             if softcap > 0:
                 y_t = softcap * math.tanh(y_t / softcap)
-        if stats is None:
+        if not want_stats:
             if softcap > 0:
                 s = _chunk_exps(ybuf[lo:hi], m, e[lo:hi], want_grad)
             else:
@@ -686,7 +688,7 @@ def _ce_row(
         if want_grad:
             g[:] = _narrow(g, np.nan)
         return np.nan, lse, argmax, np.nan
-    entropy = _entropy(log_s, s_row, t_row) if stats is not None else 0.0
+    entropy = _entropy(log_s, s_row, t_row) if want_stats else 0.0
     w_t = 0.0 if prob else np.float64(w[t])
     loss, coef_p = _loss_and_coef(
         m_row, log_s, y_t, w_t, sum_wy, sum_wq if prob else sum_w, prob, 1 - smoothing, eps_r, smoothing, z_loss
@@ -725,12 +727,15 @@ def _ce_kernel(
 ):  # fmt: skip
     """Rows in tasks of ``ROWS_PER_TASK``. ``grad_scale`` holds one factor or one per row. With
     ``inplace`` the gradient goes over ``logits`` and ``grad`` is not used. ``argmax`` and ``entropy``:
-    None (no statistics: a specialisation of its own) or (N,) outputs."""
+    (N,) outputs of the statistics, or empty for none (a test per chunk, outside the vectorized loops:
+    one compiled kernel serves both, where a specialisation of its own would cost ~25 s of compilation
+    per dtype)."""
     n_rows, n_classes = logits.shape
     rows_per_task = max(ROWS_PER_TASK, TASK_ELEMENTS // n_classes)
     n_tasks = (n_rows + rows_per_task - 1) // rows_per_task
     n_chunks = (n_classes + CHUNK - 1) // CHUNK
     per_row = grad_scale.shape[0] > 1
+    want_stats = argmax.shape[0] > 0
     for task in prange(n_tasks):
         exp_buf = _exp_buffer(logits, n_classes if want_grad else 0)
         ybuf = _compute_buffer(logits, n_classes if softcap > 0 else 0)
@@ -745,16 +750,16 @@ def _ce_kernel(
                 # fails when they are the same memory, and every loop then runs scalar (5x slower).
                 loss_i, lse_i, argmax_i, entropy_i = _ce_row(
                     x, t, q, prob, weight, sum_w, ignore_index, smoothing, z_loss, softcap, scale, x, True,
-                    exp_buf, ybuf, chunk_max, argmax,
+                    exp_buf, ybuf, chunk_max, want_stats,
                 )  # fmt: skip
             else:
                 loss_i, lse_i, argmax_i, entropy_i = _ce_row(
                     x, t, q, prob, weight, sum_w, ignore_index, smoothing, z_loss, softcap, scale,
-                    grad[i if want_grad else 0], want_grad, exp_buf, ybuf, chunk_max, argmax,
+                    grad[i if want_grad else 0], want_grad, exp_buf, ybuf, chunk_max, want_stats,
                 )  # fmt: skip
             loss[i] = loss_i
             lse[i] = lse_i
-            if argmax is not None:
+            if want_stats:
                 argmax[i] = argmax_i
                 entropy[i] = entropy_i
 
@@ -806,7 +811,7 @@ def cross_entropy(
     g = _view(grad) if grad is not None and not inplace else np.zeros((1, 0), x.dtype)
     loss = np.empty(n_rows, dt)
     lse = np.empty(n_rows, dt)
-    argmax, entropy = (None, None) if stats is None else (o.detach().numpy() for o in stats)
+    argmax, entropy = (np.zeros(0, np.int64), np.zeros(0, dt)) if stats is None else (o.numpy() for o in stats)
     if n_rows:
         _launch(
             _ce_kernel, x.size, x, t, q, prob, w, float(w.sum(dtype=np.float64)), int(ignore_index),

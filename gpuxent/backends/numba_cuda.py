@@ -10,6 +10,8 @@ the gradient, so forward+backward reads the logits twice and writes the gradient
 Byte model, forward+backward, class targets: read 2*N*r logits, write N*r gradient, read N targets,
 write N losses and N lse (probability targets: read N*r probabilities twice more). An ignored row is
 not read: its loss and gradient are 0.
+With ``stats`` (a kernel specialisation of its own: each row's argmax and entropy, from pass 1 and
+reduced with the (max, sum) pair) the same bytes plus 2N written.
 
 Arithmetic runs in the compute dtype (float32, float64 for float64 input): each dtype gets its own
 kernels whose constants carry that dtype, so no float64 literal silently widens float32 math.

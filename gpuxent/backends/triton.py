@@ -17,6 +17,8 @@ Byte model, forward+backward with class targets: read N*r logits, write N*r grad
 targets, write N losses and N lse; the second read of a row mostly hits L2 for r up to a few 10^4.
 Forward only: read N*r logits, write 2N. Probability targets add one read of the (N, r) targets per
 loop.
+With ``STATS`` (each row's argmax and entropy, from loop 1: a block's max and first index of it,
+and the entropy's sum rescaled like ``d``) the same bytes plus 2N written.
 
 Accumulation is float32 (float64 for float64 inputs). Offsets are 64-bit (the row index is cast to
 int64 before it meets a stride), so N*r above 2^31 works. Float arguments reach a compiled kernel
