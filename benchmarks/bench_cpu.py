@@ -1,6 +1,7 @@
 """CPU benchmark: the fused cross-entropy against torch eager, torch.compile and JAX, in one run.
 
     python benchmarks/bench_cpu.py [--repeats 7] [--no-compile] [--no-jax] [--out benchmarks/results_cpu.json]
+    python benchmarks/bench_cpu.py --stats     cross_entropy_with_stats rows only (results_stats_cpu.json)
 
 Cases (mean reduction, class-index targets, logits ~ N(0, 2^2)):
     fwd                 gx.cross_entropy(x, t)                                   read N*r logits
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import pathlib
@@ -121,7 +123,7 @@ def run(repeats: int, compile_: bool, jax_: bool) -> dict:
         ms = {}
         for name, fn in impls.items():
             if fn is not None:
-                ms[name] = round(bench.time_ms(fn, cpu, repeats), 3)
+                ms[name] = round(bench.time_ms(fn, repeats), 3)
                 print(f"{n} x {r} {dtype} {pass_} {name}: {ms[name]:.2f} ms", flush=True)
         del impls
         gbps = nbytes / ms["gpuxent"] / 1e6
@@ -219,12 +221,11 @@ def diagnostics(repeats: int) -> list[str]:
     (the page faults: the kernel zeroes every page)."""
     from gpuxent.backends import numba_cpu as nc
 
-    cpu = torch.device("cpu")
     out = []
     for (n, r), dtype in (((256, 2048), torch.float32), ((256, 2048), torch.bfloat16), ((2048, 128), torch.float32)):
         x = (torch.randn(n, r) * 2).to(dtype)  # 2 MiB or less: stays in L2 + L3 between calls
         t = torch.randint(0, r, (n,))
-        fwd, fwd_bwd = (bench.time_ms(_calls(x, t, g), cpu, repeats) / 50 / (n * r) * 1e6 for g in (None, x.clone()))
+        fwd, fwd_bwd = (bench.time_ms(_calls(x, t, g), repeats) / 50 / (n * r) * 1e6 for g in (None, x.clone()))
         out.append(
             f"compute floor, {str(dtype).replace('torch.', '')} rows of {r} in cache: fwd {fwd:.3f} ns/element, "
             f"fwd+bwd {fwd_bwd:.3f} ns/element"
@@ -233,13 +234,146 @@ def diagnostics(repeats: int) -> list[str]:
     for shape, dtype in sizes:
         faulted = nc.empty(shape, dtype)
         faulted.fill_(0)
-        fill = bench.time_ms(lambda f=faulted: f.fill_(1), cpu, repeats)
-        fresh = bench.time_ms(_fresh_fill(shape, dtype), cpu, repeats)
+        fill = bench.time_ms(lambda f=faulted: f.fill_(1), repeats)
+        fresh = bench.time_ms(_fresh_fill(shape, dtype), repeats)
         out.append(
             f"fresh gradient buffer {shape[0]} x {shape[1]} {str(dtype).replace('torch.', '')}: fill {fill:.1f} ms "
             f"once faulted, {fresh:.1f} ms fresh (first touch)"
         )
     return out
+
+
+# --------------------------------------------------------------------------- statistics (--stats)
+# cross_entropy_with_stats against plain cross_entropy and the PyTorch composition that logs the same
+# numbers (F.cross_entropy + argmax accuracy + the entropy from log_softmax), 4096 x 32768 float32, mean,
+# class targets. Byte model (gpuxent.bench.bytes_moved): fwd reads the logits once; fwd+bwd reads them
+# and writes the gradient; with a differentiable entropy the backward reads them once more (3 N*r).
+
+STATS_SIZE = (4096, 32768)
+ENTROPY_BETA = 0.1  # the objective with entropy: loss - beta * entropy (an RL entropy bonus)
+
+
+def _torch_stats(x, t, entropy: bool):
+    """The PyTorch composition: ``(objective, accuracy)``."""
+    if not entropy:
+        return F.cross_entropy(x, t), (x.detach().argmax(-1) == t).float().mean()
+    logp = F.log_softmax(x, -1)
+    ent = -(logp.exp() * logp).sum(-1).mean()
+    return F.nll_loss(logp, t) - ENTROPY_BETA * ent, (x.detach().argmax(-1) == t).float().mean()
+
+
+def _gx_stats(x, t, entropy: bool):
+    out = gx.cross_entropy_with_stats(x, t, entropy=entropy)
+    return (out.loss - ENTROPY_BETA * out.entropy if entropy else out.loss), out.accuracy
+
+
+def _stats_case(fn, x, t, pass_):
+    """A step of ``fn(x, t) -> (objective, accuracy)`` (``fn`` None: plain ``gx.cross_entropy``)."""
+    entropy = "entropy" in pass_
+    call = (lambda v: (gx.cross_entropy(v, t), None)) if fn is None else (lambda v: fn(v, t, entropy))
+    if pass_ == "fwd":
+
+        def fwd():
+            with torch.no_grad():
+                return call(x)
+
+        return fwd
+    xg = x.clone().requires_grad_()
+
+    def step():
+        xg.grad = None
+        objective, accuracy = call(xg)
+        objective.backward()
+        return accuracy
+
+    return step
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def peak_extra_mib(fn) -> float | None:
+    """Peak resident memory during one call of ``fn`` above the resident memory before it (MiB), from
+    Linux's high-water mark, reset through ``/proc/self/clear_refs``; None where that is unavailable."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        before = _proc_status_kib("VmRSS")
+    except OSError:
+        return None
+    fn()
+    return round((_proc_status_kib("VmHWM") - before) / 1024, 1)
+
+
+def run_stats(repeats: int) -> dict:
+    n, r = STATS_SIZE
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, r, generator=gen) * 2
+    t = torch.randint(0, r, (n,), generator=gen)
+    cases = [
+        ("fwd", "gpuxent cross_entropy", None),
+        ("fwd", "gpuxent with_stats", _gx_stats),
+        ("fwd", "torch composition", _torch_stats),
+        ("fwd+bwd", "gpuxent cross_entropy", None),
+        ("fwd+bwd", "gpuxent with_stats", _gx_stats),
+        ("fwd+bwd", "torch composition", _torch_stats),
+        ("fwd+bwd entropy", "gpuxent with_stats", _gx_stats),
+        ("fwd+bwd entropy", "torch composition", _torch_stats),
+    ]
+    cpu = torch.device("cpu")
+    copy_gbps = bench.copy_bandwidth(cpu)
+    rows = []
+    for pass_, impl, fn in cases:
+        step = _stats_case(fn, x, t, pass_)
+        ms = bench.time_ms(step, repeats)
+        gc.collect()
+        peak = peak_extra_mib(step)
+        gbps = bench.bytes_moved(n, r, x.element_size(), pass_) / ms / 1e6
+        rows.append({
+            "pass": pass_, "impl": impl, "median_ms": round(ms, 2), "gbps": round(gbps, 2),
+            "pct_copy": round(100 * gbps / copy_gbps, 1), "peak_extra_mib": peak,
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+        del step
+        gc.collect()
+    for row in rows:
+        same = [o for o in rows if o["pass"] == row["pass"]]
+        plain_pass = row["pass"].replace(" entropy", "")  # the entropy row against plain fwd+bwd
+        base = next(o for o in rows if o["impl"] == "gpuxent cross_entropy" and o["pass"] == plain_pass)
+        torch_row = next(o for o in same if o["impl"] == "torch composition")
+        row["x_cross_entropy"] = round(row["median_ms"] / base["median_ms"], 2)
+        row["torch_speedup"] = round(torch_row["median_ms"] / row["median_ms"], 2)
+    return {
+        "machine": bench.machine(),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "size": [n, r],
+        "dtype": "float32",
+        "copy_gbps": round(copy_gbps, 2),
+        "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "rows": rows,
+    }
+
+
+def stats_markdown(result: dict) -> str:
+    n, r = result["size"]
+    lines = [
+        f"Machine: {result['machine']}, {result['date']}, torch {result['torch']}, {result['threads']} threads, "
+        f"{n} x {r} {result['dtype']}, mean, class targets; copy bandwidth {result['copy_gbps']} GB/s.",
+        "",
+        "| pass | implementation | median ms | GB/s | % of copy | peak extra MiB | x cross_entropy "
+        "| torch composition x |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        lines.append(
+            f"| {row['pass']} | {row['impl']} | {row['median_ms']:.2f} | {row['gbps']:.1f} | {row['pct_copy']:.0f}% "
+            f"| {row['peak_extra_mib']} | {row['x_cross_entropy']:.2f} | {row['torch_speedup']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def main():
@@ -248,7 +382,15 @@ def main():
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--no-jax", action="store_true", help="skip the JAX baseline")
     p.add_argument("--out", default=str(pathlib.Path(__file__).with_name("results_cpu.json")))
+    p.add_argument(
+        "--stats", action="store_true", help="only the cross_entropy_with_stats rows (results_stats_cpu.json)"
+    )
     args = p.parse_args()
+    if args.stats:
+        result = run_stats(args.repeats)
+        pathlib.Path(args.out).with_name("results_stats_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(stats_markdown(result))
+        return
     result = run(args.repeats, not args.no_compile, not args.no_jax)
     result["goals"] = goals(result)
     result["diagnostics"] = diagnostics(args.repeats)
