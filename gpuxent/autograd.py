@@ -315,7 +315,7 @@ class CrossEntropy(torch.autograd.Function):
         return (loss_t if ctx.opts.reduction == "none" else loss_t.sum()), None, None
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad, _scale):
+    def backward(ctx, grad_loss, _grad, _scale, *_stats):  # _stats: CrossEntropyStats's outputs, no gradient
         logits, target, weight, grad, scale = ctx.saved_tensors
         opts = ctx.opts
         n_rows = logits.shape[0]
@@ -716,10 +716,6 @@ class CrossEntropyStats(CrossEntropy):
     @staticmethod
     def jvp(ctx, *tangents):
         return *CrossEntropy.jvp(ctx, *tangents), None, None, None
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad, _scale, *_stats):
-        return CrossEntropy.backward(ctx, grad_loss, _grad, _scale)
 
 
 class CrossEntropyWithEntropy(torch.autograd.Function):

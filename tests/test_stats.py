@@ -240,8 +240,10 @@ def test_inplace_grad_module_and_numpy(backend, rng):
         assert_close(res.entropy, ref[3], torch.float32, "numpy entropy")
 
 
-def test_torch_compile(backend, rng):
-    """A training step that logs accuracy and entropy compiles (aot_eager) and keeps exact gradients."""
+@pytest.mark.parametrize("entropy", [False, True], ids=["no-entropy", "entropy"])
+def test_torch_compile_fullgraph(backend, rng, entropy):
+    """A training step that logs accuracy (and entropy) compiles without a graph break (aot_eager) and
+    keeps exact gradients."""
     if backend.name != "numba_cpu":
         pytest.skip("one backend is enough: the op registration is shared")
     torch._dynamo.reset()
@@ -250,19 +252,21 @@ def test_torch_compile(backend, rng):
     h = torch.as_tensor(rng.standard_normal((n, 8)), dtype=torch.float32)
     t = torch.as_tensor(rng.integers(0, r, n))
 
-    def step(h, t):
-        out = gx.cross_entropy_with_stats(proj(h), t, z_loss=1e-3, backend=backend.name, entropy=True)
-        return out.loss - 0.1 * out.entropy, out.accuracy
+    beta = 0.1 if entropy else 0.0
 
-    objective, accuracy = torch.compile(step, backend="aot_eager")(h, t)
+    def step(h, t):
+        out = gx.cross_entropy_with_stats(proj(h), t, z_loss=1e-3, backend=backend.name, entropy=entropy)
+        return (out.loss - beta * out.entropy if entropy else out.loss), out.accuracy
+
+    objective, accuracy = torch.compile(step, fullgraph=True, backend="aot_eager")(h, t)
     objective.backward()
     grads = [p.grad.clone() for p in proj.parameters()]
     proj.zero_grad()
     logits = proj(h)
     x64, *ref = reference_stats(logits.detach(), t, z_loss=1e-3)
-    (ref[0] - 0.1 * ref[3]).backward()
+    (ref[0] - beta * ref[3]).backward()
     logits.backward(x64.grad.float())
-    assert_close(objective, ref[0] - 0.1 * ref[3], torch.float32, "objective")
+    assert_close(objective, ref[0] - beta * ref[3], torch.float32, "objective")
     assert_close(accuracy, ref[2], torch.float32, "accuracy")
     for got, p in zip(grads, proj.parameters()):
         assert_close(got, p.grad, torch.float32, "parameter grad", scale=10)
