@@ -529,34 +529,63 @@ def _chunk_sumexp_entropy(y, m, e, store):
 
 
 @nb.njit(fastmath=FASTMATH)
-def _has_nan(y):
-    """Whether the chunk holds a NaN: a compare and an or per element, vectorized, with no early exit."""
+def _chunk_max_nan(y):
+    """``(_chunk_max(y), whether the chunk holds a NaN)`` in one vectorized loop (no early exit)."""
+    m = _cast(y, -np.inf)
     seen = False
     for j in range(y.shape[0]):
         v = _widen(y[j])
+        m = _maxnum(m, v)
         seen |= v != v
-    return seen
+    return m, seen
+
+
+@nb.njit(fastmath=FASTMATH, inline="always")
+def _chunk_reads_stats(y, w, q, prob, smoothing, eps_r, want_stats):
+    """``_chunk_reads`` and, with ``want_stats``, whether the chunk holds a NaN (torch.argmax's max),
+    from the same loop as the max."""
+    if not want_stats:
+        m, swy, swq = _chunk_reads(y, w, q, prob, smoothing, eps_r)
+        return m, swy, swq, False
+    swy = swq = 0.0
+    if prob or smoothing > 0:
+        swy, swq = _chunk_target_sums(y, w, q, prob, 1 - smoothing, eps_r)
+    m, has_nan = _chunk_max_nan(y)
+    return m, swy, swq, has_nan
+
+
+@nb.njit(fastmath=FASTMATH)
+def _first_index(y, v):
+    """The first ``j`` with ``y[j] == v``, 0 if there is none: a min-reduction of indices over the whole
+    chunk, which vectorizes (a loop that stops at the first hit runs scalar, half a chunk on average)."""
+    n = y.shape[0]
+    first = n
+    for j in range(n):
+        hit = _widen(y[j]) == v
+        first = min(first, j if hit else n)
+    return first if first < n else 0
 
 
 @nb.njit
-def _first_index(y, v):
-    """The first ``j`` with ``y[j] == v`` (``v`` NaN: the first NaN); 0 if there is none."""
+def _first_nan(y):
+    """The first ``j`` with ``y[j]`` NaN (0 if there is none); only for a chunk known to hold one."""
     for j in range(y.shape[0]):
         u = _widen(y[j])
-        if u == v or (v != v and u != u):
+        if u != u:
             return j
     return 0
 
 
 @nb.njit(fastmath=FASTMATH, inline="always")
-def _chunk_exps_stats(y, m, e, want_grad, lo, best_m, best_j, nan_j):
-    """``_chunk_exps`` of a chunk whose classes start at ``lo``, plus its entropy sum and the running
-    argmax ``(best_m, best_j)`` and first NaN ``nan_j`` (-1: none yet) of the row, torch.argmax's
-    answer being ``nan_j`` if there is one, else ``best_j``. The first-index search runs only when
-    the chunk's max beats every earlier chunk's (strictly: ties go to the lowest index), a few times
-    per row; it reads the chunk before ``e`` (which may be ``y``'s memory, in place) is written."""
-    if nan_j < 0 and _has_nan(y):
-        nan_j = lo + _first_index(y, np.nan)
+def _chunk_exps_stats(y, m, has_nan, e, want_grad, lo, best_m, best_j, nan_j):
+    """``_chunk_exps`` of a chunk whose classes start at ``lo`` (max ``m``, ``has_nan`` whether it
+    holds a NaN), plus its entropy sum and the running argmax ``(best_m, best_j)`` and first NaN
+    ``nan_j`` (-1: none yet) of the row, torch.argmax's answer being ``nan_j`` if there is one, else
+    ``best_j``. The first-index searches run only when the chunk's max beats every earlier chunk's
+    (strictly: ties go to the lowest index), a few times per row, or for a first NaN; they read the
+    chunk before ``e`` (which may be ``y``'s memory, in place) is written."""
+    if nan_j < 0 and has_nan:
+        nan_j = lo + _first_nan(y)
     if m > best_m:
         best_m = m
         best_j = lo + _first_index(y, m)
@@ -652,9 +681,9 @@ def _ce_row(
         qc = q[lo:hi]
         if softcap > 0:
             _softcap_chunk(x[lo:hi], softcap, ybuf[lo:hi])
-            m, swy, swq = _chunk_reads(ybuf[lo:hi], wc, qc, prob, smoothing, eps_r)
+            m, swy, swq, has_nan = _chunk_reads_stats(ybuf[lo:hi], wc, qc, prob, smoothing, eps_r, want_stats)
         else:
-            m, swy, swq = _chunk_reads(x[lo:hi], wc, qc, prob, smoothing, eps_r)
+            m, swy, swq, has_nan = _chunk_reads_stats(x[lo:hi], wc, qc, prob, smoothing, eps_r, want_stats)
         if not prob and lo <= t < hi:  # read now that the chunk is in L1, before an in-place gradient overwrites it
             y_t = np.float64(_widen(x[t]))
             if softcap > 0:
@@ -667,11 +696,11 @@ def _ce_row(
         else:
             if softcap > 0:
                 s, tc, best_m, best_j, nan_j = _chunk_exps_stats(
-                    ybuf[lo:hi], m, e[lo:hi], want_grad, lo, best_m, best_j, nan_j
+                    ybuf[lo:hi], m, has_nan, e[lo:hi], want_grad, lo, best_m, best_j, nan_j
                 )
             else:
                 s, tc, best_m, best_j, nan_j = _chunk_exps_stats(
-                    x[lo:hi], m, e[lo:hi], want_grad, lo, best_m, best_j, nan_j
+                    x[lo:hi], m, has_nan, e[lo:hi], want_grad, lo, best_m, best_j, nan_j
                 )
             t_row = _merge_entropy(m_row, s_row, t_row, m, s, tc)
         chunk_max[c] = m
