@@ -268,7 +268,8 @@ def _gx_stats(x, t, entropy: bool):
 
 
 def _stats_case(fn, x, t, pass_):
-    """A step of ``fn(x, t) -> (objective, accuracy)`` (``fn`` None: plain ``gx.cross_entropy``)."""
+    """``(step, reset)``: a step of ``fn(x, t) -> (objective, accuracy)`` (``fn`` None: plain
+    ``gx.cross_entropy``), and what frees the previous step's gradient."""
     entropy = "entropy" in pass_
     call = (lambda v: (gx.cross_entropy(v, t), None)) if fn is None else (lambda v: fn(v, t, entropy))
     if pass_ == "fwd":
@@ -277,7 +278,7 @@ def _stats_case(fn, x, t, pass_):
             with torch.no_grad():
                 return call(x)
 
-        return fwd
+        return fwd, lambda: None
     xg = x.clone().requires_grad_()
 
     def step():
@@ -286,7 +287,10 @@ def _stats_case(fn, x, t, pass_):
         objective.backward()
         return accuracy
 
-    return step
+    def reset():
+        xg.grad = None
+
+    return step, reset
 
 
 def _proc_status_kib(key: str) -> int:
@@ -294,9 +298,12 @@ def _proc_status_kib(key: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
 
-def peak_extra_mib(fn) -> float | None:
-    """Peak resident memory during one call of ``fn`` above the resident memory before it (MiB), from
+def peak_extra_mib(fn, reset) -> float | None:
+    """Peak resident memory during one call of ``fn`` above the resident memory before it (MiB), after
+    ``reset()`` has freed the previous call's gradient: the gradient counts, as every temporary. From
     Linux's high-water mark, reset through ``/proc/self/clear_refs``; None where that is unavailable."""
+    reset()
+    gc.collect()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
@@ -326,17 +333,16 @@ def run_stats(repeats: int) -> dict:
     copy_gbps = bench.copy_bandwidth(cpu)
     rows = []
     for pass_, impl, fn in cases:
-        step = _stats_case(fn, x, t, pass_)
+        step, reset = _stats_case(fn, x, t, pass_)
         ms = bench.time_ms(step, repeats)
-        gc.collect()
-        peak = peak_extra_mib(step)
+        peak = peak_extra_mib(step, reset)
         gbps = bench.bytes_moved(n, r, x.element_size(), pass_) / ms / 1e6
         rows.append({
             "pass": pass_, "impl": impl, "median_ms": round(ms, 2), "gbps": round(gbps, 2),
             "pct_copy": round(100 * gbps / copy_gbps, 1), "peak_extra_mib": peak,
         })  # fmt: skip
         print(rows[-1], flush=True)
-        del step
+        del step, reset
         gc.collect()
     for row in rows:
         same = [o for o in rows if o["pass"] == row["pass"]]
