@@ -291,6 +291,7 @@ class CrossEntropy(torch.autograd.Function):
         logits, target, weight, is_prob, opts, backend, want_grad, inplace = inputs
         _, grad, scale = output
         ctx.mark_non_differentiable(grad, scale)
+        ctx.set_materialize_grads(False)  # no (N, r) zeros for the gradient output, which gets no gradient
         ctx.opts, ctx.is_prob, ctx.backend, ctx.inplace = opts, is_prob, backend, inplace
         # an in-place gradient of a leaf's logits must not become the leaf's .grad, aliasing the leaf
         base = logits if logits._base is None else logits._base
