@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cpu.py [--repeats 7] [--no-compile] [--no-jax] [--out benchmarks/results_cpu.json]
     python benchmarks/bench_cpu.py --distillation [--repeats 7]     (the distillation rows, see that section)
+    python benchmarks/bench_cpu.py --stats     cross_entropy_with_stats rows only (results_stats_cpu.json)
 
 Cases (mean reduction, class-index targets, logits ~ N(0, 2^2)):
     fwd                 gx.cross_entropy(x, t)                                   read N*r logits
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import pathlib
@@ -358,6 +360,124 @@ def distillation_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- statistics (--stats)
+# cross_entropy_with_stats against plain cross_entropy and the PyTorch composition that logs the same
+# numbers (F.cross_entropy + argmax accuracy + the entropy from log_softmax), 4096 x 32768 float32, mean,
+# class targets. Byte model (gpuxent.bench.bytes_moved): fwd reads the logits once; fwd+bwd reads them
+# and writes the gradient; with a differentiable entropy the backward reads them once more (3 N*r).
+
+STATS_SIZE = (4096, 32768)
+ENTROPY_BETA = 0.1  # the objective with entropy: loss - beta * entropy (an RL entropy bonus)
+
+
+def _torch_stats(x, t, entropy: bool):
+    """The PyTorch composition: ``(objective, accuracy)``."""
+    if not entropy:
+        return F.cross_entropy(x, t), (x.detach().argmax(-1) == t).float().mean()
+    logp = F.log_softmax(x, -1)
+    ent = -(logp.exp() * logp).sum(-1).mean()
+    return F.nll_loss(logp, t) - ENTROPY_BETA * ent, (x.detach().argmax(-1) == t).float().mean()
+
+
+def _gx_stats(x, t, entropy: bool):
+    out = gx.cross_entropy_with_stats(x, t, entropy=entropy)
+    return (out.loss - ENTROPY_BETA * out.entropy if entropy else out.loss), out.accuracy
+
+
+def _stats_case(fn, x, t, pass_):
+    """``(step, reset)``: a step of ``fn(x, t) -> (objective, accuracy)`` (``fn`` None: plain
+    ``gx.cross_entropy``), and what frees the previous step's gradient."""
+    entropy = "entropy" in pass_
+    call = (lambda v: (gx.cross_entropy(v, t), None)) if fn is None else (lambda v: fn(v, t, entropy))
+    if pass_ == "fwd":
+
+        def fwd():
+            with torch.no_grad():
+                return call(x)
+
+        return fwd, lambda: None
+    xg = x.clone().requires_grad_()
+
+    def step():
+        xg.grad = None
+        objective, accuracy = call(xg)
+        objective.backward()
+        return accuracy
+
+    def reset():
+        xg.grad = None
+
+    return step, reset
+
+
+def run_stats(repeats: int) -> dict:
+    n, r = STATS_SIZE
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, r, generator=gen) * 2
+    t = torch.randint(0, r, (n,), generator=gen)
+    cases = [
+        ("fwd", "gpuxent cross_entropy", None),
+        ("fwd", "gpuxent with_stats", _gx_stats),
+        ("fwd", "torch composition", _torch_stats),
+        ("fwd+bwd", "gpuxent cross_entropy", None),
+        ("fwd+bwd", "gpuxent with_stats", _gx_stats),
+        ("fwd+bwd", "torch composition", _torch_stats),
+        ("fwd+bwd entropy", "gpuxent with_stats", _gx_stats),
+        ("fwd+bwd entropy", "torch composition", _torch_stats),
+    ]
+    cpu = torch.device("cpu")
+    copy_gbps = bench.copy_bandwidth(cpu)
+    rows = []
+    for pass_, impl, fn in cases:
+        step, reset = _stats_case(fn, x, t, pass_)
+        ms = bench.time_ms(step, repeats)
+        peak = peak_extra_mib(step, reset)
+        gbps = bench.bytes_moved(n, r, x.element_size(), pass_) / ms / 1e6
+        rows.append({
+            "pass": pass_, "impl": impl, "median_ms": round(ms, 2), "gbps": round(gbps, 2),
+            "pct_copy": round(100 * gbps / copy_gbps, 1), "peak_extra_mib": peak,
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+        del step, reset
+        gc.collect()
+    for row in rows:
+        same = [o for o in rows if o["pass"] == row["pass"]]
+        plain_pass = row["pass"].replace(" entropy", "")  # the entropy row against plain fwd+bwd
+        base = next(o for o in rows if o["impl"] == "gpuxent cross_entropy" and o["pass"] == plain_pass)
+        torch_row = next(o for o in same if o["impl"] == "torch composition")
+        row["x_cross_entropy"] = round(row["median_ms"] / base["median_ms"], 2)
+        row["torch_speedup"] = round(torch_row["median_ms"] / row["median_ms"], 2)
+    return {
+        "machine": bench.machine(),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "size": [n, r],
+        "dtype": "float32",
+        "copy_gbps": round(copy_gbps, 2),
+        "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "rows": rows,
+    }
+
+
+def stats_markdown(result: dict) -> str:
+    n, r = result["size"]
+    lines = [
+        f"Machine: {result['machine']}, {result['date']}, torch {result['torch']}, {result['threads']} threads, "
+        f"{n} x {r} {result['dtype']}, mean, class targets; copy bandwidth {result['copy_gbps']} GB/s.",
+        "",
+        "| pass | implementation | median ms | GB/s | % of copy | peak extra MiB | x cross_entropy "
+        "| torch composition x |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        lines.append(
+            f"| {row['pass']} | {row['impl']} | {row['median_ms']:.2f} | {row['gbps']:.1f} | {row['pct_copy']:.0f}% "
+            f"| {row['peak_extra_mib']} | {row['x_cross_entropy']:.2f} | {row['torch_speedup']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=7)
@@ -367,7 +487,15 @@ def main():
     p.add_argument(
         "--distillation", action="store_true", help="the distillation rows only (to results_distillation_cpu.json)"
     )
+    p.add_argument(
+        "--stats", action="store_true", help="only the cross_entropy_with_stats rows (results_stats_cpu.json)"
+    )
     args = p.parse_args()
+    if args.stats:
+        result = run_stats(args.repeats)
+        pathlib.Path(args.out).with_name("results_stats_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(stats_markdown(result))
+        return
     if args.distillation:
         result = run_distillation(args.repeats)
         path = pathlib.Path(__file__).with_name("results_distillation_cpu.json")

@@ -3,6 +3,7 @@
     python benchmarks/bench_gpu.py [--sizes 16384x32768,65536x128] [--dtypes bfloat16,float32]
                                    [--json-out bench.json] [--markdown-out bench.md] [--no-compile]
                                    [--budget-s 240] [--sweep [--blocks 2048,4096 --warps 8,16]] [--dry-run]
+                                   [--stats]
     python benchmarks/bench_gpu.py --distillation [...]   (distillation rows: see that section)
 
 Implementations, each timed with ``triton.testing.do_bench`` (median, L2 flushed between runs):
@@ -23,6 +24,10 @@ Byte model: ``gpuxent.bench.bytes_moved``, the project's one (forward reads the 
 backward also writes the N*r gradient). GB/s = bytes / median time; "% copy" compares it with a
 device-to-device ``copy_`` of a 1 GiB buffer measured in the same run (read + write, the same kind of
 traffic). The speedup column is ``time(row) / time(gpuxent-triton)``.
+
+``--stats`` times ``gx.cross_entropy_with_stats`` instead (through the public API, without and with a
+differentiable entropy) beside plain ``gx.cross_entropy`` and the PyTorch composition that logs the same
+numbers, forward+backward, with the peak memory one step allocates.
 
 ``--dry-run`` runs the same code on the CPU interpreters (TRITON_INTERPRET=1, NUMBA_ENABLE_CUDASIM=1,
 set before the run) with wall-clock medians: a check that the script works, not GPU timings.
@@ -209,6 +214,79 @@ def implementations(args) -> dict:
     return impls
 
 
+# --------------------------------------------------------------------------- statistics (--stats)
+# cross_entropy_with_stats through the public API, without and with a differentiable entropy, beside
+# plain cross_entropy and the PyTorch composition that logs the same numbers (F.cross_entropy, argmax
+# accuracy, entropy from log_softmax). Byte model: bytes_moved ("entropy" passes read the logits in
+# the forward and again in the backward: 3 N*r).
+
+STATS_PASSES = ("fwd+bwd", "stats fwd+bwd", "entropy fwd+bwd")
+ENTROPY_BETA = 0.1  # the objective with entropy: loss - beta * entropy
+
+
+def peak_extra_mib(fn, grad_to_none=None) -> float | None:
+    """Peak memory allocated during one call of ``fn`` above what was allocated before it (MiB; CUDA only)."""
+    if not ON_GPU:
+        return None
+    for v in grad_to_none or ():
+        v.grad = None
+    free_memory()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
+
+
+def _stats_steps(x, t, objective):
+    """``{pass: (fn, grad_to_none)}`` of ``objective(logits, entropy) -> scalar`` (``entropy`` None:
+    the plain loss) for the three ``STATS_PASSES``."""
+    xr = x.detach().requires_grad_()
+
+    def step(entropy):
+        return lambda: objective(xr, entropy).backward()
+
+    return {"fwd+bwd": (step(None), [xr]), "stats fwd+bwd": (step(False), [xr]), "entropy fwd+bwd": (step(True), [xr])}
+
+
+def make_stats_api(backend_name: str):
+    import gpuxent as gx
+
+    def objective_of(t):
+        def objective(v, entropy):
+            if entropy is None:
+                return gx.cross_entropy(v, t, backend=backend_name)
+            out = gx.cross_entropy_with_stats(v, t, backend=backend_name, entropy=entropy)
+            return out.loss - ENTROPY_BETA * out.entropy if entropy else out.loss
+
+        return objective
+
+    return lambda x, t: _stats_steps(x, t, objective_of(t))
+
+
+def make_stats_eager(x, t):
+    def objective(v, entropy):
+        if entropy is None:
+            return F.cross_entropy(v, t)
+        accuracy = (v.detach().argmax(-1) == t).float().mean()  # logged, as gpuxent's
+        if not entropy:
+            return F.cross_entropy(v, t) + 0 * accuracy
+        logp = F.log_softmax(v, -1)
+        return F.nll_loss(logp, t) + ENTROPY_BETA * (logp.exp() * logp).sum(-1).mean() + 0 * accuracy
+
+    return _stats_steps(x, t, objective)
+
+
+def stats_implementations() -> dict:
+    from gpuxent import backends
+
+    status = backends.status()
+    impls = {f"gpuxent-{name}-api": make_stats_api(name) for name in ("triton", "numba_cuda") if status[name][0]}
+    impls["torch-eager"] = make_stats_eager
+    return impls
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -257,22 +335,27 @@ def new_result(dry_run: bool) -> dict:
     }
 
 
-def time_size(result: dict, impls: dict, n_rows: int, n_classes: int, dtype_name: str, deadline: float) -> None:
+def time_size(
+    result: dict, impls: dict, n_rows: int, n_classes: int, dtype_name: str, deadline: float, passes=PASSES
+) -> None:
     """Time every implementation on one (N, r, dtype), none started after ``deadline`` (perf_counter);
-    rows go into ``result``."""
+    rows go into ``result``. For ``STATS_PASSES`` each row also gets the peak memory one call
+    allocates above what was allocated before it."""
     dtype = DTYPES[dtype_name]
     x = torch.randn(n_rows, n_classes, device=device(), dtype=dtype)
     t = torch.randint(0, n_classes, (n_rows,), device=device())
-    times = {}
+    times, peaks = {}, {}
     for impl, make in impls.items():
         if time.perf_counter() > deadline:
             result["skipped"].append(f"{impl} {n_rows}x{n_classes} {dtype_name}: over the time budget")
             continue
         try:
             fns = make(x, t)
-            for pass_ in PASSES:
+            for pass_ in passes:
                 fn, grad_to_none = fns[pass_]
                 times[(impl, pass_)] = median_ms(fn, grad_to_none)
+                if passes is STATS_PASSES:
+                    peaks[(impl, pass_)] = peak_extra_mib(fn, grad_to_none)
         except Exception as exc:  # an optional baseline that fails here is reported, not fatal
             msg = f"{impl} {n_rows}x{n_classes} {dtype_name}: {type(exc).__name__}: {str(exc)[:200]}"
             result["skipped"].append(msg)
@@ -294,6 +377,8 @@ def time_size(result: dict, impls: dict, n_rows: int, n_classes: int, dtype_name
         ours = times.get(("gpuxent-triton", pass_))
         if ours and impl != "gpuxent-triton":
             row["triton_speedup"] = round(ms / ours, 2)
+        if (impl, pass_) in peaks:
+            row["peak_extra_mib"] = peaks[(impl, pass_)]
         result["rows"].append(row)
     del x, t
     free_memory()
@@ -303,10 +388,10 @@ def run(args) -> dict:
     started = time.perf_counter()
     result = new_result(args.dry_run)
     free_memory()
-    impls = implementations(args)
+    impls, passes = (stats_implementations(), STATS_PASSES) if args.stats else (implementations(args), PASSES)
     for n_rows, n_classes in parse_sizes(args.sizes):
         for dtype_name in args.dtypes.split(","):
-            time_size(result, impls, n_rows, n_classes, dtype_name, started + args.budget_s)
+            time_size(result, impls, n_rows, n_classes, dtype_name, started + args.budget_s, passes)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -468,6 +553,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r['n_rows']} x {r['n_classes']} | {r['dtype']} | {r['pass']} | {r['impl']} | {r['ms']:.3f} "
             f"| {r['gbps']:.0f} | {r['pct_copy']:.1f}% | {speedup} |"
+            + (f" peak extra {r['peak_extra_mib']} MiB |" if r.get("peak_extra_mib") is not None else "")
         )
     lines += [f"\nskipped: {s}" for s in result["skipped"]]
     return "\n".join(lines)
@@ -482,6 +568,7 @@ def main(argv=None) -> int:
     p.add_argument("--json-out", default=None, help="write the results as JSON to this path")
     p.add_argument("--markdown-out", default=None, help="write the results as a markdown table to this path")
     p.add_argument("--sweep", action="store_true", help="BLOCK x num_warps of the large-r Triton kernel instead")
+    p.add_argument("--stats", action="store_true", help="cross_entropy_with_stats rows instead (see STATS_PASSES)")
     p.add_argument("--blocks", default="4096,8192,2048,16384", help="--sweep: BLOCK values, most wanted first")
     p.add_argument("--warps", default="16,8,32,4", help="--sweep: num_warps values, most wanted first")
     p.add_argument(

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import backends
 from .backends import compute_dtype
@@ -290,6 +291,7 @@ class CrossEntropy(torch.autograd.Function):
         logits, target, weight, is_prob, opts, backend, want_grad, inplace = inputs
         _, grad, scale = output
         ctx.mark_non_differentiable(grad, scale)
+        ctx.set_materialize_grads(False)  # no (N, r) zeros for the gradient output, which gets no gradient
         ctx.opts, ctx.is_prob, ctx.backend, ctx.inplace = opts, is_prob, backend, inplace
         # an in-place gradient of a leaf's logits must not become the leaf's .grad, aliasing the leaf
         base = logits if logits._base is None else logits._base
@@ -314,7 +316,7 @@ class CrossEntropy(torch.autograd.Function):
         return (loss_t if ctx.opts.reduction == "none" else loss_t.sum()), None, None
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad, _scale):
+    def backward(ctx, grad_loss, _grad, _scale, *_stats):  # _stats: CrossEntropyStats's outputs, no gradient
         logits, target, weight, grad, scale = ctx.saved_tensors
         opts = ctx.opts
         n_rows = logits.shape[0]
@@ -717,3 +719,176 @@ class Distillation(torch.autograd.Function):
 
 
 distillation = Distillation.apply
+# --------------------------------------------------------------------------- statistics (cross_entropy_with_stats)
+# The fused kernel with ``stats=``: each row's argmax and entropy come from the pass that computes the
+# loss. Without a differentiable entropy the gradient is still computed in the forward
+# (``CrossEntropyStats``, the ``CrossEntropy`` path); with one (``CrossEntropyWithEntropy``) the
+# forward computes none, and the backward is one pass over the logits, the backend's
+# ``cross_entropy_backward``, writing ``grad_loss_i dCE_i + grad_entropy_i dH_i`` for any pair of
+# upstream gradients.
+
+
+def _stats_outputs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (N,) argmax (int64) and entropy (compute dtype) buffers the kernel fills."""
+    n_rows = logits.shape[0]
+    return (
+        logits.new_empty(n_rows, dtype=torch.int64),
+        logits.new_empty(n_rows, dtype=compute_dtype(logits.dtype)),
+    )
+
+
+def _cross_entropy_stats(logits, target, weight, grad_scale, grad, ignore_index, label_smoothing, z_loss, softcap,
+                         backend):  # fmt: skip
+    argmax, entropy = _stats_outputs(logits)
+    loss, lse = backends.module(backend).cross_entropy(
+        logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        softcap=softcap, grad_scale=grad_scale, grad=grad, stats=(argmax, entropy),
+    )  # fmt: skip
+    return loss, lse, argmax, entropy
+
+
+@torch.library.custom_op("gpuxent::cross_entropy_stats_rows", mutates_args=())
+def cross_entropy_stats_rows(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    grad_scale: Optional[torch.Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    backend: str,
+    want_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, lse, grad, argmax, entropy)`` per row: :func:`cross_entropy_rows` plus each row's argmax
+    and entropy from the same pass (0 for ignored rows)."""
+    grad = backends.empty(backend, logits.shape, logits.dtype, logits.device) if want_grad else logits.new_empty(0)
+    loss, lse, argmax, entropy = _cross_entropy_stats(
+        logits, target, weight, grad_scale, grad if want_grad else None, ignore_index, label_smoothing, z_loss,
+        softcap, backend,
+    )  # fmt: skip
+    return loss, lse, grad, argmax, entropy
+
+
+@torch.library.custom_op("gpuxent::cross_entropy_stats_rows_", mutates_args=("logits",))
+def cross_entropy_stats_rows_(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    grad_scale: Optional[torch.Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, lse, argmax, entropy)`` per row, the gradient written over the logits (in place)."""
+    return _cross_entropy_stats(
+        logits, target, weight, grad_scale, logits, ignore_index, label_smoothing, z_loss, softcap, backend
+    )
+
+
+@cross_entropy_stats_rows.register_fake
+def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, backend, want_grad):
+    dt = compute_dtype(logits.dtype)
+    n_rows = logits.shape[0]
+    grad = torch.empty_like(logits) if want_grad else logits.new_empty(0)
+    return (logits.new_empty(n_rows, dtype=dt), logits.new_empty(n_rows, dtype=dt), grad, *_stats_outputs(logits))
+
+
+@cross_entropy_stats_rows_.register_fake
+def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, backend):
+    dt = compute_dtype(logits.dtype)
+    n_rows = logits.shape[0]
+    return logits.new_empty(n_rows, dtype=dt), logits.new_empty(n_rows, dtype=dt), *_stats_outputs(logits)
+
+
+def stats_coef(target, weight, is_prob: bool, opts, lse: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """The coefficient of ``p`` in each row's gradient (``cross_entropy_backward``'s ``coef``): the target
+    mass ``sum_j w_j ((1 - eps) q_ij + eps / r)`` (class targets: ``q`` one-hot) plus ``2 z_loss lse``.
+    Ignored rows get anything: they are not read."""
+    eps, dt = opts.label_smoothing, lse.dtype
+    smoothing = eps / n_classes * (n_classes if weight is None else weight.sum(dtype=dt))
+    if is_prob:
+        mass = target.sum(-1) if weight is None else target @ weight
+    else:
+        mass = torch.ones_like(lse) if weight is None else weight[target.clamp(0, n_classes - 1)]
+    return (1 - eps) * mass.to(dt) + smoothing + 2 * opts.z_loss * lse
+
+
+class CrossEntropyStats(CrossEntropy):
+    """:class:`CrossEntropy` through the kernel with statistics: outputs ``(loss, grad, 1/denominator,
+    lse, argmax, entropy)``, the last three per row and without gradient. The loss and its gradient
+    (computed in the forward, in place when asked) are exactly ``CrossEntropy``'s."""
+
+    @staticmethod
+    def forward(logits, target, weight, is_prob, opts, backend, want_grad, inplace):
+        n_rows = logits.shape[0]
+        dt = compute_dtype(logits.dtype)
+        ii, eps, z, cap = opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap
+        denom = scale = None
+        if opts.reduction == "mean":
+            denom = denominator(target, weight, is_prob, ii, n_rows, dt)
+            scale = mean_scale(denom)
+        grad_scale = None if scale is None else scale.reshape(1)
+        if inplace:
+            loss_rows, lse, argmax, entropy = cross_entropy_stats_rows_(
+                logits, target, weight, grad_scale, ii, eps, z, cap, backend
+            )
+            grad = logits.new_empty(0)
+        else:
+            loss_rows, lse, grad, argmax, entropy = cross_entropy_stats_rows(
+                logits, target, weight, grad_scale, ii, eps, z, cap, backend, want_grad
+            )
+        loss = reduce_rows(loss_rows, opts.reduction, denom, (n_rows,))
+        scale = torch.ones((), dtype=dt, device=logits.device) if scale is None else scale
+        return loss, grad, scale, lse, argmax, entropy
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        CrossEntropy.setup_context(ctx, inputs, output[:3])
+        ctx.mark_non_differentiable(*output[1:])
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        return *CrossEntropy.jvp(ctx, *tangents), None, None, None
+
+
+class CrossEntropyWithEntropy(torch.autograd.Function):
+    """Per-row cross-entropy and entropy of (N, r) logits, both differentiable: outputs ``(loss_rows,
+    entropy_rows, lse, argmax)``. The forward computes no gradient; the backward is one pass over the
+    logits for any pair of upstream gradients (``cross_entropy_backward``)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, is_prob, opts, backend):
+        ii, eps, z, cap = opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap
+        loss_rows, lse, _, argmax, entropy = cross_entropy_stats_rows(
+            logits, target, weight, None, ii, eps, z, cap, backend, False
+        )
+        ctx.mark_non_differentiable(lse, argmax)
+        ctx.opts, ctx.is_prob, ctx.backend = opts, is_prob, backend
+        ctx.save_for_backward(logits, target, weight, lse, entropy)
+        return loss_rows, entropy, lse, argmax
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_entropy, _lse, _argmax):
+        logits, target, weight, lse, entropy = ctx.saved_tensors
+        opts, dt = ctx.opts, lse.dtype
+        # per-row factors, contiguous: the reduction's backward hands them over as expanded views
+        grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss.to(dt).contiguous()
+        g = g_target = None
+        if ctx.needs_input_grad[0]:
+            coef = stats_coef(target, weight, ctx.is_prob, opts, lse, logits.shape[1])
+            g = cross_entropy_backward(
+                logits, target, weight, lse, coef, None if grad_entropy is None else entropy, grad_loss,
+                None if grad_entropy is None else grad_entropy.to(dt).contiguous(), opts.ignore_index,
+                opts.label_smoothing,
+                logits.shape[1], 0, opts.softcap, ctx.backend,
+            )  # fmt: skip
+        if ctx.is_prob and ctx.needs_input_grad[1]:
+            g_target = cross_entropy_grad_formula(logits, target, weight, True, opts, grad_loss, True)[1]
+        return g, g_target, None, None, None, None
+
+
+cross_entropy_stats = _applier(CrossEntropyStats)

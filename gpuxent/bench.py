@@ -36,11 +36,15 @@ MEMORY_FRACTION = 0.8  # of the free memory: leaves room for the allocator's rou
 
 def bytes_moved(n_rows: int, n_classes: int, element_size: int, pass_: str, op: str = "cross_entropy") -> int:
     """The byte model of the module docstring (every GB/s figure of gpuxent divides by it):
-    ``"fwd"`` reads the logits once, ``"fwd+bwd"`` also writes the gradient once. ``op="distillation"``
+    ``"fwd"`` reads the logits once, ``"fwd+bwd"`` also writes the gradient once; a pass named with
+    ``"entropy"`` (``cross_entropy_with_stats(..., entropy=True)`` forward+backward) reads them twice,
+    once in the forward and once in the backward, and writes the gradient once. ``op="distillation"``
     reads two (N, r) inputs once each (student and teacher logits) and writes the student's gradient:
     2 and 3 times N*r elements (the O(N) targets and losses are left out)."""
     reads = 2 if op == "distillation" else 1
-    return n_rows * n_classes * element_size * (reads + (0 if pass_ == "fwd" else 1))
+    if pass_ == "fwd":
+        return n_rows * n_classes * element_size * reads
+    return n_rows * n_classes * element_size * (reads + 1 + ("entropy" in pass_))
 
 
 def torch_distillation(s, t, divergence: str, beta: float, temperature: float) -> torch.Tensor:

@@ -348,3 +348,44 @@ def distill_denominator(target: torch.Tensor | None, opts: DistillOptions, n_row
     else:
         kept = (target != opts.ignore_index).sum().to(dt)
     return kept if opts.reduction == "batchmean" else kept * n_classes
+
+
+# --------------------------------------------------------------------------- statistics (cross_entropy_with_stats)
+
+
+def check_bool(v, name: str) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+    return bool(v)
+
+
+def reduce_kept(rows: torch.Tensor, kept: torch.Tensor, reduction: str, batch_shape) -> torch.Tensor:
+    """Per-row values reduced over the kept rows, unweighted: per row with 0 for ignored rows, their
+    sum, or their mean (NaN over zero kept rows, as a mean of nothing in torch)."""
+    rows = torch.where(kept, rows, 0)
+    if reduction == "none":
+        return rows.reshape(batch_shape)
+    if reduction == "sum":
+        return rows.sum()
+    n_kept = kept.sum()
+    return torch.where(n_kept == 0, math.nan, rows.sum() / n_kept)
+
+
+def row_statistics(lse, argmax, entropy_rows, target, weight, is_prob: bool, opts: CEOptions, batch_shape):
+    """``(z_loss, accuracy, entropy)`` of the statistics API from the kernel's per-row lse, argmax and
+    entropy (``entropy_rows`` None: not asked for): the z-loss part reduced like the loss (over the
+    mean's weighted denominator), accuracy and entropy over the kept rows, unweighted. Accuracy
+    compares the argmax with the class index, or with the target's own argmax for probabilities
+    (torch.argmax on the host: one read of the (N, r) targets, not of the logits)."""
+    n_rows, dt = lse.shape[0], lse.dtype
+    if is_prob:
+        kept = torch.ones(n_rows, dtype=torch.bool, device=lse.device)
+        cls = target.argmax(-1) if n_rows else argmax
+    else:
+        kept = target != opts.ignore_index
+        cls = target
+    denom = denominator(target, weight, is_prob, opts.ignore_index, n_rows, dt) if opts.reduction == "mean" else None
+    z_part = reduce_rows(torch.where(kept, opts.z_loss * lse * lse, 0), opts.reduction, denom, batch_shape)
+    accuracy = reduce_kept((argmax == cls).to(dt), kept, opts.reduction, batch_shape)
+    entropy = None if entropy_rows is None else reduce_kept(entropy_rows, kept, opts.reduction, batch_shape)
+    return z_part, accuracy, entropy

@@ -9,7 +9,7 @@ go back to numpy.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import NamedTuple, Union
 
 import numpy as np
 import torch
@@ -17,13 +17,17 @@ import torch
 from . import autograd, backends
 from .checks import (
     FLOAT_DTYPES,
+    check_bool,
     check_device,
     check_float,
     check_reduction,
+    denominator,
     host_value,
     out,
     prepare_cross_entropy,
     prepare_distillation,
+    reduce_rows,
+    row_statistics,
     to_tensor,
 )
 
@@ -328,3 +332,97 @@ __all__ = [
     "predict_binary",
     "softmax",
 ]
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+class CrossEntropyOutput(NamedTuple):
+    """What ``cross_entropy_with_stats`` returns: see its docstring."""
+
+    loss: Array
+    z_loss: Array
+    accuracy: Array
+    entropy: Array | None
+
+
+def cross_entropy_with_stats(
+    logits: Array,
+    target: Array,
+    weight: Array | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    backend: str | None = None,
+    inplace_grad: bool = False,
+    entropy: bool = False,
+) -> CrossEntropyOutput:
+    """:func:`cross_entropy` and the statistics a trainer logs, all from the one pass over the logits.
+
+    Args:
+        logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, backend:
+            as in :func:`cross_entropy`.
+        inplace_grad: as in :func:`cross_entropy` (only with ``entropy=False``: with ``entropy=True`` the
+            gradient is written in the backward).
+        entropy: also return the entropy of each kept row's softmax, differentiable.
+
+    Returns:
+        ``CrossEntropyOutput(loss, z_loss, accuracy, entropy)``, each reduced by ``reduction``:
+
+        - ``loss``: exactly :func:`cross_entropy`'s (z-loss included), differentiable.
+        - ``z_loss``: the ``z_loss * lse**2`` part alone, reduced like ``loss`` (a mean divides by the
+          same summed class weight); no gradient.
+        - ``accuracy``: rows whose argmax of the (soft-capped) logits (ties: the lowest index, as
+          ``torch.argmax``) is the target class (probability targets: the target's argmax), over the
+          kept rows, unweighted: a fraction (``"mean"``; NaN when no row is kept, like the loss), a
+          count (``"sum"``), or 0/1 per row (``"none"``, 0 for ignored rows); no gradient.
+        - ``entropy``: ``None``, or with ``entropy=True`` the entropy ``lse - sum_j p_j y_j`` of each
+          kept row's softmax (after the softcap), reduced like an unweighted loss over the kept rows
+          (mean over kept rows, sum, or per row with 0 for ignored rows). Differentiable: with
+          ``d H / d y_j = p_j (E_p[y] - y_j)``, ``(a * loss + b * entropy).backward()`` is one fused
+          pass over the logits in the backward, for any upstream gradients.
+
+        Half inputs give float32 statistics, as their loss.
+
+    Cost: with ``entropy=False`` the forward is ``cross_entropy``'s one pass (it also writes the
+    gradient when one is needed), plus 16 bytes per row; with ``entropy=True`` the forward reads the
+    logits once (no gradient) and the backward reads them once more and writes the gradient.
+    """
+    as_numpy = not isinstance(logits, torch.Tensor)
+    x = to_tensor(logits, "logits")
+    t = to_tensor(target, "target")
+    w = None if weight is None else to_tensor(weight, "weight")
+    p = prepare_cross_entropy(x, t, w, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    name = backends.select(x.device, backend)
+    want_entropy = check_bool(entropy, "entropy")
+    inplace = check_bool(inplace_grad, "inplace_grad")
+    if inplace and want_entropy:
+        raise ValueError("inplace_grad: not available with entropy=True, whose gradient is written in the backward")
+    want_grad = torch.is_grad_enabled() and (x.requires_grad or (t.requires_grad and t.is_floating_point()))
+    inplace = inplace and want_grad
+    if inplace and not x.is_contiguous():
+        raise ValueError("inplace_grad: needs contiguous logits to write the gradient into")
+    opts = p.opts
+    if want_entropy:
+        loss_rows, entropy_rows, lse, argmax = autograd.CrossEntropyWithEntropy.apply(
+            p.logits, p.target, p.weight, p.is_prob, opts, name
+        )
+        denom = denominator(p.target, p.weight, p.is_prob, opts.ignore_index, loss_rows.shape[0], loss_rows.dtype)
+        loss = reduce_rows(loss_rows, opts.reduction, denom if opts.reduction == "mean" else None, p.batch_shape)
+    else:
+        loss, _, _, lse, argmax, entropy_rows = autograd.cross_entropy_stats(
+            p.logits, p.target, p.weight, p.is_prob, opts, name, want_grad, inplace
+        )
+        entropy_rows = None
+        if opts.reduction == "none":
+            loss = loss.reshape(p.batch_shape)
+    z_part, accuracy, ent = row_statistics(
+        lse, argmax, entropy_rows, p.target, p.weight, p.is_prob, opts, p.batch_shape
+    )  # fmt: skip
+    return CrossEntropyOutput(*(None if v is None else out(v, as_numpy) for v in (loss, z_part, accuracy, ent)))
+
+
+__all__ += ["CrossEntropyOutput", "cross_entropy_with_stats"]

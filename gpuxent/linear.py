@@ -33,9 +33,18 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import backends
-from .autograd import cross_entropy_rows, cross_entropy_rows_, scale_grad
+from .autograd import (
+    cross_entropy_backward_,
+    cross_entropy_rows,
+    cross_entropy_rows_,
+    cross_entropy_stats_rows,
+    cross_entropy_stats_rows_,
+    scale_grad,
+    stats_coef,
+)
 from .backends import compute_dtype
 from .checks import (
+    check_bool,
     check_chunk_size,
     check_class_weight,
     check_device,
@@ -45,8 +54,10 @@ from .checks import (
     out,
     prepare_cross_entropy,
     reduce_rows,
+    row_statistics,
     to_tensor,
 )
+from .functional import CrossEntropyOutput
 
 # A chunk of logits of about this many bytes: large enough for efficient matmuls, small next to the
 # (N, r) logits it replaces.
@@ -265,3 +276,125 @@ def linear_cross_entropy(
         with torch.no_grad():
             loss = problem.reduce(problem.run()[0])
     return out(loss, as_numpy)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+class _StatsProblem(_Problem):
+    """A :class:`_Problem` whose chunks go through the kernel with statistics: each row's lse, argmax
+    and entropy land in ``lse``, ``argmax`` and ``entropy``. With ``entropy_scale`` set (the backward of
+    a differentiable entropy), a chunk's logit gradient is ``cross_entropy_backward`` instead,
+    ``grad_scale_i dCE_i + entropy_scale_i dH_i``, written over its logits in one pass."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.lse = torch.empty(self.n_rows, dtype=self.dt, device=self.h.device)
+        self.argmax = torch.empty(self.n_rows, dtype=torch.int64, device=self.h.device)
+        self.entropy = torch.empty(self.n_rows, dtype=self.dt, device=self.h.device)
+        self.entropy_scale = None
+
+    def chunk_loss(self, logits, lo, hi, grad_scale, want_grad):
+        opts, t = self.opts, self.t[lo:hi]
+        args = (opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap, self.backend)
+        if want_grad and self.entropy_scale is not None:  # the backward of loss and entropy: no loss rows
+            lse = self.lse[lo:hi]
+            coef = stats_coef(t, self.w, self.is_prob, opts, lse, logits.shape[1])
+            cross_entropy_backward_(
+                logits, t, self.w, lse, coef, self.entropy[lo:hi], grad_scale, self.entropy_scale[lo:hi],
+                opts.ignore_index, opts.label_smoothing, logits.shape[1], 0, opts.softcap, self.backend,
+            )  # fmt: skip
+            return torch.zeros_like(lse)
+        if want_grad:
+            loss, lse, argmax, entropy = cross_entropy_stats_rows_(logits, t, self.w, grad_scale, *args)
+        else:
+            loss, lse, _, argmax, entropy = cross_entropy_stats_rows(logits, t, self.w, None, *args, False)
+        self.lse[lo:hi], self.argmax[lo:hi], self.entropy[lo:hi] = lse, argmax, entropy
+        return loss
+
+
+class _LinearCrossEntropyWithEntropy(torch.autograd.Function):
+    """Per-row losses and entropies of the fused linear layer, both differentiable: the forward runs the
+    chunks without gradients; the backward runs them again, each chunk's logit gradient for its rows'
+    two upstream gradients in one pass, then the gradient matmuls (as ``reduction="none"`` does)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, problem):
+        ctx.problem = problem
+        ctx.shapes = (hidden.shape, weight.dtype)
+        loss_rows = problem.run()[0]
+        entropy_rows = problem.entropy.clone()
+        return loss_rows, entropy_rows
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_entropy):
+        problem = ctx.problem
+        hidden_shape, dtype = ctx.shapes
+        dt = problem.dt
+        # per-row factors, contiguous: the reduction's backward hands them over as expanded views
+        row_scale = torch.zeros_like(problem.lse) if grad_loss is None else grad_loss.reshape(-1).to(dt).contiguous()
+        problem.entropy_scale = None if grad_entropy is None else grad_entropy.reshape(-1).to(dt).contiguous()
+        _, grad_h, grad_w, grad_b = problem.run(tuple(ctx.needs_input_grad[:3]), row_scale=row_scale)
+        grad_h = None if grad_h is None else grad_h.reshape(hidden_shape)
+        grad_w = None if grad_w is None else grad_w.to(dtype)
+        grad_b = None if grad_b is None else grad_b.to(dtype)
+        return grad_h, grad_w, grad_b, None
+
+
+def linear_cross_entropy_with_stats(
+    hidden,
+    weight,
+    target,
+    bias=None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    ce_weight=None,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    backend: str | None = None,
+    chunk_size: int | None = None,
+    entropy: bool = False,
+):
+    """:func:`linear_cross_entropy` and the statistics of :func:`gpuxent.cross_entropy_with_stats`
+    (``CrossEntropyOutput(loss, z_loss, accuracy, entropy)``), chunk by chunk, never holding the
+    (N, r) logits.
+
+    Arguments as :func:`linear_cross_entropy`, plus ``entropy``: also return the entropy of each kept
+    row's softmax, differentiable in ``hidden``, ``weight`` and ``bias``. Then the forward computes
+    no gradient and the backward runs the chunks again (one more matmul per chunk), each chunk's
+    logit gradient ``grad_loss_i dCE_i + grad_entropy_i dH_i`` in one pass over it; without it, the
+    gradients are computed in the forward as in :func:`linear_cross_entropy`.
+    """
+    as_numpy = not isinstance(hidden, torch.Tensor)
+    h = to_tensor(hidden, "hidden")
+    w = to_tensor(weight, "weight")
+    t = to_tensor(target, "target")
+    b = None if bias is None else to_tensor(bias, "bias")
+    cw = None if ce_weight is None else to_tensor(ce_weight, "ce_weight")
+    want_entropy = check_bool(entropy, "entropy")
+    opts = (ignore_index, reduction, label_smoothing, z_loss, softcap)
+    problem = _StatsProblem(h, w, t, b, cw, opts, backend, chunk_size)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, w, b))
+    entropy_rows = None
+    if want_entropy:
+        problem.scale = None  # the mean's 1/denominator reaches the rows through the reduction below
+        if needs_grad:
+            loss_rows, entropy_rows = _LinearCrossEntropyWithEntropy.apply(h, w, b, problem)
+        else:
+            with torch.no_grad():
+                loss_rows = problem.run()[0]
+            entropy_rows = problem.entropy
+        loss = problem.reduce(loss_rows)
+    elif needs_grad:
+        loss = _LinearCrossEntropy.apply(h, w, b, problem)
+    else:
+        with torch.no_grad():
+            loss = problem.reduce(problem.run()[0])
+    stats = row_statistics(
+        problem.lse, problem.argmax, entropy_rows, problem.t, problem.w, problem.is_prob, problem.opts,
+        problem.batch_shape,
+    )  # fmt: skip
+    return CrossEntropyOutput(*(None if v is None else out(v, as_numpy) for v in (loss, *stats)))

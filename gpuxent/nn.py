@@ -92,3 +92,19 @@ class DistillationLoss(torch.nn.Module):
             temperature=self.temperature, target=target, ignore_index=self.ignore_index,
             reduction=self.reduction, backend=self.backend,
         )  # fmt: skip
+
+
+class CrossEntropyWithStats(CrossEntropyLoss):
+    """:class:`CrossEntropyLoss` returning ``gx.CrossEntropyOutput(loss, z_loss, accuracy, entropy)`` (see
+    :func:`gpuxent.cross_entropy_with_stats`); ``entropy=True`` adds the differentiable entropy."""
+
+    def __init__(self, *args, entropy: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.entropy = entropy
+
+    def forward(self, input, target):
+        return F.cross_entropy_with_stats(
+            input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
+            z_loss=self.z_loss, softcap=self.softcap, backend=self.backend, inplace_grad=self.inplace_grad,
+            entropy=self.entropy,
+        )  # fmt: skip

@@ -21,6 +21,15 @@ arrive as zero-copy CPU tensors):
     the backend writes it directly, whatever the dtype.
     Returns ``(loss, lse)``: (N,) per-row losses (0 for ignored rows; ``z_loss * lse**2`` included)
     and log-sum-exp of the (soft-capped) logits, in the compute dtype (float32 for half inputs).
+    ``stats`` (keyword, default None): None, or ``(argmax, entropy)``, two contiguous (N,) tensors on the
+    device (int64 and the compute dtype) that the same pass over the logits fills, per row: the index
+    of the largest (soft-capped) logit as ``torch.argmax`` gives it (ties: the lowest index; a NaN
+    counts as the largest, the first NaN's index; 0 for a row of -inf), and the entropy
+    ``H = lse - sum_j p_j y_j`` of the row's softmax, accumulated stably as ``log s - t / s`` with
+    ``s = sum_j exp(y_j - m)`` and ``t = sum_j exp(y_j - m) (y_j - m)`` rescaled online like ``s``
+    (NaN where the loss is NaN). Ignored rows are not read: 0 in both, for the caller to mask.
+    Without ``stats`` the kernel is its variant without them (a compile-time specialisation: no
+    extra work). Byte model with ``stats``: the same as without, plus 16 bytes per row written.
 ``row_partials(logits, target, weight, *, ignore_index, softcap, class_offset, smoothing, out)``
     One read of ``logits`` (N, r_local), a slice of the classes that starts at global class
     ``class_offset``, writing per row into ``out`` (N, 5) compute dtype: ``m`` the max of ``y`` (the

@@ -24,7 +24,9 @@ A row without a softmax (all -inf, or a NaN or +inf in it) gets a NaN gradient a
 NaN loss, as in PyTorch.
 
 Byte model, forward+backward, class targets: read N*r logits, write N*r gradient, read N targets,
-write N losses and N lse.
+write N losses and N lse. With ``stats`` (argmax and entropy of each row, from the same visit of each
+chunk: the argmax from the chunk's max, a first-index search only when it beats the earlier chunks',
+and the entropy's sum from the same exps) the same bytes plus N argmaxes and N entropies written.
 """
 
 from __future__ import annotations
@@ -499,8 +501,107 @@ def _chunk_exps(y, m, e, want_grad):
     return _chunk_sumexp(y, m, e, want_grad)
 
 
+# ---- statistics (argmax and entropy, ``stats=``): the same visit of each chunk, only when asked for
+
+
+@nb.njit(fastmath=FASTMATH, inline="always")
+def _chunk_sumexp_entropy(y, m, e, store):
+    """``(sum exp(y - m), sum exp(y - m) (y - m))`` over a chunk, in float64: ``_chunk_sumexp`` plus
+    the entropy's sum, from the same exps. ``y - m`` is clamped at -1e4, where the exp is 0, so that a
+    -inf logit adds 0, not 0 * -inf."""
+    s = _cast(y, 0)
+    t = _cast(y, 0)
+    floor = _cast(y, -1e4)
+    if store:
+        for j in range(y.shape[0]):
+            d = _widen(y[j]) - m
+            v = _exp_neg(d)
+            e[j] = v
+            s += v
+            t += v * (d if d > floor else floor)
+    else:
+        for j in range(y.shape[0]):
+            d = _widen(y[j]) - m
+            v = _exp_neg(d)
+            s += v
+            t += v * (d if d > floor else floor)
+    return np.float64(s), np.float64(t)
+
+
+@nb.njit(fastmath=FASTMATH)
+def _chunk_max_nan(y):
+    """``(_chunk_max(y), whether the chunk holds a NaN)`` in one vectorized loop (no early exit)."""
+    m = _cast(y, -np.inf)
+    seen = False
+    for j in range(y.shape[0]):
+        v = _widen(y[j])
+        m = _maxnum(m, v)
+        seen |= v != v
+    return m, seen
+
+
+@nb.njit(fastmath=FASTMATH, inline="always")
+def _chunk_reads_stats(y, w, q, prob, smoothing, eps_r, want_stats):
+    """``_chunk_reads`` and, with ``want_stats``, whether the chunk holds a NaN (torch.argmax's max),
+    from the same loop as the max."""
+    if not want_stats:
+        m, swy, swq = _chunk_reads(y, w, q, prob, smoothing, eps_r)
+        return m, swy, swq, False
+    swy = swq = 0.0
+    if prob or smoothing > 0:
+        swy, swq = _chunk_target_sums(y, w, q, prob, 1 - smoothing, eps_r)
+    m, has_nan = _chunk_max_nan(y)
+    return m, swy, swq, has_nan
+
+
+@nb.njit(fastmath=FASTMATH)
+def _first_index(y, v):
+    """The first ``j`` with ``y[j] == v``, 0 if there is none: a min-reduction of indices over the whole
+    chunk, which vectorizes (a loop that stops at the first hit runs scalar, half a chunk on average)."""
+    n = y.shape[0]
+    first = n
+    for j in range(n):
+        hit = _widen(y[j]) == v
+        first = min(first, j if hit else n)
+    return first if first < n else 0
+
+
+@nb.njit
+def _first_nan(y):
+    """The first ``j`` with ``y[j]`` NaN (0 if there is none); only for a chunk known to hold one."""
+    for j in range(y.shape[0]):
+        u = _widen(y[j])
+        if u != u:
+            return j
+    return 0
+
+
+@nb.njit(fastmath=FASTMATH, inline="always")
+def _chunk_exps_stats(y, m, has_nan, e, want_grad, lo, best_m, best_j, nan_j):
+    """``_chunk_exps`` of a chunk whose classes start at ``lo`` (max ``m``, ``has_nan`` whether it
+    holds a NaN), plus its entropy sum and the running argmax ``(best_m, best_j)`` and first NaN
+    ``nan_j`` (-1: none yet) of the row, torch.argmax's answer being ``nan_j`` if there is one, else
+    ``best_j``. The first-index searches run only when the chunk's max beats every earlier chunk's
+    (strictly: ties go to the lowest index), a few times per row, or for a first NaN; they read the
+    chunk before ``e`` (which may be ``y``'s memory, in place) is written."""
+    if nan_j < 0 and has_nan:
+        nan_j = lo + _first_nan(y)
+    if m > best_m:
+        best_m = m
+        best_j = lo + _first_index(y, m)
+    if m == -np.inf:
+        if want_grad:
+            e[:] = 0
+        return _empty_chunk_sum(y), 0.0, best_m, best_j, nan_j
+    s, t = _chunk_sumexp_entropy(y, m, e, want_grad)
+    return s, t, best_m, best_j, nan_j
+
+
 _ROW = rowmath.make(np.float64)  # the row math shared with numba_cuda, on float64 row sums
 _merge = nb.njit(_ROW.merge)
+_ENTROPY = rowmath.make_entropy(np.float64)
+_merge_entropy = nb.njit(_ENTROPY.merge_entropy)
+_entropy = nb.njit(_ENTROPY.entropy)
 _loss_and_coef = nb.njit(_ROW.loss_and_coef)
 _bce = nb.njit(_ROW.bce)
 _bce_logits = nb.njit(_ROW.bce_logits)
@@ -544,9 +645,11 @@ def _grad_chunk(e, g, w, q, y, a, b, b0, prob, inv_cap):
 @nb.njit(fastmath=FASTMATH, inline="always")
 def _ce_row(
     x, t, q, prob, w, sum_w, ignore_index, smoothing, z_loss, softcap, scale, g, want_grad, exp_buf, ybuf,
-    chunk_max,
+    chunk_max, want_stats,
 ):  # fmt: skip
-    """Loss and lse of one row; writes the row's gradient (times ``scale``) into ``g`` when ``want_grad``.
+    """``(loss, lse, argmax, entropy)`` of one row; writes the row's gradient (times ``scale``) into ``g``
+    when ``want_grad``. With ``want_stats`` the argmax and entropy come from the same chunk visits
+    (``_chunk_exps_stats``); without, they cost one test per chunk and come back as 0.
 
     ``t`` is the class index, or ``q`` the probability row when ``prob``; ``w`` are the class
     weights (ones when none were given) and ``sum_w`` their sum. ``g`` may be ``x`` itself (in-place
@@ -558,7 +661,7 @@ def _ce_row(
     if not prob and t == ignore_index:  # an ignored row counts for nothing: loss and gradient 0, unread
         if want_grad:
             g[:] = _narrow(g, 0)
-        return 0.0, 0.0
+        return 0.0, 0.0, 0, 0.0
     e = _exps_in(g, exp_buf)
     eps_r = smoothing / n_classes
     y_t = 0.0
@@ -566,6 +669,10 @@ def _ce_row(
     s_row = 0.0
     sum_wy = 0.0  # sum_c w_c y_c (label smoothing) or sum_c w_c q'_c y_c (probability targets)
     sum_wq = 0.0  # sum_c w_c q'_c (probability targets), q' = (1 - smoothing) q + smoothing / r
+    t_row = 0.0  # sum exp(y - m_row) (y - m_row): the entropy's (stats)
+    best_m = -np.inf
+    best_j = 0
+    nan_j = -1
     n_chunks = (n_classes + CHUNK - 1) // CHUNK
     for c in range(n_chunks):
         lo = c * CHUNK
@@ -574,36 +681,49 @@ def _ce_row(
         qc = q[lo:hi]
         if softcap > 0:
             _softcap_chunk(x[lo:hi], softcap, ybuf[lo:hi])
-            m, swy, swq = _chunk_reads(ybuf[lo:hi], wc, qc, prob, smoothing, eps_r)
+            m, swy, swq, has_nan = _chunk_reads_stats(ybuf[lo:hi], wc, qc, prob, smoothing, eps_r, want_stats)
         else:
-            m, swy, swq = _chunk_reads(x[lo:hi], wc, qc, prob, smoothing, eps_r)
+            m, swy, swq, has_nan = _chunk_reads_stats(x[lo:hi], wc, qc, prob, smoothing, eps_r, want_stats)
         if not prob and lo <= t < hi:  # read now that the chunk is in L1, before an in-place gradient overwrites it
             y_t = np.float64(_widen(x[t]))
             if softcap > 0:
                 y_t = softcap * math.tanh(y_t / softcap)
-        if softcap > 0:
-            s = _chunk_exps(ybuf[lo:hi], m, e[lo:hi], want_grad)
+        if not want_stats:
+            if softcap > 0:
+                s = _chunk_exps(ybuf[lo:hi], m, e[lo:hi], want_grad)
+            else:
+                s = _chunk_exps(x[lo:hi], m, e[lo:hi], want_grad)
         else:
-            s = _chunk_exps(x[lo:hi], m, e[lo:hi], want_grad)
+            if softcap > 0:
+                s, tc, best_m, best_j, nan_j = _chunk_exps_stats(
+                    ybuf[lo:hi], m, has_nan, e[lo:hi], want_grad, lo, best_m, best_j, nan_j
+                )
+            else:
+                s, tc, best_m, best_j, nan_j = _chunk_exps_stats(
+                    x[lo:hi], m, has_nan, e[lo:hi], want_grad, lo, best_m, best_j, nan_j
+                )
+            t_row = _merge_entropy(m_row, s_row, t_row, m, s, tc)
         chunk_max[c] = m
         m_row, s_row = _merge(m_row, s_row, m, s)
         sum_wy += swy
         sum_wq += swq
     log_s = math.log(s_row)
     lse = m_row + log_s
+    argmax = nan_j if nan_j >= 0 else best_j
 
     # A row of -inf, or a NaN or +inf in it: no softmax, NaN as in PyTorch. (Not math.isfinite: under
     # reassoc numba's isfinite(x) tests x - x, which folds to 0, so -inf passed as finite.)
     if not -np.inf < lse < np.inf:
         if want_grad:
             g[:] = _narrow(g, np.nan)
-        return np.nan, lse
+        return np.nan, lse, argmax, np.nan
+    entropy = _entropy(log_s, s_row, t_row) if want_stats else 0.0
     w_t = 0.0 if prob else np.float64(w[t])
     loss, coef_p = _loss_and_coef(
         m_row, log_s, y_t, w_t, sum_wy, sum_wq if prob else sum_w, prob, 1 - smoothing, eps_r, smoothing, z_loss
     )
     if not want_grad:
-        return loss, lse
+        return loss, lse, argmax, entropy
 
     # grad_j = scale (coef_p p_j - eps_r w_j - (1 - eps) w_t [j == t]) (1 - (y_j / softcap)**2),
     # p_j = e_j exp(m_c - lse); probability targets: grad_j = scale (coef_p p_j - w_j q'_j) (...)
@@ -626,21 +746,25 @@ def _ce_row(
         if softcap > 0:
             v *= 1 - (y_t / softcap) ** 2
         g[t] = _narrow(g, v)
-    return loss, lse
+    return loss, lse, argmax, entropy
 
 
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _ce_kernel(
     logits, target, probs, prob, weight, sum_w, ignore_index, smoothing, z_loss, softcap, grad_scale, grad,
-    want_grad, inplace, loss, lse,
+    want_grad, inplace, loss, lse, argmax, entropy,
 ):  # fmt: skip
     """Rows in tasks of ``ROWS_PER_TASK``. ``grad_scale`` holds one factor or one per row. With
-    ``inplace`` the gradient goes over ``logits`` and ``grad`` is not used."""
+    ``inplace`` the gradient goes over ``logits`` and ``grad`` is not used. ``argmax`` and ``entropy``:
+    (N,) outputs of the statistics, or empty for none (a test per chunk, outside the vectorized loops:
+    one compiled kernel serves both, where a specialisation of its own would cost ~25 s of compilation
+    per dtype)."""
     n_rows, n_classes = logits.shape
     rows_per_task = max(ROWS_PER_TASK, TASK_ELEMENTS // n_classes)
     n_tasks = (n_rows + rows_per_task - 1) // rows_per_task
     n_chunks = (n_classes + CHUNK - 1) // CHUNK
     per_row = grad_scale.shape[0] > 1
+    want_stats = argmax.shape[0] > 0
     for task in prange(n_tasks):
         exp_buf = _exp_buffer(logits, n_classes if want_grad else 0)
         ybuf = _compute_buffer(logits, n_classes if softcap > 0 else 0)
@@ -653,17 +777,20 @@ def _ce_kernel(
             if inplace:
                 # One array read and written: LLVM's runtime alias check between two arguments
                 # fails when they are the same memory, and every loop then runs scalar (5x slower).
-                loss_i, lse_i = _ce_row(
+                loss_i, lse_i, argmax_i, entropy_i = _ce_row(
                     x, t, q, prob, weight, sum_w, ignore_index, smoothing, z_loss, softcap, scale, x, True,
-                    exp_buf, ybuf, chunk_max,
+                    exp_buf, ybuf, chunk_max, want_stats,
                 )  # fmt: skip
             else:
-                loss_i, lse_i = _ce_row(
+                loss_i, lse_i, argmax_i, entropy_i = _ce_row(
                     x, t, q, prob, weight, sum_w, ignore_index, smoothing, z_loss, softcap, scale,
-                    grad[i if want_grad else 0], want_grad, exp_buf, ybuf, chunk_max,
+                    grad[i if want_grad else 0], want_grad, exp_buf, ybuf, chunk_max, want_stats,
                 )  # fmt: skip
             loss[i] = loss_i
             lse[i] = lse_i
+            if want_stats:
+                argmax[i] = argmax_i
+                entropy[i] = entropy_i
 
 
 _COMPUTE_DTYPE = {torch.float64: np.float64}  # everything else computes in float32
@@ -693,8 +820,11 @@ def _grad_scale(grad_scale, n_rows: int) -> np.ndarray:
     return s
 
 
-def cross_entropy(logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap, grad_scale, grad):
-    """Per-row loss and lse of a (N, r) float tensor; see ``gpuxent.backends`` for the contract."""
+def cross_entropy(
+    logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap, grad_scale, grad, stats=None
+):  # fmt: skip
+    """Per-row loss and lse of a (N, r) float tensor (and with ``stats`` the row's argmax and entropy);
+    see ``gpuxent.backends`` for the contract."""
     x = np.ascontiguousarray(_view(logits))
     dt = _COMPUTE_DTYPE.get(logits.dtype, np.float32)
     n_rows, n_classes = x.shape
@@ -710,11 +840,12 @@ def cross_entropy(logits, target, weight, *, ignore_index, label_smoothing, z_lo
     g = _view(grad) if grad is not None and not inplace else np.zeros((1, 0), x.dtype)
     loss = np.empty(n_rows, dt)
     lse = np.empty(n_rows, dt)
+    argmax, entropy = (np.zeros(0, np.int64), np.zeros(0, dt)) if stats is None else (o.numpy() for o in stats)
     if n_rows:
         _launch(
             _ce_kernel, x.size, x, t, q, prob, w, float(w.sum(dtype=np.float64)), int(ignore_index),
             float(label_smoothing), float(z_loss), float(softcap or 0.0), _grad_scale(grad_scale, n_rows), g,
-            grad is not None, inplace, loss, lse,
+            grad is not None, inplace, loss, lse, argmax, entropy,
         )  # fmt: skip
     return torch.from_numpy(loss), torch.from_numpy(lse)
 

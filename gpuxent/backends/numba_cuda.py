@@ -10,6 +10,8 @@ the gradient, so forward+backward reads the logits twice and writes the gradient
 Byte model, forward+backward, class targets: read 2*N*r logits, write N*r gradient, read N targets,
 write N losses and N lse (probability targets: read N*r probabilities twice more). An ignored row is
 not read: its loss and gradient are 0.
+With ``stats`` (a kernel specialisation of its own: each row's argmax and entropy, from pass 1 and
+reduced with the (max, sum) pair) the same bytes plus 2N written.
 
 Arithmetic runs in the compute dtype (float32, float64 for float64 input): each dtype gets its own
 kernels whose constants carry that dtype, so no float64 literal silently widens float32 math.
@@ -84,8 +86,13 @@ def supports(device: torch.device) -> bool:
 
 
 @functools.cache
-def _kernels(dtype: np.dtype):
-    """(cross-entropy, softmax, bce, bce-with-logits) kernels computing in ``dtype``."""
+def _kernels(dtype: np.dtype, stats: bool = False):
+    """(cross-entropy, softmax, bce, bce-with-logits) kernels computing in ``dtype``; with ``stats``
+    the cross-entropy kernel also writes each row's argmax and entropy (a compile-time constant: the
+    kernels without it carry none of that code)."""
+    STATS = stats
+    SM_STATS = MAX_THREADS if stats else 1  # the shared slots of the statistics (none without them)
+    BIG = numba.int64(2**62)  # an index past every class: "none yet"
     f = dtype.type
     ZERO, ONE, NEG_INF, NAN = f(0), f(1), f(-math.inf), f(math.nan)
     int64 = numba.int64
@@ -104,12 +111,17 @@ def _kernels(dtype: np.dtype):
     row = rowmath.make(f)  # the row math shared with numba_cpu
     merge = cuda.jit(device=True)(row.merge)
     loss_and_coef = cuda.jit(device=True)(row.loss_and_coef)
+    merge_entropy = cuda.jit(device=True)(rowmath.make_entropy(f).merge_entropy)
+    entropy = cuda.jit(device=True)(rowmath.make_entropy(f).entropy)
     bce = cuda.jit(device=True)(row.bce)
     bce_logits = cuda.jit(device=True)(row.bce_logits)
 
     @cuda.jit(device=True)
-    def block_reduce(sm_m, sm_s, sm_a, sm_b, tid, lane, threads_per_row, m, s, a, b):
-        """Merge (m, s) and sum a, b over the ``threads_per_row`` threads of each row group.
+    def block_reduce(sm_m, sm_s, sm_a, sm_b, sm_st, sm_j, tid, lane, threads_per_row, m, s, a, b, st):
+        """Merge (m, s) and sum a, b over the ``threads_per_row`` threads of each row group; with
+        ``STATS`` also the statistics ``st = (t, best value, its index, first NaN index)``: ``t`` merged
+        with (m, s) by ``merge_entropy``, the argmax by (larger value, then lower index), the first NaN
+        by the lower index. (Without ``STATS``, ``sm_st``/``sm_j`` are unused one-slot arrays.)
 
         Every thread of the block must call it (it holds ``syncthreads``); the group's result comes
         back to all its threads.
@@ -118,10 +130,25 @@ def _kernels(dtype: np.dtype):
         sm_s[tid] = s
         sm_a[tid] = a
         sm_b[tid] = b
+        if STATS:
+            sm_st[tid, 0] = st[0]
+            sm_st[tid, 1] = st[1]
+            sm_j[tid, 0] = st[2]
+            sm_j[tid, 1] = st[3]
         cuda.syncthreads()
         stride = threads_per_row // 2
         while stride > 0:
             if lane < stride:
+                if STATS:
+                    o = tid + stride
+                    t = merge_entropy(m, s, sm_st[tid, 0], sm_m[o], sm_s[o], sm_st[o, 0])
+                    v, j = sm_st[tid, 1], sm_j[tid, 0]
+                    if sm_st[o, 1] > v or (sm_st[o, 1] == v and sm_j[o, 0] < j):
+                        v, j = sm_st[o, 1], sm_j[o, 0]
+                    sm_st[tid, 0] = t
+                    sm_st[tid, 1] = v
+                    sm_j[tid, 0] = j
+                    sm_j[tid, 1] = sm_j[o, 1] if sm_j[o, 1] < sm_j[tid, 1] else sm_j[tid, 1]
                 m, s = merge(m, s, sm_m[tid + stride], sm_s[tid + stride])
                 a += sm_a[tid + stride]
                 b += sm_b[tid + stride]
@@ -133,8 +160,10 @@ def _kernels(dtype: np.dtype):
             stride //= 2
         first = tid - lane
         m, s, a, b = sm_m[first], sm_s[first], sm_a[first], sm_b[first]
+        if STATS:
+            st = (sm_st[first, 0], sm_st[first, 1], sm_j[first, 0], sm_j[first, 1])
         cuda.syncthreads()  # the slots are rewritten for the next row
-        return m, s, a, b
+        return m, s, a, b, st
 
     @cuda.jit(device=True)
     def log_sum(m, s):
@@ -143,13 +172,15 @@ def _kernels(dtype: np.dtype):
 
     @cuda.jit
     def ce_kernel(
-        logits, target, probs, weight, grad_scale, grad, loss, lse,
+        logits, target, probs, weight, grad_scale, grad, loss, lse, argmax, entropy_out,
         ignore_index, smoothing, eps_r, z_loss, softcap, prob, has_weight, want_grad, threads_per_row,
     ):  # fmt: skip
         sm_m = cuda.shared.array(MAX_THREADS, acc_t)
         sm_s = cuda.shared.array(MAX_THREADS, acc_t)
         sm_a = cuda.shared.array(MAX_THREADS, acc_t)
         sm_b = cuda.shared.array(MAX_THREADS, acc_t)
+        sm_st = cuda.shared.array((SM_STATS, 2), acc_t)
+        sm_j = cuda.shared.array((SM_STATS, 2), int64)
         n_rows = logits.shape[0]
         n_classes = logits.shape[1]
         tid = int64(cuda.threadIdx.x)
@@ -187,11 +218,20 @@ def _kernels(dtype: np.dtype):
             s = ZERO
             a = ZERO
             b = ZERO
+            # statistics: t = sum exp(y - m) (y - m), the best value and its first index, the first NaN
+            t_sum, best, best_j, nan_j = ZERO, NEG_INF, BIG, BIG
             if kept:
                 for j in range(lane, n_classes, threads_per_row):
                     y = logits[row, j]
                     if softcap > ZERO:
                         y = softcap * math.tanh(y * inv_cap)
+                    if STATS:
+                        if y != NEG_INF:
+                            t_sum = merge_entropy(m, s, t_sum, y, ONE, ZERO)
+                        if y != y:
+                            nan_j = j if j < nan_j else nan_j
+                        elif y > best:  # this thread's j grow: a tie keeps the earlier index
+                            best, best_j = y, j
                     m, s = push(m, s, y)
                     w = weight[j] if has_weight else ONE
                     if prob:
@@ -201,7 +241,10 @@ def _kernels(dtype: np.dtype):
                     elif smoothing > ZERO:
                         a += w * y
                         b += w
-            m, s, a, b = block_reduce(sm_m, sm_s, sm_a, sm_b, tid, lane, threads_per_row, m, s, a, b)
+            m, s, a, b, st = block_reduce(
+                sm_m, sm_s, sm_a, sm_b, sm_st, sm_j, tid, lane, threads_per_row, m, s, a, b,
+                (t_sum, best, best_j, nan_j),
+            )  # fmt: skip
             if not live:
                 base += int64(cuda.gridDim.x) * rows_per_block
                 continue
@@ -214,6 +257,9 @@ def _kernels(dtype: np.dtype):
                 if lane == 0:
                     loss[row] = ZERO
                     lse[row] = ZERO
+                    if STATS:
+                        argmax[row] = 0
+                        entropy_out[row] = ZERO
                 if want_grad:
                     for j in range(lane, n_classes, threads_per_row):
                         grad[row, j] = ZERO
@@ -229,6 +275,9 @@ def _kernels(dtype: np.dtype):
             if lane == 0:
                 loss[row] = loss_row
                 lse[row] = lse_row
+                if STATS:  # torch.argmax: the first NaN, else the first max; 0 for a row of -inf
+                    argmax[row] = st[3] if st[3] < BIG else (st[2] if st[2] < BIG else 0)
+                    entropy_out[row] = entropy(log_s, s, st[0]) if finite else NAN
 
             # pass 2: the gradient, scale * (coef_p * p_j - w_j q'_j), times the softcap's tanh'
             if want_grad:
@@ -275,7 +324,10 @@ def _kernels(dtype: np.dtype):
             if live:
                 for j in range(lane, n_classes, threads_per_row):
                     m, s = push(m, s, x[row, j])
-            m, s, _, _ = block_reduce(sm_m, sm_s, sm_a, sm_b, tid, lane, threads_per_row, m, s, ZERO, ZERO)
+            m, s, _, _, _ = block_reduce(
+                sm_m, sm_s, sm_a, sm_b, sm_m, sm_m, tid, lane, threads_per_row, m, s, ZERO, ZERO,
+                (ZERO, ZERO, int64(0), int64(0)),
+            )  # fmt: skip
             if live:
                 finite = s > ZERO  # else NaN, as in torch: a row of -inf (s = 0), or holding NaN or +inf
                 log_s = math.log(s) if finite else NAN
@@ -437,9 +489,10 @@ def _row_scale(grad_scale, n_rows: int, dt: torch.dtype, device: torch.device) -
 
 @_moved
 def cross_entropy(
-    logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap, grad_scale, grad
+    logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap, grad_scale, grad, stats=None
 ):  # fmt: skip
-    """Per-row loss and lse of a (N, r) float tensor; see ``gpuxent.backends`` for the contract."""
+    """Per-row loss and lse of a (N, r) float tensor (and with ``stats`` the row's argmax and entropy);
+    see ``gpuxent.backends`` for the contract."""
     dt = compute_dtype(logits.dtype)
     np_dt = _np_dtype(dt)
     f = np_dt.type
@@ -458,15 +511,20 @@ def cross_entropy(
     scale = _row_scale(grad_scale, n_rows, dt, dev)
     tpr, rows_per_block = _row_layout(n_classes)
     args = _Launch(dev)
+    stats_out = stats if stats is not None else (t, dummy_f)  # never written without stats
     with _grad_out(args, grad, (n_rows, n_classes), dt) as g:
         args.launch(
-            _kernels(np_dt)[0], _grid(n_rows, rows_per_block), tpr * rows_per_block,
+            _kernels(np_dt, stats is not None)[0], _grid(n_rows, rows_per_block), tpr * rows_per_block,
             args(x), args(t), args(q), args(w), args(scale), args(g), args(loss), args(lse),
+            args(stats_out[0]), args(stats_out[1]),
             int(ignore_index), f(label_smoothing), f(label_smoothing / n_classes), f(z_loss), f(softcap or 0.0),
             bool(prob), weight is not None, grad is not None, tpr,
         )  # fmt: skip
     args.write_back(loss)
     args.write_back(lse)
+    if stats is not None:
+        args.write_back(stats[0])
+        args.write_back(stats[1])
     return loss, lse
 
 

@@ -86,3 +86,28 @@ def make(f) -> SimpleNamespace:
     return SimpleNamespace(
         merge=merge, loss_and_coef=loss_and_coef, bce=bce, bce_logits=bce_logits, merge_cross=merge_cross
     )
+
+
+# ---- statistics: the entropy of a row, from sums merged like (max, sum of exp)
+
+
+def make_entropy(f) -> SimpleNamespace:
+    """The entropy's row functions with constants of type ``f`` (as :func:`make`)."""
+    neg_inf = f(-math.inf)
+
+    def merge_entropy(m_a, s_a, t_a, m_b, s_b, t_b):
+        """The entropy sum ``t = sum exp(y - m) (y - m)`` of two disjoint parts merged, as ``merge``
+        merges their ``(m, s)``: each part's ``t`` moves to the larger max ``M`` as
+        ``exp(m - M) (t + (m - M) s)``. A part of max -inf adds its ``t`` (0) as it is."""
+        if m_b == neg_inf or m_a == neg_inf:
+            return t_a + t_b
+        if m_b > m_a:
+            return (t_a + (m_a - m_b) * s_a) * math.exp(m_a - m_b) + t_b
+        return t_a + (t_b + (m_b - m_a) * s_b) * math.exp(m_b - m_a)
+
+    def entropy(log_s, s, t):
+        """``H = lse - E_p[y] = log s - t / s`` of a row from its sums ``s = sum exp(y - m)`` and
+        ``t = sum exp(y - m) (y - m)``: no cancellation between two numbers of the logits' size."""
+        return log_s - t / s
+
+    return SimpleNamespace(merge_entropy=merge_entropy, entropy=entropy)

@@ -17,6 +17,8 @@ Byte model, forward+backward with class targets: read N*r logits, write N*r grad
 targets, write N losses and N lse; the second read of a row mostly hits L2 for r up to a few 10^4.
 Forward only: read N*r logits, write 2N. Probability targets add one read of the (N, r) targets per
 loop.
+With ``STATS`` (each row's argmax and entropy, from loop 1: a block's max and first index of it,
+and the entropy's sum rescaled like ``d``) the same bytes plus 2N written.
 
 Accumulation is float32 (float64 for float64 inputs). Offsets are 64-bit (the row index is cast to
 int64 before it meets a stride), so N*r above 2^31 works. Float arguments reach a compiled kernel
@@ -150,12 +152,12 @@ def _tanh(u):
 
 @triton.jit
 def _cross_entropy_kernel(
-    logits_ptr, target_ptr, weight_ptr, grad_scale_ptr, grad_ptr, loss_ptr, lse_ptr,
+    logits_ptr, target_ptr, weight_ptr, grad_scale_ptr, grad_ptr, loss_ptr, lse_ptr, argmax_ptr, entropy_ptr,
     stride_logits, stride_target, stride_grad, stride_scale,
     n_rows, n_classes, ignore_index,
     smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softcap_lo, scale_hi, scale_lo,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, WANT_GRAD: tl.constexpr, SCALE_IS_PTR: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, WANT_GRAD: tl.constexpr, SCALE_IS_PTR: tl.constexpr, STATS: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     acc_dtype = loss_ptr.dtype.element_ty  # float32, or float64 for float64 inputs
@@ -185,6 +187,12 @@ def _cross_entropy_kernel(
     sum_w = zero  # sum_c w_c (label smoothing)
     sum_wy = zero  # sum_c w_c y_c (label smoothing) or sum_c w_c q'_c y_c (probability targets)
     sum_wq = zero  # sum_c w_c q'_c, q' = (1 - smoothing) q + smoothing / r (probability targets)
+    if STATS:  # the running argmax (first index of the max; first NaN, torch.argmax's max, apart) and
+        # the entropy's sum t = sum exp(y - m) (y - m), rescaled with d
+        best = tl.full([ROWS], NEG_INF, dtype=acc_dtype)
+        best_j = tl.zeros([ROWS], dtype=tl.int32)
+        nan_j = tl.full([ROWS], 2147483647, dtype=tl.int32)
+        t_sum = zero
     for start in range(0, n_classes, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         col_mask = cols < n_classes
@@ -213,7 +221,20 @@ def _cross_entropy_kernel(
                 sum_wy += tl.sum(y_in, axis=1)
         m_new = tl.maximum(m, tl.max(y, axis=1))
         m_shift = tl.where(m_new == NEG_INF, 0, m_new)  # a row of -inf so far must not give -inf - -inf
-        d = d * tl.exp(m - m_shift) + tl.sum(tl.exp(y - m_shift[:, None]), axis=1)
+        if STATS:
+            y_max = tl.max(y, axis=1)
+            j_max = tl.min(tl.where(y == y_max[:, None], cols[None, :], 2147483647), axis=1)
+            best_j = tl.where(y_max > best, j_max, best_j)  # strictly: a tie keeps the earlier index
+            best = tl.maximum(best, y_max)
+            nan_j = tl.minimum(nan_j, tl.min(tl.where(y != y, cols[None, :], 2147483647), axis=1))
+            e = tl.exp(y - m_shift[:, None])
+            alpha = tl.exp(m - m_shift)
+            # where() before the products: no -inf * 0 (a row of -inf so far, masked or -inf lanes)
+            t_sum = (t_sum + tl.where(m == NEG_INF, 0, m - m_shift) * d) * alpha
+            t_sum += tl.sum(e * tl.where(e > 0, y - m_shift[:, None], 0), axis=1)
+            d = d * alpha + tl.sum(e, axis=1)
+        else:
+            d = d * tl.exp(m - m_shift) + tl.sum(tl.exp(y - m_shift[:, None]), axis=1)
         m = m_new
     # lse = m + log_d; the two parts stay apart where a sum of them would round away p_t - 1 when p_t ~ 1
     m = tl.where(kept, m, 0)
@@ -251,6 +272,9 @@ def _cross_entropy_kernel(
         coef += 2 * z_loss * lse
     tl.store(loss_ptr + rows, tl.where(kept, loss, 0), mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
+    if STATS:  # H = log d - t / d; ignored rows: 0 (unread)
+        tl.store(argmax_ptr + rows, tl.where(nan_j < n_classes, nan_j, best_j).to(tl.int64), mask=row_mask)
+        tl.store(entropy_ptr + rows, tl.where(kept, log_d - t_sum / tl.where(kept, d, 1), 0), mask=row_mask)
 
     # loop 2: grad_j = scale * (coef p_j - w_j q'_j)               (probability targets)
     #         grad_j = scale * (coef p_j - eps_r w_j - (1 - eps) w_t [j == t])   (class targets)
@@ -300,9 +324,10 @@ def _cross_entropy_kernel(
 
 
 def cross_entropy(
-    logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap, grad_scale, grad
+    logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap, grad_scale, grad, stats=None
 ):  # fmt: skip
-    """Per-row loss and lse of a (N, r) float tensor; see ``gpuxent.backends`` for the contract."""
+    """Per-row loss and lse of a (N, r) float tensor (and with ``stats`` the row's argmax and entropy);
+    see ``gpuxent.backends`` for the contract."""
     if logits.dim() != 2:
         raise ValueError(f"logits: expected a (N, r) tensor, got shape {tuple(logits.shape)}")
     n_rows, n_classes = logits.shape
@@ -327,7 +352,7 @@ def cross_entropy(
     with _device_ctx(logits):
         _cross_entropy_kernel[grid](
             logits, target, weight if weight is not None else loss, grad_scale if scale_is_ptr else loss,
-            grad if grad is not None else loss, loss, lse,
+            grad if grad is not None else loss, loss, lse, *(stats if stats is not None else (loss, loss)),
             logits.stride(0), target.stride(0), grad.stride(0) if grad is not None else 0,
             1 if scale_is_ptr and grad_scale.numel() > 1 else 0,
             n_rows, n_classes, int(ignore_index),
@@ -335,7 +360,7 @@ def cross_entropy(
             *_split(1.0 if grad_scale is None or scale_is_ptr else float(grad_scale)),
             PROB_TARGET=prob, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0,
             HAS_Z_LOSS=z_loss > 0, HAS_SOFTCAP=bool(softcap), WANT_GRAD=grad is not None,
-            SCALE_IS_PTR=scale_is_ptr, ROWS=rows, BLOCK=block, num_warps=num_warps,
+            SCALE_IS_PTR=scale_is_ptr, STATS=stats is not None, ROWS=rows, BLOCK=block, num_warps=num_warps,
         )  # fmt: skip
     return loss, lse
 
