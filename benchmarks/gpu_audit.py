@@ -415,7 +415,8 @@ def _run_triton_task(task) -> dict:
 # i1 an int64 array, f a float of the compute dtype, i an int64, b a bool.
 NUMBA_KERNELS = {  # kernel -> (index in numba_cuda._kernels(dtype), arguments, (input, output))
     "cross_entropy": (
-        0, "logits:a2 target:i1 probs:a2 weight:a1 grad_scale:a1 grad:a2 loss:a1 lse:a1 ignore_index:i smoothing:f "
+        0, "logits:a2 target:i1 probs:a2 weight:a1 grad_scale:a1 grad:a2 loss:a1 lse:a1 argmax:i1 entropy_out:a1 "
+        "ignore_index:i smoothing:f "
         "eps_r:f z_loss:f softcap:f prob:b has_weight:b want_grad:b threads_per_row:i", ("logits", "grad"),
     ),
     "softmax": (1, "x:a2 out:a2 log:b threads_per_row:i", ("x", "out")),

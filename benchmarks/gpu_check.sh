@@ -130,6 +130,15 @@ extra_runs() {
     else
         step hf "${GPU_CHECK_HF_S:-150}" python examples/hf_tiny_llama.py --device cuda --json
     fi
+    # Statistics and distillation (issue 14): cross_entropy_with_stats (plain, with statistics, with
+    # the entropy's gradient) and gx.distillation_loss (kl, reverse_kl, jsd) at one LLM size each,
+    # against the PyTorch compositions, with the peak memory of a step.
+    local one=(--sizes 8192x131072 --dtypes bfloat16 --no-compile --budget-s 40)
+    [ "$DRY_RUN" = 1 ] && one=(--dry-run --sizes 4x64 --dtypes float32 --no-compile --budget-s 20)
+    step stats "${GPU_CHECK_STATS_S:-60}" python benchmarks/bench_gpu.py --stats "${one[@]}" \
+        --json-out "$OUT_DIR/stats.json" --markdown-out "$OUT_DIR/stats.md"
+    step distill "${GPU_CHECK_DISTILL_S:-60}" python benchmarks/bench_gpu.py --distillation "${one[@]}" \
+        --json-out "$OUT_DIR/distill.json" --markdown-out "$OUT_DIR/distill.md"
     # Data-parallel training over nccl (issue 13), on a machine with two GPUs or more; then the
     # vocab-parallel benchmark over nccl, one process per GPU (2, and all of them when more), against
     # the Megatron-style reference and one GPU's gx.cross_entropy, with the linear cases.

@@ -317,6 +317,8 @@ class CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad, _scale, *_stats):  # _stats: CrossEntropyStats's outputs, no gradient
+        if grad_loss is None:  # the loss took no part in what was differentiated (grads not materialised)
+            return None, None, None, None, None, None, None, None
         logits, target, weight, grad, scale = ctx.saved_tensors
         opts = ctx.opts
         n_rows = logits.shape[0]
@@ -394,6 +396,7 @@ class BinaryCrossEntropy(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, target, weight, pos_weight, with_logits, reduction, backend, want_grad = inputs
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zeros of the input's size for the gradient output
         ctx.with_logits, ctx.reduction = with_logits, reduction
         ctx.save_for_backward(x, target, weight, pos_weight, output[1])
         ctx.save_for_forward(x, target, weight, pos_weight, output[1])
@@ -412,6 +415,8 @@ class BinaryCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad):
+        if grad_loss is None:
+            return None, None, None, None, None, None, None, None
         x, target, weight, pos_weight, grad = ctx.saved_tensors
         go = grad_loss.to(compute_dtype(x.dtype))
         n = max(x.numel(), 1) if ctx.reduction == "mean" else 1
@@ -514,6 +519,10 @@ def _(logits, target, weight, ignore_index, softcap, class_offset, smoothing, ba
 
 def _cross_entropy_backward(logits, target, weight, lse, coef, entropy, grad_scale, entropy_scale, grad, ignore_index,
                             label_smoothing, n_classes, class_offset, softcap, backend):  # fmt: skip
+    # per-row vectors dense for every backend (a reduction's backward hands out expanded, stride-0 views)
+    lse, coef, entropy, grad_scale, entropy_scale = (
+        v.contiguous() if isinstance(v, torch.Tensor) else v for v in (lse, coef, entropy, grad_scale, entropy_scale)
+    )
     backends.module(backend).cross_entropy_backward(
         logits, target, weight, lse, coef, entropy, ignore_index=ignore_index, label_smoothing=label_smoothing,
         n_classes=n_classes, class_offset=class_offset, softcap=softcap, grad_scale=grad_scale,

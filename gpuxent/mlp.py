@@ -92,21 +92,38 @@ def class_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.zeros_like(logits), logits], -1) if logits.dim() == 1 else logits
 
 
-def distillation_loss_fn(
-    logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *, temperature: float, alpha: float,
-    backend: str | None = None, impl: str = "gpuxent",
-):  # fmt: skip
-    """``alpha * loss_fn + (1 - alpha) * KL(teacher || student)`` at ``temperature`` (Hinton's
-    distillation, the KL scaled by ``temperature**2``, averaged over the batch).
+def loss_and_stats(logits: torch.Tensor, target: torch.Tensor, *, backend: str | None = None, impl: str = "gpuxent"):
+    """``(loss, accuracy, entropy)`` of a batch: :func:`loss_fn`'s mean loss, the token accuracy (no
+    gradient) and the mean entropy of the predicted distribution (differentiable: an entropy bonus or
+    penalty trains through it).
 
-    ``impl="torch"`` computes the KL with ``log_softmax`` and ``F.kl_div`` (the unfused composition).
+    For class logits on gpuxent they all come from the loss's own pass
+    (``gx.cross_entropy_with_stats(..., entropy=True)``: the backward is one pass for the loss and the
+    entropy together); a binary model's ``(N,)`` logit and ``impl="torch"`` compute the statistics with
+    torch ops on the side (a binary model's distribution is ``softmax([0, z])``).
     """
-    ce = loss_fn(logits, target, backend=backend, impl=impl)
+    if impl == "gpuxent" and logits.dim() == 2:
+        out = gx.cross_entropy_with_stats(logits, target, backend=backend, entropy=True)
+        return out.loss, out.accuracy, out.entropy
+    loss = loss_fn(logits, target, backend=backend, impl=impl)
+    log_p = torch.log_softmax(class_logits(logits).to(torch.float32), -1)
+    entropy = -(log_p.exp() * log_p).sum(-1).mean()
+    accuracy = (log_p.detach().argmax(-1) == target).to(log_p.dtype).mean()
+    return loss, accuracy, entropy
+
+
+def distillation_term(
+    logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float, backend: str | None = None,
+    impl: str = "gpuxent",
+):  # fmt: skip
+    """Hinton's distillation term: ``KL(teacher || student)`` at ``temperature``, scaled by
+    ``temperature**2``, averaged over the batch; the gradient flows to the student only.
+
+    ``impl="torch"`` computes it with ``log_softmax`` and ``F.kl_div`` (the unfused composition).
+    """
     s, t = class_logits(logits), class_logits(teacher_logits.detach())
     if impl == "gpuxent":
-        kl = gx.distillation_loss(s, t, temperature=temperature, backend=backend)
-    else:
-        F = torch.nn.functional
-        log_ps, log_pt = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
-        kl = temperature**2 * F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
-    return alpha * ce + (1 - alpha) * kl
+        return gx.distillation_loss(s, t, temperature=temperature, backend=backend)
+    F = torch.nn.functional
+    log_ps, log_pt = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
+    return temperature**2 * F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)

@@ -37,9 +37,12 @@ import torch
 
 from . import backends
 from .data import DATASETS, Dataset, load_csv, load_dataset, require
-from .mlp import ACTIVATIONS, MLP, distillation_loss_fn, loss_fn
+from .mlp import ACTIVATIONS, MLP, distillation_term, loss_and_stats
 
-LOG_LINE = "epoch {epoch}: loss {loss:.4f}, train_acc {train_acc:.2f}, test_acc {test_acc:.2f}, time {time_ms:.1f}ms"
+LOG_LINE = (
+    "epoch {epoch}: loss {loss:.4f}, token_acc {token_acc:.2f}, entropy {entropy:.3f}, train_acc {train_acc:.2f}, "
+    "test_acc {test_acc:.2f}, time {time_ms:.1f}ms"
+)
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
@@ -70,6 +73,7 @@ class TrainConfig:
     distill_from: str | None = None  # a teacher checkpoint: train on alpha * CE + (1 - alpha) * distillation
     temperature: float = 4.0  # of the distillation
     alpha: float = 0.5  # the weight of the CE against the teacher's KL
+    entropy_bonus: float = 0.0  # beta of loss - beta * entropy (> 0 rewards, < 0 penalises confident predictions)
 
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -165,6 +169,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ValueError(f"temperature: expected a finite number > 0, got {cfg.temperature}")
     if not 0 <= cfg.alpha <= 1:
         raise ValueError(f"alpha: expected a number in [0, 1], got {cfg.alpha}")
+    if not math.isfinite(cfg.entropy_bonus):
+        raise ValueError(f"entropy_bonus: expected a finite number, got {cfg.entropy_bonus}")
     if cfg.distill_from is not None and not pathlib.Path(cfg.distill_from).is_file():
         raise ValueError(f"distill_from: no checkpoint file at {cfg.distill_from}")
     try:
@@ -253,7 +259,8 @@ def train(cfg: TrainConfig, data: Dataset | None = None, *, rank: int = 0, world
 
     n_train = len(y_train)
     per_rank = cfg.batch_size // world_size
-    history = {"epoch": [], "loss": [], "train_acc": [], "test_acc": [], "time_ms": [], "step_losses": []}
+    history = {key: [] for key in ("epoch", "loss", "token_acc", "entropy", "train_acc", "test_acc", "time_ms")}
+    history["step_losses"] = []
     log = _logger(cfg) if rank == 0 else None
     bar = _progress(epochs, cfg) if rank == 0 else None
     with cpu_threads(cfg.threads if device.type == "cpu" else None):
@@ -264,34 +271,40 @@ def train(cfg: TrainConfig, data: Dataset | None = None, *, rank: int = 0, world
             pad = (-n_train) % world_size  # DistributedSampler pads with the first rows so shards are equal
             perm = np.concatenate([perm, perm[:pad]])[rank::world_size]
             shard = torch.from_numpy(perm).to(device)
-            step_losses, loss_sum = [], torch.zeros((), device=device, dtype=torch.float64)
+            step_losses, sums = [], torch.zeros(3, device=device, dtype=torch.float64)  # loss, accuracy, entropy
             for start in range(0, len(shard), per_rank):
                 idx = shard[start : start + per_rank]
-                if teacher is None:
-                    loss = loss_fn(net(X_train[idx]), y_train[idx], backend=cfg.backend, impl=cfg.loss_impl)
-                else:
+                logits = net(X_train[idx])
+                # the token accuracy and the entropy come from the loss's own pass
+                loss, acc, entropy = loss_and_stats(logits, y_train[idx], backend=cfg.backend, impl=cfg.loss_impl)
+                if teacher is not None:
                     with torch.no_grad():
                         teacher_logits = teacher(X_train[idx])
-                    loss = distillation_loss_fn(
-                        net(X_train[idx]), teacher_logits, y_train[idx], temperature=cfg.temperature,
-                        alpha=cfg.alpha, backend=cfg.backend, impl=cfg.loss_impl,
-                    )  # fmt: skip
+                    kl = distillation_term(
+                        logits, teacher_logits, temperature=cfg.temperature, backend=cfg.backend, impl=cfg.loss_impl
+                    )
+                    loss = cfg.alpha * loss + (1 - cfg.alpha) * kl
+                objective = loss - cfg.entropy_bonus * entropy if cfg.entropy_bonus else loss
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                objective.backward()
                 optimizer.step()
                 step_losses.append(loss.detach())
-                loss_sum += loss.detach() * len(idx)
-            totals = torch.stack([loss_sum, torch.tensor(float(len(shard)), device=device, dtype=torch.float64)])
+                sums += torch.stack([loss.detach(), acc.detach(), entropy.detach()]).double() * len(idx)
+            totals = torch.cat([sums, torch.tensor([float(len(shard))], device=device, dtype=torch.float64)])
             if world_size > 1:
                 torch.distributed.all_reduce(totals)
-            epoch_loss = (totals[0] / totals[1]).item()  # also waits for the device: the time below is honest
+            # the means over all ranks; .tolist() also waits for the device: the time below is honest
+            epoch_loss, token_acc, epoch_entropy = (totals[:3] / totals[3]).tolist()
             time_ms = 1e3 * (time.perf_counter() - t0)
             history["step_losses"] += torch.stack(step_losses).tolist() if step_losses else []
             if rank != 0:
                 continue
             model.eval()
             train_acc, test_acc = accuracy(model, X_train, y_train), accuracy(model, X_test, y_test)
-            row = dict(epoch=epoch, loss=epoch_loss, train_acc=train_acc, test_acc=test_acc, time_ms=time_ms)
+            row = dict(
+                epoch=epoch, loss=epoch_loss, token_acc=token_acc, entropy=epoch_entropy, train_acc=train_acc,
+                test_acc=test_acc, time_ms=time_ms,
+            )  # fmt: skip
             for key, value in row.items():
                 history[key].append(value)
             log(LOG_LINE.format(**row))
@@ -432,7 +445,9 @@ def load_teacher(path, data: Dataset, device: torch.device) -> MLP:
 
 
 def plot_history(history: dict, path=None, title: str = ""):
-    """Loss and accuracy per epoch side by side; saved as PNG when ``path`` is given.
+    """Loss, accuracy and the predictions' entropy per epoch side by side; saved as PNG when ``path``
+    is given. The accuracy panel has the training batches' token accuracy (as the loss returned it,
+    while the model moved) beside the train and test accuracy of the model at the end of each epoch.
 
     Uses ``matplotlib.figure.Figure`` directly (the Agg canvas, no pyplot state), so it works headless
     and leaves a notebook's backend alone; the figure is returned (a notebook displays it).
@@ -440,16 +455,23 @@ def plot_history(history: dict, path=None, title: str = ""):
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(9, 3.5), layout="constrained")
-    ax_loss, ax_acc = fig.subplots(1, 2)
+    has_stats = bool(history.get("entropy"))
+    fig = Figure(figsize=(13 if has_stats else 9, 3.5), layout="constrained")
+    axes = fig.subplots(1, 3 if has_stats else 2)
+    ax_loss, ax_acc = axes[:2]
     epochs = history["epoch"]
     ax_loss.plot(epochs, history["loss"], marker=".")
     ax_loss.set(xlabel="epoch", ylabel="train loss", title="loss", yscale="log")
+    if has_stats:
+        ax_acc.plot(epochs, history["token_acc"], marker=".", label="token (from the loss)")
     ax_acc.plot(epochs, history["train_acc"], marker=".", label="train")
     ax_acc.plot(epochs, history["test_acc"], marker=".", label="test")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     ax_acc.legend()
-    for ax in (ax_loss, ax_acc):
+    if has_stats:
+        axes[2].plot(epochs, history["entropy"], marker=".", color="tab:purple")
+        axes[2].set(xlabel="epoch", ylabel="nats", title="entropy of the predictions")
+    for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
@@ -504,6 +526,9 @@ def run(cfg: TrainConfig) -> dict:
         "final_loss": history["loss"][-1] if history["loss"] else math.nan,
         "train_accuracy": history["train_acc"][-1] if history["train_acc"] else math.nan,
         "test_accuracy": history["test_acc"][-1] if history["test_acc"] else math.nan,
+        # the last epoch's training-batch statistics, as the loss returned them (the model moved during it)
+        "token_accuracy": history["token_acc"][-1] if history["token_acc"] else math.nan,
+        "entropy": history["entropy"][-1] if history["entropy"] else math.nan,
         "backend": out["backend"],
         "device": out["device"],
         "nproc": out["world_size"],
@@ -516,7 +541,8 @@ def run(cfg: TrainConfig) -> dict:
         "time_s": round(time.perf_counter() - t0, 3),
         "plot": cfg.plot,
         "checkpoint": cfg.checkpoint,
-        "history": {k: history[k] for k in ("loss", "train_acc", "test_acc")},
+        "entropy_bonus": cfg.entropy_bonus,
+        "history": {k: history[k] for k in ("loss", "token_acc", "entropy", "train_acc", "test_acc")},
     }
     if teacher is not None:
         X_test, y_test = (torch.from_numpy(a) for a in (data.X_test, data.y_test))
@@ -580,6 +606,10 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--alpha", type=float, default=d.alpha, help="weight of the CE against the distillation (default: %(default)s)"
     )
+    parser.add_argument(
+        "--entropy-bonus", type=float, default=d.entropy_bonus, metavar="BETA",
+        help="train on loss - BETA * entropy of the predictions (default: %(default)s)",
+    )  # fmt: skip
 
 
 def config_from_args(args) -> TrainConfig:
@@ -604,4 +634,5 @@ def config_from_args(args) -> TrainConfig:
         distill_from=args.distill_from,
         temperature=args.temperature,
         alpha=args.alpha,
+        entropy_bonus=args.entropy_bonus,
     )

@@ -168,3 +168,35 @@ def test_cross_entropy_runs_on_torchs_thread_count(torch_threads, monkeypatch, n
         torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-5, atol=2e-6)
         torch.testing.assert_close(grad.double(), x64.grad, rtol=2e-5, atol=2e-6)
     assert seen == expected_threads
+
+
+EXIT_SCRIPT = """
+import os, torch, gpuxent as gx
+from gpuxent.backends import numba_cpu as nc
+torch.set_num_threads(2)
+x = torch.randn(1024, 1024); t = torch.randint(0, 1024, (1024,))
+gx.cross_entropy(x, t)  # 1M elements: a parallel region, TBB's workers started
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+nc._join_tbb_workers()  # what runs at exit
+after = threads()
+loss = gx.cross_entropy(x, t)  # the pool starts again
+ref = torch.nn.functional.cross_entropy(x.double(), t)
+assert abs(float(loss) - float(ref)) < 1e-5, (float(loss), float(ref))
+print(before, after)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc/self/task")
+def test_tbb_workers_are_joined_at_exit():
+    """numba never shuts its TBB pool down, and workers still running while the C++ runtime tears down
+    aborted about one torchrun worker in five to ten ("terminate called without an active exception",
+    with gloo's threads alive too). The exit hook numba_cpu registers joins them; calls after it work."""
+    if numba_cpu.THREADING_LAYER != "tbb":
+        pytest.skip(f"the threading layer is {numba_cpu.THREADING_LAYER}, not tbb")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(gx.__file__).parents[1]), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = map(int, proc.stdout.split())
+    assert after < before, (before, after)

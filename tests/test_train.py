@@ -46,18 +46,37 @@ def test_and_gate_learnt_exactly():
 
 
 @pytest.mark.parametrize(
-    "dataset, epochs, activation",
-    [("digits", 1, "relu"), ("breast_cancer", 3, "tanh")],  # >= 20 steps of 64 rows each
+    "dataset, epochs, activation, entropy_bonus",
+    [("digits", 1, "relu", 0.0), ("breast_cancer", 3, "tanh", 0.0), ("digits", 1, "tanh", 0.2)],  # >= 20 steps
 )
-def test_first_losses_match_torch(dataset, epochs, activation):
-    """The same seed, model and batches: gpuxent's fused loss and torch's give the same trajectory."""
+def test_first_losses_match_torch(dataset, epochs, activation, entropy_bonus):
+    """The same seed, model and batches: gpuxent's fused loss and torch's give the same trajectory, and
+    the token accuracy and entropy that gpuxent's loss returns from its own pass (multiclass) equal
+    torch's argmax and log-softmax; with an entropy bonus the entropy's gradient trains too."""
     data = load_dataset(dataset)
-    cfg = dict(dataset=dataset, epochs=epochs, activation=activation, device="cpu")
+    cfg = dict(dataset=dataset, epochs=epochs, activation=activation, device="cpu", entropy_bonus=entropy_bonus)
     runs = {impl: train(TrainConfig(**cfg, loss_impl=impl), data) for impl in ("gpuxent", "torch")}
     ours, ref = (np.array(runs[impl]["history"]["step_losses"][:20]) for impl in ("gpuxent", "torch"))
     assert len(ours) == 20
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+    for key in ("token_acc", "entropy"):
+        got, want = runs["gpuxent"]["history"][key], runs["torch"]["history"][key]
+        assert len(got) == epochs and all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=key)
     assert runs["torch"]["backend"] == "torch" and runs["gpuxent"]["backend"] == "numba_cpu"
+
+
+def test_entropy_bonus_changes_training():
+    """A negative bonus (a confidence penalty's opposite sign: rewards confident predictions) lowers the
+    predictions' entropy against the plain run of the same seed; a positive one raises it."""
+    data = load_dataset("digits")
+    ent = {
+        beta: train(TrainConfig(dataset="digits", epochs=2, device="cpu", entropy_bonus=beta), data)["history"][
+            "entropy"
+        ][-1]
+        for beta in (-0.5, 0.0, 0.5)
+    }
+    assert ent[-0.5] < ent[0.0] < ent[0.5], ent
 
 
 def test_split_is_stratified_and_seeded():

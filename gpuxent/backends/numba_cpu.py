@@ -31,6 +31,7 @@ and the entropy's sum from the same exps) the same bytes plus N argmaxes and N e
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import importlib.metadata
 import math
@@ -38,6 +39,7 @@ import mmap
 import os
 import sys
 import threading
+import warnings
 
 import numba as nb
 import numpy as np
@@ -154,6 +156,31 @@ if hasattr(os, "register_at_fork"):
         after_in_parent=_REGIONS.after_fork_in_parent,
         after_in_child=_REGIONS.after_fork_in_child,
     )
+
+
+def _join_tbb_workers() -> None:
+    """At exit, join numba's TBB workers before the C++ runtime tears down.
+
+    numba never shuts its TBB pool down in a normal exit (its extension module is not unloaded), so
+    the workers still run while static destructors do; with gloo's threads alive too (a torchrun or
+    ``--nproc`` worker after ``destroy_process_group``) that ends in ``std::terminate`` ("terminate
+    called without an active exception", SIGABRT) in one exit in five to ten on a busy machine.
+    numba's pre-fork hook is the one place that joins them (``tbb::finalize``), and a fork whose child
+    leaves at once runs it: measured, 0 aborts in 20 exits, against 2 in 14 without.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "multi-threaded, fork() may deadlock": not here
+        try:
+            pid = os.fork()
+        except OSError:
+            return
+    if pid == 0:
+        os._exit(0)  # nothing else: no Python cleanup, no C++ destructors in the child
+    os.waitpid(pid, 0)
+
+
+if THREADING_LAYER == "tbb" and hasattr(os, "fork"):
+    atexit.register(_join_tbb_workers)
 
 
 def _launch(kernel, n_elements: int, *args) -> None:
