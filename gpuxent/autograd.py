@@ -884,14 +884,14 @@ class CrossEntropyWithEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_entropy, _lse, _argmax):
         logits, target, weight, lse, entropy = ctx.saved_tensors
         opts, dt = ctx.opts, lse.dtype
-        # per-row factors, contiguous: the reduction's backward hands them over as expanded views
-        grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss.to(dt).contiguous()
+        # per-row factors (the door to the backend makes them dense)
+        grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss.to(dt)
         g = g_target = None
         if ctx.needs_input_grad[0]:
             coef = stats_coef(target, weight, ctx.is_prob, opts, lse, logits.shape[1])
             g = cross_entropy_backward(
                 logits, target, weight, lse, coef, None if grad_entropy is None else entropy, grad_loss,
-                None if grad_entropy is None else grad_entropy.to(dt).contiguous(), opts.ignore_index,
+                None if grad_entropy is None else grad_entropy.to(dt), opts.ignore_index,
                 opts.label_smoothing,
                 logits.shape[1], 0, opts.softcap, ctx.backend,
             )  # fmt: skip

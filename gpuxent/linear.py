@@ -188,6 +188,14 @@ class _Problem:
         return reduce_rows(loss_rows, self.reduction, self.denom, self.batch_shape)
 
 
+def _input_grads(grad_h, grad_w, grad_b, hidden_shape, dtype):
+    """The backward's return: ``hidden``'s gradient in its shape, the weight's and bias's in their dtype."""
+    grad_h = None if grad_h is None else grad_h.reshape(hidden_shape)
+    grad_w = None if grad_w is None else grad_w.to(dtype)
+    grad_b = None if grad_b is None else grad_b.to(dtype)
+    return grad_h, grad_w, grad_b, None
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, problem):
@@ -213,10 +221,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             _, grad_h, grad_w, grad_b = problem.run(want, row_scale=row_scale)
         else:
             grad_h, grad_w, grad_b = (None if g is None else scale_grad(g, grad_output) for g in ctx.saved_tensors)
-        grad_h = None if grad_h is None else grad_h.reshape(hidden_shape)
-        grad_w = None if grad_w is None else grad_w.to(dtype)
-        grad_b = None if grad_b is None else grad_b.to(dtype)
-        return grad_h, grad_w, grad_b, None
+        return _input_grads(grad_h, grad_w, grad_b, hidden_shape, dtype)
 
 
 def linear_cross_entropy(
@@ -332,14 +337,10 @@ class _LinearCrossEntropyWithEntropy(torch.autograd.Function):
         problem = ctx.problem
         hidden_shape, dtype = ctx.shapes
         dt = problem.dt
-        # per-row factors, contiguous: the reduction's backward hands them over as expanded views
-        row_scale = torch.zeros_like(problem.lse) if grad_loss is None else grad_loss.reshape(-1).to(dt).contiguous()
-        problem.entropy_scale = None if grad_entropy is None else grad_entropy.reshape(-1).to(dt).contiguous()
+        row_scale = torch.zeros_like(problem.lse) if grad_loss is None else grad_loss.reshape(-1).to(dt)
+        problem.entropy_scale = None if grad_entropy is None else grad_entropy.reshape(-1).to(dt)
         _, grad_h, grad_w, grad_b = problem.run(tuple(ctx.needs_input_grad[:3]), row_scale=row_scale)
-        grad_h = None if grad_h is None else grad_h.reshape(hidden_shape)
-        grad_w = None if grad_w is None else grad_w.to(dtype)
-        grad_b = None if grad_b is None else grad_b.to(dtype)
-        return grad_h, grad_w, grad_b, None
+        return _input_grads(grad_h, grad_w, grad_b, hidden_shape, dtype)
 
 
 def linear_cross_entropy_with_stats(
