@@ -430,10 +430,11 @@ def load_checkpoint(path, map_location="cpu") -> tuple[MLP, dict]:
 
 
 def load_teacher(path, data: Dataset, device: torch.device) -> MLP:
-    """The teacher of a distillation run: a checkpoint of :func:`save_checkpoint` for ``data``'s
-    features and classes (ValueError naming ``distill_from`` otherwise)."""
+    """The teacher of a distillation run: a checkpoint of :func:`save_checkpoint` trained on ``data``'s
+    features and classes. ValueError naming ``distill_from`` and what differs otherwise: the shape, the
+    feature names or the class labels (a teacher of other data with the same shape teaches wrong answers)."""
     try:
-        teacher, _ = load_checkpoint(path, map_location=device)
+        teacher, ckpt = load_checkpoint(path, map_location=device)
     except Exception as exc:  # not a gpuxent checkpoint
         raise ValueError(f"distill_from: cannot load a gpuxent checkpoint from {path}: {exc}") from None
     if (teacher.n_features, teacher.n_classes) != (data.n_features, data.n_classes):
@@ -441,7 +442,28 @@ def load_teacher(path, data: Dataset, device: torch.device) -> MLP:
             f"distill_from: the teacher has {teacher.n_features} features and {teacher.n_classes} classes, "
             f"the data {data.n_features} and {data.n_classes}"
         )
+    for what, theirs, ours in (
+        ("feature names", ckpt.get("feature_names"), data.feature_names),
+        ("classes", ckpt.get("classes"), data.classes),
+    ):
+        difference = _first_difference(theirs, ours)
+        if difference:
+            raise ValueError(
+                f"distill_from: the teacher {path} was trained on other data: its {what} differ: {difference}"
+            )
     return teacher
+
+
+def _first_difference(theirs, ours) -> str:
+    """Where two label lists first differ (``""`` when they are equal or the checkpoint has none)."""
+    if theirs is None:
+        return ""
+    for i, (a, b) in enumerate(zip(theirs, ours)):
+        if a != b:
+            return f"at position {i}: {a!r} in the teacher, {b!r} in the data"
+    if len(theirs) != len(ours):
+        return f"{len(theirs)} in the teacher, {len(ours)} in the data"
+    return ""
 
 
 def plot_history(history: dict, path=None, title: str = ""):

@@ -287,3 +287,27 @@ def test_distillation_arguments_are_checked(digits_run, tmp_path, capsys):
         assert cli.main(["train", "--epochs", "1", *argv]) == 2
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1, err
+
+
+def test_teacher_of_other_data_is_refused(tmp_path, capsys):
+    """A teacher of the same shape trained on other data (other feature names, other class labels) is an
+    error naming what differs, exit 2; the same data written to a CSV (same names, same labels) is fine."""
+    teacher = str(tmp_path / "teacher.pt")
+    assert cli.main(["train", "--dataset", "breast_cancer", "--epochs", "1", "--checkpoint", teacher]) == 0
+    capsys.readouterr()
+    same = _breast_cancer_frame()
+    same["diagnosis"] = (same["diagnosis"] == "benign").astype(int)  # breast_cancer's own labels (0: malignant)
+    renamed = same.rename(columns={c: f"x{i}" for i, c in enumerate(same.columns[:-1])})
+    relabelled = _breast_cancer_frame()  # "benign" / "malignant" where the teacher has 0 / 1
+    for name, frame, needle in [
+        ("renamed", renamed, "feature names differ: at position 0: 'mean radius' in the teacher, 'x0' in the data"),
+        ("relabelled", relabelled, "classes differ: at position 0: 0 in the teacher, 'benign' in the data"),
+    ]:
+        frame.to_csv(tmp_path / f"{name}.csv", index=False)
+        argv = ["train", "--csv", str(tmp_path / f"{name}.csv"), "--target", "diagnosis", "--epochs", "1"]
+        assert cli.main([*argv, "--distill-from", teacher]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+    same.to_csv(tmp_path / "same.csv", index=False)
+    argv = ["train", "--csv", str(tmp_path / "same.csv"), "--target", "diagnosis", "--epochs", "1"]
+    assert cli.main([*argv, "--distill-from", teacher, "--json"]) == 0
