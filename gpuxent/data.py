@@ -59,12 +59,17 @@ class Dataset:
 
 
 def encode_labels(y) -> tuple[np.ndarray, list]:
-    """Map labels to ``0..k-1`` (sorted order: for two classes the larger label becomes 1).
+    """Map labels (numbers or strings) to ``0..k-1`` in sorted order (for two classes the larger label
+    becomes 1); ``classes[k]`` is the label of index ``k``, so predictions map back to labels.
 
     Raises:
-        ValueError: fewer than two distinct labels.
+        ValueError: fewer than two distinct labels, or labels that mix numbers and strings.
     """
-    classes, codes = np.unique(np.asarray(y), return_inverse=True)
+    try:
+        classes, codes = np.unique(np.asarray(y), return_inverse=True)
+    except TypeError:  # labels that do not sort together: 1 and "a"
+        kinds = sorted({type(v).__name__ for v in np.asarray(y, dtype=object).reshape(-1)})
+        raise ValueError(f"target: labels of one kind expected (all numbers or all strings), got {kinds}") from None
     if len(classes) < 2:
         raise ValueError(f"target: needs at least two classes, found {len(classes)} ({classes.tolist()})")
     return codes.astype(np.int64).reshape(-1), classes.tolist()
@@ -123,13 +128,14 @@ def load_dataset(name: str, *, test_size: float = 0.2, seed: int = 0) -> Dataset
 
 
 def load_csv(path, target: str, *, test_size: float = 0.2, seed: int = 0) -> Dataset:
-    """A user CSV with a header row: column ``target`` holds the labels (any type), every other column
-    must be a numeric feature without missing values, finite in float32.
+    """A user CSV with a header row: column ``target`` holds the labels (numbers or strings: classes
+    are the sorted distinct labels, see :func:`encode_labels`), every other column must be a numeric
+    feature without missing values, finite in float32.
 
     Raises:
         ValueError: ``path`` is not a file, the target column is missing, a feature is not numeric, has
             missing values or a value that is infinite in float32 (``inf``, ``1e39``), or the target
-            has a single class.
+            has a missing (empty, NaN, blank) label or a single class.
     """
     pd = require("pandas", "pandas", "reading a CSV")
     if not os.path.isfile(path):
@@ -150,8 +156,7 @@ def load_csv(path, target: str, *, test_size: float = 0.2, seed: int = 0) -> Dat
     missing = [str(c) for c in features.columns if features[c].isna().any()]
     if missing:
         raise ValueError(f"{path}: feature columns with missing values: {missing}")
-    if df[target].isna().any():
-        raise ValueError(f"{path}: target column {target!r} has missing values")
+    labels = _labels(df[target], target, path)
     with np.errstate(over="ignore"):  # 1e39 becomes inf in float32: reported just below
         X = features.to_numpy(np.float32)
     infinite = [str(c) for c, ok in zip(features.columns, np.isfinite(X).all(axis=0)) if not ok]
@@ -160,8 +165,19 @@ def load_csv(path, target: str, *, test_size: float = 0.2, seed: int = 0) -> Dat
     return make_dataset(
         str(path),
         X,
-        df[target].to_numpy(),
+        labels,
         test_size=test_size,
         seed=seed,
         feature_names=[str(c) for c in features.columns],
     )
+
+
+def _labels(column, target: str, path) -> np.ndarray:
+    """The label column as an array: strings without surrounding blanks (``"cat "`` is the class
+    ``"cat"``). ValueError naming the rows whose label is missing (empty, ``NaN``, ``NA``, blank)."""
+    labels = column.map(lambda v: v.strip() if isinstance(v, str) else v)
+    missing = np.flatnonzero((labels.isna() | (labels == "")).to_numpy())
+    if len(missing):
+        rows = ", ".join(str(r + 2) for r in missing[:5]) + (", ..." if len(missing) > 5 else "")  # + header, from 1
+        raise ValueError(f"{path}: target column {target!r} has missing labels (NaN, NA or empty) on lines {rows}")
+    return labels.to_numpy()

@@ -120,6 +120,48 @@ def test_csv_multiclass(tmp_path):
     assert set(np.unique(data.y_train)) == set(range(10))
 
 
+def test_csv_string_labels_train_like_integer_labels(tmp_path):
+    """String labels are classes: the sorted distinct labels, whatever blanks surround them ("class_1 " is
+    "class_1"). The same CSV with integer labels in the same order trains the same model to the same
+    accuracy, and the checkpoint's classes map the predictions back to the strings."""
+    import pandas as pd
+    from sklearn.datasets import load_wine
+
+    bunch = load_wine()
+    df = pd.DataFrame(bunch.data, columns=bunch.feature_names)
+    df["label"] = bunch.target
+    df.to_csv(tmp_path / "ints.csv", index=False)
+    names = np.array([f"class_{k}" for k in bunch.target], dtype=object)
+    names[::3] = [f" {n} " for n in names[::3]]  # a hand-edited file: blanks around some labels
+    df["label"] = names
+    df.to_csv(tmp_path / "strings.csv", index=False)
+    runs = {}
+    for kind in ("ints", "strings"):
+        csv, checkpoint = str(tmp_path / f"{kind}.csv"), str(tmp_path / f"{kind}.pt")
+        runs[kind] = run(TrainConfig(csv=csv, target="label", device="cpu", epochs=10, checkpoint=checkpoint))
+    ints, strings = runs["ints"]["summary"], runs["strings"]["summary"]
+    assert strings["n_classes"] == 3 and strings["test_accuracy"] >= 0.9, strings
+    assert strings["test_accuracy"] == ints["test_accuracy"] and strings["history"] == ints["history"]
+    model, ckpt = load_checkpoint(tmp_path / "strings.pt")
+    assert ckpt["classes"] == ["class_0", "class_1", "class_2"]
+    data = runs["strings"]["data"]
+    predicted = np.array(ckpt["classes"])[model.predict(torch.from_numpy(data.X_test)).numpy()]
+    truth = np.array(ckpt["classes"])[data.y_test]
+    assert (predicted == truth).mean() == strings["test_accuracy"]
+
+
+@pytest.mark.parametrize("hole", ["", "  ", "NA", "nan"])
+def test_csv_missing_label_is_an_error(hole, tmp_path, capsys):
+    df = _breast_cancer_frame()
+    df["diagnosis"] = df["diagnosis"].astype(object)
+    df.loc[[4, 9], "diagnosis"] = hole
+    df.to_csv(tmp_path / "holes.csv", index=False)
+    assert cli.main(["train", "--csv", str(tmp_path / "holes.csv"), "--target", "diagnosis"]) == 2
+    err = capsys.readouterr().err
+    assert "target column 'diagnosis' has missing labels (NaN, NA or empty) on lines 6, 11" in err, err
+    assert err.count("\n") == 1
+
+
 def test_bad_csvs(tmp_path):
     df = _breast_cancer_frame()
     good = tmp_path / "good.csv"
