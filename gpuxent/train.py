@@ -622,11 +622,14 @@ def add_arguments(parser) -> None:
         "--distill-from", metavar="CHECKPOINT",
         help="a teacher checkpoint (--checkpoint of an earlier run): train on alpha * CE + (1 - alpha) * distillation",
     )  # fmt: skip
+    # default None: given without --distill-from, they are an error (see config_from_args), not ignored
     parser.add_argument(
-        "--temperature", type=float, default=d.temperature, help="distillation temperature (default: %(default)s)"
+        "--temperature", type=float, help=f"distillation temperature, with --distill-from (default: {d.temperature})"
     )
     parser.add_argument(
-        "--alpha", type=float, default=d.alpha, help="weight of the CE against the distillation (default: %(default)s)"
+        "--alpha",
+        type=float,
+        help=f"weight of the CE against the distillation, with --distill-from (default: {d.alpha})",
     )
     parser.add_argument(
         "--entropy-bonus", type=float, default=d.entropy_bonus, metavar="BETA",
@@ -635,7 +638,15 @@ def add_arguments(parser) -> None:
 
 
 def config_from_args(args) -> TrainConfig:
-    """A :class:`TrainConfig` from parsed ``gpuxent train`` arguments."""
+    """A :class:`TrainConfig` from parsed ``gpuxent train`` arguments.
+
+    Raises:
+        ValueError: ``--temperature`` or ``--alpha`` without ``--distill-from`` (they would do nothing).
+    """
+    d = TrainConfig()
+    for flag in ("temperature", "alpha"):
+        if getattr(args, flag) is not None and args.distill_from is None:
+            raise ValueError(f"{flag}: --{flag} sets the distillation and needs --distill-from CHECKPOINT")
     return TrainConfig(
         dataset=args.dataset,
         csv=args.csv,
@@ -654,7 +665,7 @@ def config_from_args(args) -> TrainConfig:
         checkpoint=args.checkpoint,
         json=args.json,
         distill_from=args.distill_from,
-        temperature=args.temperature,
-        alpha=args.alpha,
+        temperature=d.temperature if args.temperature is None else args.temperature,
+        alpha=d.alpha if args.alpha is None else args.alpha,
         entropy_bonus=args.entropy_bonus,
     )

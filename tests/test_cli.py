@@ -156,6 +156,9 @@ def test_bench_peak_memory_within_its_model(tmp_path):
         (["train", "--lr", "nan"], "lr"),
         (["train", "--device", "gpu"], "device"),
         (["train", "--csv", "no-such.csv", "--target", "y"], "does not exist"),
+        (["train", "--alpha", "0.3"], "alpha: --alpha sets the distillation and needs --distill-from"),
+        (["train", "--alpha", "0.5"], "needs --distill-from"),  # the default value, given: still an error
+        (["train", "--temperature", "2"], "temperature: --temperature sets the distillation and needs --distill-from"),
         (["nope"], "invalid choice"),
     ],
 )
