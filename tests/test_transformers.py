@@ -7,10 +7,12 @@ comparison uses float32's tolerances.
 """
 
 import copy
+import inspect
 import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -281,3 +283,74 @@ def test_example_hf_tiny_llama():
     assert (unpatched["variant"], fused["variant"]) == ("unpatched", "gpuxent")
     assert len(fused["losses"]) == 3 and result["max_loss_difference"] < 1e-4
     assert all(row["peak_step_mib"] > 0 and row["median_step_s"] > 0 for row in result["rows"])
+
+
+def test_threads_share_one_patched_model(rng):
+    """One patched model, two threads: one trains on labels while the other runs without (as generation does).
+
+    Each call keeps its own state: the thread without labels gets the unpatched logits, never the empty slice
+    the training call hands the head, and the training call the unpatched loss.
+    """
+    model, patched = pair("llama", rng)
+    inputs = batch(rng)
+    no_labels = {k: v for k, v in inputs.items() if k != "labels"}
+    ref_loss, ref_logits = model(**inputs).loss.detach(), model(**no_labels).logits.detach()
+    errors = []
+    start = threading.Barrier(2)
+
+    def run(step):
+        try:
+            start.wait()
+            for _ in range(40):
+                step()
+        except BaseException as error:  # noqa: BLE001 - reported by the main thread
+            errors.append(error)
+
+    def train():
+        out = patched(**inputs)
+        assert out.logits is None
+        assert_close(out.loss, ref_loss, torch.float32, "loss")
+
+    def infer():
+        assert torch.equal(patched(**no_labels).logits, ref_logits)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=run, args=(step,)) for step in (train, infer)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+
+
+def test_labels_passed_positionally(rng):
+    """``model(ids, None, None, None, None, labels)``: bound by the forward's own signature, as unpatched."""
+    model, patched = pair("llama", rng)
+    inputs = batch(rng)
+    ids, labels = inputs["input_ids"], inputs["labels"]
+    positional = list(inspect.signature(type(model).forward).parameters)[1:].index("labels")
+    args = [ids] + [None] * (positional - 1) + [labels]
+    model.zero_grad(set_to_none=True)
+    ref = model(*args)
+    ref.loss.backward()
+    out = patched(*args)
+    out.loss.backward()
+    assert out.logits is None
+    assert_close(out.loss, ref.loss, torch.float32, "loss")
+    for (name, p), ref_p in zip(patched.named_parameters(), model.parameters()):
+        assert_close(p.grad, ref_p.grad, torch.float32, name)
+
+
+def test_subclass(rng):
+    """A subclass of a causal LM (here of LlamaForCausalLM) is patched as its base class is."""
+
+    class MyLlama(transformers.LlamaForCausalLM):
+        pass
+
+    model = MyLlama(CONFIGS["llama"]()).to(torch.float64).train()
+    patched = gx_hf.apply_gpuxent(copy.deepcopy(model))
+    assert_same_training(patched, model, batch(rng))

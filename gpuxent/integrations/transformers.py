@@ -16,15 +16,21 @@ changes two things, only when it trains on ``labels``:
 The output's ``logits`` are then ``None``. Under ``torch.autocast`` the hidden states and the head's
 weights are cast to the autocast dtype, as ``lm_head`` would be run. Without ``labels``, in eval mode,
 with a custom ``loss_function``, or with a head that is not a plain ``nn.Linear`` (LoRA, quantised),
-the original forward runs unchanged.
+the original forward runs unchanged. ``labels`` are found however they are passed (by keyword or by
+position, bound with the forward's own signature), and the state of a fused call (the hidden states
+the hook takes) lives in a ``contextvars.ContextVar``, per thread and per call: one patched model may
+train in one thread while another thread generates with it.
 
 Tested with Transformers 4.50.3, 4.57.6 and 5.24.0 (older versions lack `shift_labels` or the `loss_function` hook).
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
+import inspect
+import threading
 import types
 
 import torch
@@ -79,31 +85,85 @@ def causal_lm_loss(
     return loss
 
 
+# The state of the fused call running in this thread (or asyncio task): the head it watches and the hidden
+# states it took. Per call, never on the shared model, so one model can train in one thread while it
+# generates in another.
+_CALL = contextvars.ContextVar("gpuxent_transformers_call", default=None)
+_HOOK_LOCK = threading.Lock()
+
+
+class _Call:
+    __slots__ = ("head", "hidden")
+
+    def __init__(self, head):
+        self.head, self.hidden = head, []
+
+
+def _take_hidden(module, inputs):
+    """Forward pre-hook on the output embedding: within a fused call, keep its input and hand it an empty slice."""
+    call = _CALL.get()
+    if call is None or call.head is not module:
+        return None  # another thread's call, a call without labels, generation: the head runs as it ships
+    call.hidden.append(inputs[0])
+    return (inputs[0][..., :0, :], *inputs[1:])
+
+
+def _hook(head):
+    """Register ``_take_hidden`` on ``head`` once; it stays, and does nothing outside a fused call."""
+    with _HOOK_LOCK:
+        if not any(hook is _take_hidden for hook in head._forward_pre_hooks.values()):
+            head.register_forward_pre_hook(_take_hidden)
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(forward):
+    """The forward's signature, computed once per class (its forward function)."""
+    return inspect.signature(forward)
+
+
+def _split_labels(forward, self, args, kwargs):
+    """``(labels, args, kwargs)``: the labels, however passed, and the call's arguments without them."""
+    if "labels" in kwargs or not args:
+        kwargs = dict(kwargs)
+        return kwargs.pop("labels", None), args, kwargs
+    try:
+        bound = _signature(forward).bind(self, *args, **kwargs)
+    except TypeError:  # the forward itself will say what is wrong with these arguments
+        return None, args, kwargs
+    labels = bound.arguments.get("labels")
+    if labels is None:
+        return None, args, kwargs
+    bound.arguments["labels"] = None
+    return labels, bound.args[1:], bound.kwargs
+
+
 def fused_forward(forward, softcap_attr, backend):
     """The model's ``forward``, training on ``labels`` through ``causal_lm_loss`` instead of the logits."""
 
     @functools.wraps(forward)  # keeps the signature: the Trainer looks for **kwargs to pass num_items_in_batch
-    def patched(self, *args, labels=None, **kwargs):
+    def patched(self, *args, **kwargs):
         lm_head = self.get_output_embeddings()
         # Where the fused loss would not be the model's own (a custom loss_function, a LoRA or quantised head),
         # or there is no training loss to compute, the model runs as it ships.
         standard = self.loss_function is ForCausalLMLoss and type(lm_head) is torch.nn.Linear
-        if labels is None or not self.training or not standard:
-            return forward(self, *args, labels=labels, **kwargs)
-        taken = []
-
-        def take_hidden(module, inputs):
-            taken.append(inputs[0])
-            return (inputs[0][..., :0, :],)
-
-        handle = lm_head.register_forward_pre_hook(take_hidden)
+        if not self.training or not standard:
+            return forward(self, *args, **kwargs)
+        labels, args, kwargs = _split_labels(forward, self, args, kwargs)
+        if labels is None:
+            return forward(self, *args, **kwargs)
+        _hook(lm_head)
+        call = _Call(lm_head)
+        token = _CALL.set(call)
         try:
             output = forward(self, *args, **kwargs)
         finally:
-            handle.remove()
-        (hidden,) = taken
+            _CALL.reset(token)
+        if len(call.hidden) != 1:
+            raise RuntimeError(
+                f"gpuxent: {type(self).__name__}'s forward ran its output embedding {len(call.hidden)} times, not once"
+            )
         softcap = getattr(self.config, softcap_attr) if softcap_attr else None
-        loss = causal_lm_loss(hidden, lm_head, labels, softcap, backend, **kwargs)
+        loss = causal_lm_loss(call.hidden[0], lm_head, labels, softcap, backend, **kwargs)
         if isinstance(output, tuple):  # return_dict=False: (logits, *rest) becomes (loss, *rest)
             return (loss, *output[1:])
         return dataclasses.replace(output, loss=loss, logits=None)
@@ -113,10 +173,11 @@ def fused_forward(forward, softcap_attr, backend):
 
 
 def _family(cls):
-    if cls not in FAMILIES:
-        names = ", ".join(family.__name__ for family in FAMILIES)
-        raise TypeError(f"model: gpuxent patches {names}, got {cls.__name__}")
-    return FAMILIES[cls]
+    for base in cls.__mro__:  # a subclass of a supported class is served as its base is
+        if base in FAMILIES:
+            return FAMILIES[base]
+    names = ", ".join(family.__name__ for family in FAMILIES)
+    raise TypeError(f"model: gpuxent patches {names} and their subclasses, got {cls.__name__}")
 
 
 def _original_forward(cls):
@@ -129,7 +190,7 @@ def apply_gpuxent(model, backend=None):
     Parameters
     ----------
     model : LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Gemma2ForCausalLM or GPT2LMHeadModel
-        Patched in place; other instances of its class are left alone. Patching again replaces the patch.
+        (or a subclass of one). Patched in place; other instances of its class are left alone. Patching again replaces the patch.
     backend : str, optional
         The gpuxent backend of the loss (``gx.available_backends()``); ``None`` chooses by device.
 
