@@ -33,10 +33,17 @@ HALF = (torch.float16, torch.bfloat16)
 # --------------------------------------------------------------------------- the door
 
 
-def _cross_entropy(logits, target, weight, grad_scale, grad, ignore_index, label_smoothing, z_loss, softcap, backend):
+def _dense(v):
+    """A per-row vector as a kernel reads it: dense (a reduction's backward hands out expanded, stride-0
+    views, and ``.sum().backward()`` hands a stride-0 ``grad_output``); None and floats pass through."""
+    return v.contiguous() if isinstance(v, torch.Tensor) else v
+
+
+def _cross_entropy(logits, target, weight, grad_scale, grad, ignore_index, label_smoothing, z_loss, softcap, backend,
+                   stats=None):  # fmt: skip
     return backends.module(backend).cross_entropy(
         logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-        softcap=softcap, grad_scale=grad_scale, grad=grad,
+        softcap=softcap, grad_scale=_dense(grad_scale), grad=grad, stats=stats,
     )  # fmt: skip
 
 
@@ -146,27 +153,38 @@ def _front(t: torch.Tensor | None, bdim: int | None, size: int) -> torch.Tensor 
     return t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
 
 
-@torch.library.register_vmap("gpuxent::cross_entropy_rows")
-def _(info, in_dims, logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, backend,
-      want_grad):  # fmt: skip
-    b = info.batch_size
-    ld, td, wd, sd = in_dims[:4]
-    x, t = _front(logits, ld, b), _front(target, td, b)
-    n_rows, n_classes = x.shape[1], x.shape[2]
-    scalars = (ignore_index, label_smoothing, z_loss, softcap, backend, want_grad)
-    if wd is not None:  # per-example class weights: one call per example
-        w = weight.movedim(wd, 0)
-        s = _front(grad_scale, sd, b)
-        outs = [cross_entropy_rows(x[i], t[i], w[i], None if s is None else s[i], *scalars) for i in range(b)]
-        loss, lse, grad = (torch.stack(o) for o in zip(*outs))
-        return (loss, lse, grad), (0, 0, 0 if want_grad else None)
-    if grad_scale is not None and (sd is not None or grad_scale.numel() > 1):
-        grad_scale = _front(grad_scale, sd, b).reshape(b, -1).expand(b, n_rows).reshape(-1)
-    loss, lse, grad = cross_entropy_rows(
-        x.reshape(b * n_rows, n_classes), t.reshape(b * n_rows, *t.shape[2:]), weight, grad_scale, *scalars
-    )
-    grad = grad.view(b, n_rows, n_classes) if want_grad else grad
-    return (loss.view(b, n_rows), lse.view(b, n_rows), grad), (0, 0, 0 if want_grad else None)
+def _cross_entropy_vmap(op):
+    """The vmap rule of a cross-entropy row op (outputs: per-row vectors, and the (N, r) gradient third):
+    the batch dimension folds into rows; per-example class weights loop."""
+
+    def rule(info, in_dims, logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+             backend, want_grad):  # fmt: skip
+        b = info.batch_size
+        ld, td, wd, sd = in_dims[:4]
+        x, t = _front(logits, ld, b), _front(target, td, b)
+        n_rows, n_classes = x.shape[1], x.shape[2]
+        scalars = (ignore_index, label_smoothing, z_loss, softcap, backend, want_grad)
+        if wd is not None:  # per-example class weights: one call per example
+            w = weight.movedim(wd, 0)
+            s = _front(grad_scale, sd, b)
+            outs = [op(x[i], t[i], w[i], None if s is None else s[i], *scalars) for i in range(b)]
+            outs = tuple(torch.stack(o) for o in zip(*outs))
+        else:
+            if grad_scale is not None and (sd is not None or grad_scale.numel() > 1):
+                grad_scale = _front(grad_scale, sd, b).reshape(b, -1).expand(b, n_rows).reshape(-1)
+            outs = op(
+                x.reshape(b * n_rows, n_classes), t.reshape(b * n_rows, *t.shape[2:]), weight, grad_scale, *scalars
+            )
+            outs = tuple(
+                (o.view(b, n_rows, n_classes) if want_grad else o) if k == 2 else o.view(b, n_rows)
+                for k, o in enumerate(outs)
+            )
+        return outs, tuple(None if k == 2 and not want_grad else 0 for k in range(len(outs)))
+
+    torch.library.register_vmap(op, rule)
+
+
+_cross_entropy_vmap(cross_entropy_rows)
 
 
 @torch.library.register_vmap("gpuxent::softmax_rows")
@@ -219,12 +237,13 @@ def _row_scale(grad_output: torch.Tensor, reduction: str, scale: torch.Tensor, n
     return (go * scale if reduction == "mean" else go).reshape(1)
 
 
-def cross_entropy_grad_formula(x, target, weight, is_prob, opts, row_scale, want_target=False):
+def cross_entropy_grad_formula(x, target, weight, is_prob, opts, row_scale, want_target=False, entropy_scale=None):
     """``(d loss / d logits, d loss / d target)`` of (N, r) logits in torch ops: differentiable again.
 
     Per kept row, with ``y`` the (soft-capped) logits, ``p = softmax(y)`` and the target mass
     ``m_j = w_j ((1 - eps) q_j + eps / r)`` (class targets: ``q`` one-hot): ``d loss / d y =
-    (sum_j m_j + 2 z_loss lse) p - m``; the softcap multiplies by ``1 - (y / softcap)**2``.
+    (sum_j m_j + 2 z_loss lse) p - m``; the softcap multiplies by ``1 - (y / softcap)**2``. With
+    ``entropy_scale`` (1 or N factors) the row's entropy ``H`` joins: ``+ entropy_scale p_j (E_p[y] - y_j)``.
     """
     dt = compute_dtype(x.dtype)
     n_rows, n_classes = x.shape
@@ -248,6 +267,9 @@ def cross_entropy_grad_formula(x, target, weight, is_prob, opts, row_scale, want
     # torch; masking the scale (not the product) keeps 0 * NaN out of the derivative of this too.
     rs = torch.where(kept != 0, row_scale.to(dt).reshape(-1, 1), 0)
     g = rs * (coef * p - mass)
+    if entropy_scale is not None:
+        es = torch.where(kept != 0, entropy_scale.to(dt).reshape(-1, 1), 0)
+        g = g + es * p * ((p * y).sum(-1, keepdim=True) - y)
     if cap:
         g = g * (1 - (y / cap) ** 2)
     g = torch.where(kept != 0, g, 0)  # an ignored row is not read (its logits may be anything)
@@ -305,12 +327,15 @@ class CrossEntropy(torch.autograd.Function):
         """Forward mode: the loss moves by ``<grad, logits_t>`` (+ ``<d loss / d q, target_t>``)."""
         logits, target, weight, grad, scale = ctx.saved_tensors
         dt = compute_dtype(logits.dtype)
-        loss_t = torch.zeros(logits.shape[0], dtype=dt, device=logits.device)
+        n_rows = logits.shape[0]
+        loss_t = torch.zeros(n_rows, dtype=dt, device=logits.device)
+        ones = torch.ones(n_rows, dtype=dt, device=logits.device)
+        row_scale = ones * scale if ctx.opts.reduction == "mean" else ones
         if logits_t is not None:
+            if grad.shape != logits.shape:  # the forward computed none: the logits carry a tangent, not a grad
+                grad = cross_entropy_grad_formula(logits, target, weight, ctx.is_prob, ctx.opts, row_scale)[0]
             loss_t = loss_t + (grad.to(dt) * logits_t.to(dt)).sum(-1)
         if target_t is not None and ctx.is_prob:
-            ones = torch.ones(logits.shape[0], dtype=dt, device=logits.device)
-            row_scale = ones * scale if ctx.opts.reduction == "mean" else ones
             g_target = cross_entropy_grad_formula(logits, target, weight, True, ctx.opts, row_scale, True)[1]
             loss_t = loss_t + (g_target.to(dt) * target_t.to(dt)).sum(-1)
         return (loss_t if ctx.opts.reduction == "none" else loss_t.sum()), None, None
@@ -407,6 +432,9 @@ class BinaryCrossEntropy(torch.autograd.Function):
         dt = compute_dtype(x.dtype)
         loss_t = torch.zeros(x.shape, dtype=dt, device=x.device)
         if x_t is not None:
+            if grad.shape != x.shape:  # the forward computed none: the input carries a tangent, not a grad
+                n = max(x.numel(), 1) if ctx.reduction == "mean" else 1
+                grad = bce_grad_formula(x, target, weight, pos_weight, ctx.with_logits)[0] / n
             loss_t = loss_t + grad * x_t.to(dt)
         if target_t is not None:
             g_target = bce_grad_formula(x, target, weight, pos_weight, ctx.with_logits)[1]
@@ -519,10 +547,7 @@ def _(logits, target, weight, ignore_index, softcap, class_offset, smoothing, ba
 
 def _cross_entropy_backward(logits, target, weight, lse, coef, entropy, grad_scale, entropy_scale, grad, ignore_index,
                             label_smoothing, n_classes, class_offset, softcap, backend):  # fmt: skip
-    # per-row vectors dense for every backend (a reduction's backward hands out expanded, stride-0 views)
-    lse, coef, entropy, grad_scale, entropy_scale = (
-        v.contiguous() if isinstance(v, torch.Tensor) else v for v in (lse, coef, entropy, grad_scale, entropy_scale)
-    )
+    lse, coef, entropy, grad_scale, entropy_scale = map(_dense, (lse, coef, entropy, grad_scale, entropy_scale))
     backends.module(backend).cross_entropy_backward(
         logits, target, weight, lse, coef, entropy, ignore_index=ignore_index, label_smoothing=label_smoothing,
         n_classes=n_classes, class_offset=class_offset, softcap=softcap, grad_scale=grad_scale,
@@ -615,7 +640,7 @@ def distillation_rows(
     grad = backends.empty(backend, student.shape, student.dtype, student.device) if want_grad else student.new_empty(0)
     loss = backends.module(backend).distillation(
         student, teacher, target, divergence=divergence, beta=beta, temperature=temperature,
-        ignore_index=ignore_index, grad_scale=grad_scale, grad=grad if want_grad else None,
+        ignore_index=ignore_index, grad_scale=_dense(grad_scale), grad=grad if want_grad else None,
     )  # fmt: skip
     return loss, grad
 
@@ -700,6 +725,22 @@ class Distillation(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # else autograd fills an (N, r) zeros for the unused grad output
         ctx.opts, ctx.backend = opts, backend
         ctx.save_for_backward(student, teacher, target, grad, scale)
+        ctx.save_for_forward(student, teacher, target, grad, scale)
+
+    @staticmethod
+    def jvp(ctx, student_t, *_):
+        """Forward mode: the loss moves by ``<d loss / d student, student_t>`` (the teacher is a constant)."""
+        student, teacher, target, grad, scale = ctx.saved_tensors
+        opts, dt = ctx.opts, compute_dtype(student.dtype)
+        n_rows = student.shape[0]
+        loss_t = torch.zeros(n_rows, dtype=dt, device=student.device)
+        if student_t is not None:
+            if grad.shape != student.shape:  # the forward computed none
+                ones = torch.ones(n_rows, dtype=dt, device=student.device)
+                row_scale = ones * scale if opts.reduction in ("batchmean", "mean") else ones
+                grad = distillation_grad_formula(student, teacher, target, opts, row_scale)
+            loss_t = (grad.to(dt) * student_t.to(dt)).sum(-1)
+        return (loss_t if opts.reduction == "none" else loss_t.sum()), None, None
 
     @staticmethod
     def backward(ctx, grad_loss, _grad, _scale):
@@ -727,7 +768,8 @@ class Distillation(torch.autograd.Function):
         return g, None, None, None, None, None
 
 
-distillation = Distillation.apply
+distillation = _applier(Distillation)
+
 # --------------------------------------------------------------------------- statistics (cross_entropy_with_stats)
 # The fused kernel with ``stats=``: each row's argmax and entropy come from the pass that computes the
 # loss. Without a differentiable entropy the gradient is still computed in the forward
@@ -749,9 +791,9 @@ def _stats_outputs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _cross_entropy_stats(logits, target, weight, grad_scale, grad, ignore_index, label_smoothing, z_loss, softcap,
                          backend):  # fmt: skip
     argmax, entropy = _stats_outputs(logits)
-    loss, lse = backends.module(backend).cross_entropy(
-        logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-        softcap=softcap, grad_scale=grad_scale, grad=grad, stats=(argmax, entropy),
+    loss, lse = _cross_entropy(
+        logits, target, weight, grad_scale, grad, ignore_index, label_smoothing, z_loss, softcap, backend,
+        (argmax, entropy),
     )  # fmt: skip
     return loss, lse, argmax, entropy
 
@@ -812,6 +854,9 @@ def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
     return logits.new_empty(n_rows, dtype=dt), logits.new_empty(n_rows, dtype=dt), *_stats_outputs(logits)
 
 
+_cross_entropy_vmap(cross_entropy_stats_rows)
+
+
 def stats_coef(target, weight, is_prob: bool, opts, lse: torch.Tensor, n_classes: int) -> torch.Tensor:
     """The coefficient of ``p`` in each row's gradient (``cross_entropy_backward``'s ``coef``): the target
     mass ``sum_j w_j ((1 - eps) q_ij + eps / r)`` (class targets: ``q`` one-hot) plus ``2 z_loss lse``.
@@ -866,38 +911,72 @@ class CrossEntropyStats(CrossEntropy):
 class CrossEntropyWithEntropy(torch.autograd.Function):
     """Per-row cross-entropy and entropy of (N, r) logits, both differentiable: outputs ``(loss_rows,
     entropy_rows, lse, argmax)``. The forward computes no gradient; the backward is one pass over the
-    logits for any pair of upstream gradients (``cross_entropy_backward``)."""
+    logits for any pair of upstream gradients (``cross_entropy_backward``), or, when the backward is
+    itself differentiated, the same formula in torch ops."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, logits, target, weight, is_prob, opts, backend):
+    def forward(logits, target, weight, is_prob, opts, backend):
         ii, eps, z, cap = opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap
         loss_rows, lse, _, argmax, entropy = cross_entropy_stats_rows(
             logits, target, weight, None, ii, eps, z, cap, backend, False
         )
-        ctx.mark_non_differentiable(lse, argmax)
-        ctx.opts, ctx.is_prob, ctx.backend = opts, is_prob, backend
-        ctx.save_for_backward(logits, target, weight, lse, entropy)
         return loss_rows, entropy, lse, argmax
 
     @staticmethod
-    @once_differentiable
+    def setup_context(ctx, inputs, output):
+        logits, target, weight, is_prob, opts, backend = inputs
+        _, entropy, lse, argmax = output
+        ctx.mark_non_differentiable(lse, argmax)
+        ctx.set_materialize_grads(False)
+        ctx.opts, ctx.is_prob, ctx.backend = opts, is_prob, backend
+        ctx.save_for_backward(logits, target, weight, lse, entropy)
+        ctx.save_for_forward(logits, target, weight)
+
+    @staticmethod
+    def jvp(ctx, logits_t, target_t, *_):
+        """Forward mode: each row's loss and entropy move by their gradients dotted with the tangents."""
+        logits, target, weight = ctx.saved_tensors
+        dt = compute_dtype(logits.dtype)
+        ones = torch.ones(logits.shape[0], dtype=dt, device=logits.device)
+        loss_t, entropy_t = torch.zeros_like(ones), torch.zeros_like(ones)
+        if logits_t is not None:
+            x_t = logits_t.to(dt)
+            g_loss = cross_entropy_grad_formula(logits, target, weight, ctx.is_prob, ctx.opts, ones)[0]
+            g_entropy = cross_entropy_grad_formula(logits, target, weight, ctx.is_prob, ctx.opts, 0 * ones,
+                                                   entropy_scale=ones)[0]  # fmt: skip
+            loss_t, entropy_t = (g_loss.to(dt) * x_t).sum(-1), (g_entropy.to(dt) * x_t).sum(-1)
+        if target_t is not None and ctx.is_prob:
+            g_target = cross_entropy_grad_formula(logits, target, weight, True, ctx.opts, ones, True)[1]
+            loss_t = loss_t + (g_target.to(dt) * target_t.to(dt)).sum(-1)
+        return loss_t, entropy_t, None, None
+
+    @staticmethod
     def backward(ctx, grad_loss, grad_entropy, _lse, _argmax):
+        if grad_loss is None and grad_entropy is None:
+            return None, None, None, None, None, None
         logits, target, weight, lse, entropy = ctx.saved_tensors
         opts, dt = ctx.opts, lse.dtype
-        # per-row factors (the door to the backend makes them dense)
         grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss.to(dt)
+        grad_entropy = None if grad_entropy is None else grad_entropy.to(dt)
+        want_target = ctx.is_prob and ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():  # the backward is differentiated: the formula in torch ops
+            g, g_target = cross_entropy_grad_formula(
+                logits, target, weight, ctx.is_prob, opts, grad_loss, want_target, grad_entropy
+            )
+            return g, g_target, None, None, None, None
         g = g_target = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:  # per-row factors: the door to the backend makes them dense
             coef = stats_coef(target, weight, ctx.is_prob, opts, lse, logits.shape[1])
             g = cross_entropy_backward(
                 logits, target, weight, lse, coef, None if grad_entropy is None else entropy, grad_loss,
-                None if grad_entropy is None else grad_entropy.to(dt), opts.ignore_index,
-                opts.label_smoothing,
-                logits.shape[1], 0, opts.softcap, ctx.backend,
+                grad_entropy, opts.ignore_index, opts.label_smoothing, logits.shape[1], 0, opts.softcap, ctx.backend,
             )  # fmt: skip
-        if ctx.is_prob and ctx.needs_input_grad[1]:
+        if want_target:
             g_target = cross_entropy_grad_formula(logits, target, weight, True, opts, grad_loss, True)[1]
         return g, g_target, None, None, None, None
 
 
+cross_entropy_with_entropy = _applier(CrossEntropyWithEntropy)
 cross_entropy_stats = _applier(CrossEntropyStats)

@@ -125,10 +125,10 @@ def check_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> 
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label_smoothing: expected a number in [0, 1], got {label_smoothing!r}")
     z = _real(z_loss, "z_loss")
-    if not (z >= 0 and math.isfinite(z)):
+    if not 0 <= z < math.inf:  # comparisons, not math.isfinite: a symbolic float under dynamic=True
         raise ValueError(f"z_loss: expected a finite number >= 0, got {z_loss!r}")
     cap = _real(softcap, "softcap", allow_none=True)
-    if cap is not None and not (cap > 0 and math.isfinite(cap)):
+    if cap is not None and not 0 < cap < math.inf:
         raise ValueError(f"softcap: expected None or a finite number > 0, got {softcap!r}")
     return CEOptions(check_int(ignore_index, "ignore_index"), reduction, eps, z, cap or 0.0)
 
@@ -300,7 +300,7 @@ def check_distill_options(divergence, beta, temperature, ignore_index, reduction
     if divergence == "jsd" and not 0.0 < b < 1.0:
         raise ValueError(f"beta: expected a number in (0, 1) for divergence='jsd', got {beta!r}")
     tau = _real(temperature, "temperature")
-    if not (tau > 0 and math.isfinite(tau)):
+    if not 0 < tau < math.inf:
         raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
     if not isinstance(reduction, str) or reduction not in DISTILL_REDUCTIONS:
         raise ValueError(f"reduction: expected one of {DISTILL_REDUCTIONS}, got {reduction!r}")

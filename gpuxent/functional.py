@@ -407,7 +407,7 @@ def cross_entropy_with_stats(
         raise ValueError("inplace_grad: needs contiguous logits to write the gradient into")
     opts = p.opts
     if want_entropy:
-        loss_rows, entropy_rows, lse, argmax = autograd.CrossEntropyWithEntropy.apply(
+        loss_rows, entropy_rows, lse, argmax = autograd.cross_entropy_with_entropy(
             p.logits, p.target, p.weight, p.is_prob, opts, name
         )
         denom = denominator(p.target, p.weight, p.is_prob, opts.ignore_index, loss_rows.shape[0], loss_rows.dtype)

@@ -30,9 +30,7 @@ exact, uniform or not.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
-
-from . import backends
+from . import autograd, backends
 from .autograd import (
     cross_entropy_backward_,
     cross_entropy_rows,
@@ -57,7 +55,7 @@ from .checks import (
     row_statistics,
     to_tensor,
 )
-from .functional import CrossEntropyOutput
+from .functional import CrossEntropyOutput, cross_entropy_with_stats
 
 # A chunk of logits of about this many bytes: large enough for efficient matmuls, small next to the
 # (N, r) logits it replaces.
@@ -133,11 +131,11 @@ class _Problem:
             self.denom = denominator(self.t, self.w, self.is_prob, p.opts.ignore_index, self.n_rows, self.dt)
             self.scale = mean_scale(self.denom).reshape(1)
 
-    def run(self, want=(False, False, False), row_scale=None):
+    def run(self, want=(False, False, False), row_scale=None, entropy_scale=None):
         """Per-row losses, and the gradients asked for by ``want`` = (hidden, weight, bias).
 
         The logit gradient of each chunk is scaled by 1/denominator for a mean, and row by row by
-        ``row_scale`` (a (N,) tensor) when given.
+        ``row_scale`` (a (N,) tensor) when given; ``entropy_scale`` (N,): see :class:`_StatsProblem`.
         """
         n_rows, dt = self.n_rows, self.dt
         n_classes, d = self.weight.shape
@@ -160,7 +158,8 @@ class _Problem:
             grad_scale = self.scale  # the chunk's gradient is written over its logits, scaled per row
             if row_scale is not None:
                 grad_scale = row_scale[lo:hi] if grad_scale is None else row_scale[lo:hi] * grad_scale
-            loss_rows[lo:hi] = self.chunk_loss(logits, lo, hi, grad_scale, want_grad)
+            es = None if entropy_scale is None else entropy_scale[lo:hi]
+            loss_rows[lo:hi] = self.chunk_loss(logits, lo, hi, grad_scale, want_grad, es)
             if not want_grad:
                 continue
             g = logits
@@ -175,7 +174,7 @@ class _Problem:
                 acc_b += g.sum(0, dtype=dt)
         return loss_rows, grad_h, acc_w, acc_b
 
-    def chunk_loss(self, logits, lo, hi, grad_scale, want_grad):
+    def chunk_loss(self, logits, lo, hi, grad_scale, want_grad, entropy_scale=None):
         """Per-row losses of rows ``[lo, hi)`` from their logits; with ``want_grad`` their gradient,
         times ``grad_scale``, is written over ``logits``."""
         opts = self.opts
@@ -186,6 +185,42 @@ class _Problem:
 
     def reduce(self, loss_rows):
         return reduce_rows(loss_rows, self.reduction, self.denom, self.batch_shape)
+
+    def composite(self, hidden, weight, bias):
+        """``(loss, None)``, the reduced loss through the (N, r) logits and cross-entropy's autograd Function
+        (differentiable again, and under every ``torch.func`` transform)."""
+        logits = torch.nn.functional.linear(hidden.reshape(self.n_rows, -1), weight, bias)
+        loss = autograd.cross_entropy(logits, self.t, self.w, self.is_prob, self.opts, self.backend, True, False)[0]
+        return (loss.reshape(self.batch_shape) if self.reduction == "none" else loss), None
+
+
+def _transformed(*tensors) -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jvp, ...) or forward-mode AD holds one of
+    ``tensors``: then the loss goes through the (N, r) logits and ``cross_entropy``'s autograd, whose
+    formulas those transforms differentiate (the chunked path computes its gradients in the forward)."""
+    from torch.autograd import forward_ad
+
+    if torch.compiler.is_compiling():  # the transforms and forward AD are eager-only
+        return False
+    functorch = torch._C._functorch
+    for t in tensors:
+        if t is None:
+            continue
+        if functorch.is_functorch_wrapped_tensor(t):
+            return True
+        if forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None:
+            return True
+    return False
+
+
+def _regrad(outputs, inputs, grad_outputs, needs):
+    """The backward of a fused linear Function when it is itself differentiated (``create_graph=True``):
+    the gradients of ``outputs`` (recomputed from the (N, r) logits through cross-entropy's autograd,
+    which differentiates again) with respect to the ``inputs`` that need one."""
+    wanted = [x for x, need in zip(inputs, needs) if need]
+    outs, gos = zip(*[(o, g) for o, g in zip(outputs, grad_outputs) if g is not None])
+    grads = iter(torch.autograd.grad(outs, wanted, gos, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need else None for need in needs) + (None,)
 
 
 def _input_grads(grad_h, grad_w, grad_b, hidden_shape, dtype):
@@ -202,6 +237,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want = tuple(ctx.needs_input_grad[:3])
         ctx.problem = problem
         ctx.shapes = (hidden.shape, weight.dtype)
+        ctx.inputs = (hidden, weight, bias)  # for a differentiated backward (their storage is the caller's)
         if problem.reduction == "none":  # grads recomputed in backward, scaled row by row
             loss_rows = problem.run()[0]
             ctx.save_for_backward(hidden, weight, bias)
@@ -211,11 +247,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return problem.reduce(loss_rows)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
         problem = ctx.problem
         hidden_shape, dtype = ctx.shapes
         want = tuple(ctx.needs_input_grad[:3])
+        if torch.is_grad_enabled():  # differentiated again: through the logits
+            return _regrad((problem.composite(*ctx.inputs)[0],), ctx.inputs, (grad_output,), want)
         if problem.reduction == "none":
             row_scale = grad_output.reshape(-1).to(problem.dt)
             _, grad_h, grad_w, grad_b = problem.run(want, row_scale=row_scale)
@@ -275,7 +312,9 @@ def linear_cross_entropy(
     cw = None if ce_weight is None else to_tensor(ce_weight, "ce_weight")
     problem = _Problem(h, w, t, b, cw, (ignore_index, reduction, label_smoothing, z_loss, softcap), backend, chunk_size)
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, w, b))
-    if needs_grad:
+    if _transformed(h, w, b):
+        loss = problem.composite(h, w, b)[0]
+    elif needs_grad:
         loss = _LinearCrossEntropy.apply(h, w, b, problem)
     else:
         with torch.no_grad():
@@ -297,16 +336,15 @@ class _StatsProblem(_Problem):
         self.lse = torch.empty(self.n_rows, dtype=self.dt, device=self.h.device)
         self.argmax = torch.empty(self.n_rows, dtype=torch.int64, device=self.h.device)
         self.entropy = torch.empty(self.n_rows, dtype=self.dt, device=self.h.device)
-        self.entropy_scale = None
 
-    def chunk_loss(self, logits, lo, hi, grad_scale, want_grad):
+    def chunk_loss(self, logits, lo, hi, grad_scale, want_grad, entropy_scale=None):
         opts, t = self.opts, self.t[lo:hi]
         args = (opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap, self.backend)
-        if want_grad and self.entropy_scale is not None:  # the backward of loss and entropy: no loss rows
+        if want_grad and entropy_scale is not None:  # the backward of loss and entropy: no loss rows
             lse = self.lse[lo:hi]
             coef = stats_coef(t, self.w, self.is_prob, opts, lse, logits.shape[1])
             cross_entropy_backward_(
-                logits, t, self.w, lse, coef, self.entropy[lo:hi], grad_scale, self.entropy_scale[lo:hi],
+                logits, t, self.w, lse, coef, self.entropy[lo:hi], grad_scale, entropy_scale,
                 opts.ignore_index, opts.label_smoothing, logits.shape[1], 0, opts.softcap, self.backend,
             )  # fmt: skip
             return torch.zeros_like(lse)
@@ -327,19 +365,26 @@ class _LinearCrossEntropyWithEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, problem):
         ctx.problem = problem
         ctx.shapes = (hidden.shape, weight.dtype)
+        ctx.inputs = (hidden, weight, bias)  # for a differentiated backward
         loss_rows = problem.run()[0]
         entropy_rows = problem.entropy.clone()
         return loss_rows, entropy_rows
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, grad_entropy):
         problem = ctx.problem
         hidden_shape, dtype = ctx.shapes
+        want = tuple(ctx.needs_input_grad[:3])
+        if torch.is_grad_enabled():  # differentiated again: through the logits
+            h, w, b = ctx.inputs
+            logits = torch.nn.functional.linear(h.reshape(problem.n_rows, -1), w, b)
+            rows = autograd.cross_entropy_with_entropy(logits, problem.t, problem.w, problem.is_prob, problem.opts,
+                                                       problem.backend)[:2]  # fmt: skip
+            return _regrad(rows, ctx.inputs, (grad_loss, grad_entropy), want)
         dt = problem.dt
         row_scale = torch.zeros_like(problem.lse) if grad_loss is None else grad_loss.reshape(-1).to(dt)
-        problem.entropy_scale = None if grad_entropy is None else grad_entropy.reshape(-1).to(dt)
-        _, grad_h, grad_w, grad_b = problem.run(tuple(ctx.needs_input_grad[:3]), row_scale=row_scale)
+        entropy_scale = None if grad_entropy is None else grad_entropy.reshape(-1).to(dt)
+        _, grad_h, grad_w, grad_b = problem.run(want, row_scale=row_scale, entropy_scale=entropy_scale)
         return _input_grads(grad_h, grad_w, grad_b, hidden_shape, dtype)
 
 
@@ -378,6 +423,11 @@ def linear_cross_entropy_with_stats(
     want_entropy = check_bool(entropy, "entropy")
     opts = (ignore_index, reduction, label_smoothing, z_loss, softcap)
     problem = _StatsProblem(h, w, t, b, cw, opts, backend, chunk_size)
+    if _transformed(h, w, b):  # through the logits, whose statistics' autograd the transforms differentiate
+        return cross_entropy_with_stats(
+            torch.nn.functional.linear(h, w, b), t, cw, ignore_index, reduction, label_smoothing, z_loss=z_loss,
+            softcap=softcap, backend=problem.backend, entropy=want_entropy,
+        )  # fmt: skip
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, w, b))
     entropy_rows = None
     if want_entropy:

@@ -624,12 +624,17 @@ def _chunk_exps_stats(y, m, has_nan, e, want_grad, lo, best_m, best_j, nan_j):
     return s, t, best_m, best_j, nan_j
 
 
+def scalar(fn):
+    """A row function of ``rowmath`` compiled in strict IEEE order: an explicit ``fastmath=False``, as
+    numba gives a callee that sets none its caller's flags, and reassociation loses the logits' size
+    (``(m - y_t) + log_s`` became ``lse - y_t``: 0 for two logits of 1e20)."""
+    return nb.njit(fastmath=False)(fn)
+
+
 _ROW = rowmath.make(np.float64)  # the row math shared with numba_cuda, on float64 row sums
-_merge = nb.njit(_ROW.merge)
 _ENTROPY = rowmath.make_entropy(np.float64)
-_merge_entropy = nb.njit(_ENTROPY.merge_entropy)
-_entropy = nb.njit(_ENTROPY.entropy)
-_loss_and_coef = nb.njit(_ROW.loss_and_coef)
+_merge, _loss_and_coef, _kl_from_sums = map(scalar, (_ROW.merge, _ROW.loss_and_coef, _ROW.kl_from_sums))
+_merge_entropy, _entropy = map(scalar, (_ENTROPY.merge_entropy, _ENTROPY.entropy))
 _bce = nb.njit(_ROW.bce)
 _bce_logits = nb.njit(_ROW.bce_logits)
 
@@ -1251,7 +1256,7 @@ def cross_entropy_backward(
 
 KL, REVERSE_KL, JSD = 0, 1, 2
 DIVERGENCE_CODES = {"kl": KL, "reverse_kl": REVERSE_KL, "jsd": JSD}
-_merge_cross = nb.njit(_ROW.merge_cross)
+_merge_cross = scalar(_ROW.merge_cross)
 
 
 def _log1p_unit(u):  # pragma: no cover - replaced by the overload below inside njit code
@@ -1430,10 +1435,10 @@ def _distill_row(s, t, divergence, inv_tau, tau, beta, scale, g, want_grad, es, 
         return np.nan
     if divergence == KL:
         mu = inv_tau * cross / sum_t  # sum p_t (T - S)
-        div = mu - (m_t - m_s) - (log_st - log_ss)
+        div = _kl_from_sums(mu, m_t, m_s, log_st, log_ss)
     elif divergence == REVERSE_KL:
         mu = inv_tau * cross / sum_s  # sum p_s (S - T)
-        div = mu - (m_s - m_t) - (log_ss - log_st)
+        div = _kl_from_sums(mu, m_s, m_t, log_ss, log_st)
     else:
         log_beta = _cast(es, math.log(beta))
         log_1mbeta = _cast(es, math.log1p(-beta))

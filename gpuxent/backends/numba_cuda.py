@@ -828,6 +828,7 @@ def _distillation_kernel(dtype: np.dtype):
     row = rowmath.make(f)
     merge = cuda.jit(device=True)(row.merge)
     merge_cross = cuda.jit(device=True)(row.merge_cross)
+    kl_from_sums = cuda.jit(device=True)(row.kl_from_sums)
 
     @cuda.jit(device=True)
     def row_reduce(sm_m1, sm_s1, sm_c1, sm_m2, sm_s2, tid, lane, threads_per_row, m1, s1, c1, m2, s2):
@@ -926,10 +927,10 @@ def _distillation_kernel(dtype: np.dtype):
             if finite:
                 if divergence == KL:
                     mu = c1 / sum_t  # sum p_t (T - S)
-                    div = mu - (m_t - m_s) - (log_st - log_ss)
+                    div = kl_from_sums(mu, m_t, m_s, log_st, log_ss)
                 elif divergence == REVERSE_KL:
                     mu = c1 / sum_s  # sum p_s (S - T)
-                    div = mu - (m_s - m_t) - (log_ss - log_st)
+                    div = kl_from_sums(mu, m_s, m_t, log_ss, log_st)
             if divergence == 2:  # pass 2: sum p_t (log p_t - log m) and K = sum p_s (log p_s - log m)
                 kl_t = ZERO
                 kl_s = ZERO

@@ -3,7 +3,9 @@ compiles with ``numba.njit`` and ``numba_cuda`` with ``cuda.jit(device=True)``.
 
 ``make(f)`` builds them around constants of the numpy scalar type ``f`` (``np.float64`` for the CPU
 kernels' row sums, the compute dtype on CUDA), so that no float64 literal widens float32 arithmetic.
-Builtin ``max``/``min`` are avoided: numba's varargs overload of them does not compile for CUDA.
+On the CPU they compile WITHOUT fast-math (``numba_cpu.scalar``): numba hands a caller's fast-math
+flags down to every callee that sets none, and reassociation turns ``(m - y_t) + log_s`` into
+``lse - y_t``, which is 0 for two logits of 1e20 (torch: log 2). Builtin ``max``/``min`` are avoided: numba's varargs overload of them does not compile for CUDA.
 """
 
 from __future__ import annotations
@@ -83,9 +85,16 @@ def make(f) -> SimpleNamespace:
         f = math.exp(m_b - m_a)
         return m_a, s_a + s_b * f, c_a + c_b * f
 
+    def kl_from_sums(mu, m_lead, m_other, log_s_lead, log_s_other):
+        """``KL(p_lead || p_other)`` of two rows (in the same temperature-scaled units) from ``mu =
+        E_lead[lead - other]``, their maxima and the logs of their sums of ``exp(x - max)``. The maxima
+        are subtracted first: two logits of 1e20 differ by 0, not by the rounding of their lse."""
+        return mu - (m_lead - m_other) - (log_s_lead - log_s_other)
+
     return SimpleNamespace(
-        merge=merge, loss_and_coef=loss_and_coef, bce=bce, bce_logits=bce_logits, merge_cross=merge_cross
-    )
+        merge=merge, loss_and_coef=loss_and_coef, bce=bce, bce_logits=bce_logits, merge_cross=merge_cross,
+        kl_from_sums=kl_from_sums,
+    )  # fmt: skip
 
 
 # ---- statistics: the entropy of a row, from sums merged like (max, sum of exp)
