@@ -136,14 +136,18 @@ def cross_entropy_and_grad(
 # --------------------------------------------------------------------------- softmax
 
 
-def _softmax(x, axis, log: bool, backend):
+def _softmax(x, axis, log: bool, backend, dim=None):
+    if axis is not None and dim is not None:
+        raise TypeError("softmax: got both axis and dim (dim is PyTorch's name for axis); give one")
+    what = "axis" if dim is None else "dim"
+    axis = -1 if axis is None and dim is None else (axis if dim is None else dim)
     as_numpy = not isinstance(x, torch.Tensor)
     t = to_tensor(x, "x")
     check_float(t, "x")
     if t.dim() == 0:
         raise ValueError("x: expected at least one axis, got a scalar")
     if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)) or not -t.dim() <= axis < t.dim():
-        raise ValueError(f"axis: expected an int in [{-t.dim()}, {t.dim()}), got {axis!r}")
+        raise ValueError(f"{what}: expected an int in [{-t.dim()}, {t.dim()}), got {axis!r}")
     axis = int(axis)
     name = backends.select(t.device, backend)
     moved = t.movedim(axis, -1)
@@ -156,14 +160,16 @@ def _softmax(x, axis, log: bool, backend):
     return out(result.reshape(moved.shape).movedim(-1, axis), as_numpy)
 
 
-def softmax(x: Array, axis: int = -1, *, backend: str | None = None) -> Array:
-    """Softmax along ``axis`` (default: the last), numerically stable: ``exp(x - max) / sum``; rows sum to 1."""
-    return _softmax(x, axis, False, backend)
+def softmax(x: Array, axis: int | None = None, *, dim: int | None = None, backend: str | None = None) -> Array:
+    """Softmax along ``axis`` (default: the last), numerically stable: ``exp(x - max) / sum``; rows sum to 1.
+    ``dim`` is the same argument under PyTorch's name; giving both is a TypeError."""
+    return _softmax(x, axis, False, backend, dim)
 
 
-def log_softmax(x: Array, axis: int = -1, *, backend: str | None = None) -> Array:
-    """Log-softmax along ``axis``: ``(x - max) - log(sum(exp(x - max)))``, exact for large logits."""
-    return _softmax(x, axis, True, backend)
+def log_softmax(x: Array, axis: int | None = None, *, dim: int | None = None, backend: str | None = None) -> Array:
+    """Log-softmax along ``axis`` (default: the last): ``(x - max) - log(sum(exp(x - max)))``, exact for large
+    logits. ``dim`` is the same argument under PyTorch's name; giving both is a TypeError."""
+    return _softmax(x, axis, True, backend, dim)
 
 
 # --------------------------------------------------------------------------- binary cross-entropy
