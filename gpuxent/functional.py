@@ -94,6 +94,8 @@ def cross_entropy(
         ``reduction="none"``; float32 for half inputs. Differentiable (second order and
         ``torch.func`` included) in the logits, and in probability targets.
     """
+    if type(logits).__name__ == "DTensor":  # a torch.distributed.tensor.DTensor: gpuxent/dtensor.py
+        return __import__("gpuxent.dtensor").dtensor.cross_entropy(**locals())
     x = logits if isinstance(logits, torch.Tensor) else None
     t = target if isinstance(target, torch.Tensor) else None
     want_grad = torch.is_grad_enabled() and (
@@ -307,6 +309,8 @@ def distillation_loss(
     Returns:
         The loss as the input's kind; float32 for half inputs.
     """
+    if type(student_logits).__name__ == "DTensor":  # a torch.distributed.tensor.DTensor: gpuxent/dtensor.py
+        return __import__("gpuxent.dtensor").dtensor.distillation_loss(**locals())
     as_numpy = not isinstance(student_logits, torch.Tensor)
     s = to_tensor(student_logits, "student_logits")
     t = to_tensor(teacher_logits, "teacher_logits")
@@ -397,6 +401,8 @@ def cross_entropy_with_stats(
     gradient when one is needed), plus 16 bytes per row; with ``entropy=True`` the forward reads the
     logits once (no gradient) and the backward reads them once more and writes the gradient.
     """
+    if type(logits).__name__ == "DTensor":  # a torch.distributed.tensor.DTensor: gpuxent/dtensor.py
+        return __import__("gpuxent.dtensor").dtensor.cross_entropy_with_stats(**locals())
     as_numpy = not isinstance(logits, torch.Tensor)
     x = to_tensor(logits, "logits")
     t = to_tensor(target, "target")
