@@ -1,4 +1,4 @@
-"""The public functions of ``shared/API.md`` and their docstrings.
+"""The public functions of gpuxent (``import gpuxent as gx``) and their docstrings.
 
 Each one checks its arguments (``gpuxent.checks``), picks the backend once (``gpuxent.backends.select``)
 and calls an autograd Function of ``gpuxent.autograd``, whose registered op calls the backend's
