@@ -325,10 +325,21 @@ def train(cfg: TrainConfig, data: Dataset | None = None, *, rank: int = 0, world
 
 
 def _logger(cfg: TrainConfig):
+    """Rank 0's epoch log: one line per epoch, flushed (a pipe shows each epoch as it ends). A reader that
+    goes away (``| head -1``) silences the log and the run goes on: its plot and checkpoint are still written."""
     from tqdm import tqdm
 
     stream = sys.stderr if cfg.json else sys.stdout
-    return lambda msg: tqdm.write(msg, file=stream)
+
+    def log(msg: str) -> None:
+        try:
+            tqdm.write(msg, file=stream)
+            stream.flush()
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+
+    return log
 
 
 def _progress(epochs: int, cfg: TrainConfig):
@@ -484,10 +495,13 @@ def plot_history(history: dict, path=None, title: str = ""):
     epochs = history["epoch"]
     ax_loss.plot(epochs, history["loss"], marker=".")
     ax_loss.set(xlabel="epoch", ylabel="train loss", title="loss", yscale="log")
+    # the three curves often coincide (on AND, at 1.0 from the first epochs): a wide translucent band for
+    # train, a thin solid line for the token accuracy and a dashed one for test, so each shows over the others
+    every = max(1, len(epochs) // 25)
+    ax_acc.plot(epochs, history["train_acc"], marker="o", markevery=every, linewidth=4, alpha=0.45, label="train")
     if has_stats:
-        ax_acc.plot(epochs, history["token_acc"], marker=".", label="token (from the loss)")
-    ax_acc.plot(epochs, history["train_acc"], marker=".", label="train")
-    ax_acc.plot(epochs, history["test_acc"], marker=".", label="test")
+        ax_acc.plot(epochs, history["token_acc"], marker=".", markevery=every, label="token (from the loss)")
+    ax_acc.plot(epochs, history["test_acc"], marker="x", markevery=every, linestyle="--", label="test")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     ax_acc.legend()
     if has_stats:
@@ -576,11 +590,15 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def summary_line(s: dict) -> str:
-    """The one-line report of a run's summary (``gpuxent train`` without ``--json``)."""
-    return (
+    """The report of a run's summary (``gpuxent train`` without ``--json``): one line, and a second with
+    the teacher's test accuracy for a distillation run."""
+    line = (
         f"{s['dataset']}: test_acc {s['test_accuracy']:.4f}, final loss {s['final_loss']:.4f}, "
         f"{s['epochs']} epochs, backend {s['backend']} on {s['device']} x {s['nproc']}, {s['time_s']:.1f}s"
     )
+    if "teacher_test_accuracy" in s:
+        line += f"\nteacher {s['distill_from']}: test_acc {s['teacher_test_accuracy']:.4f}"
+    return line
 
 
 # --------------------------------------------------------------------------- command line
@@ -605,11 +623,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("--target", metavar="COLUMN", help="the label column of --csv")
     parser.add_argument("--epochs", type=int, help="epochs (default: 20; 100 for the 4-row AND gate)")
     parser.add_argument("--hidden", default="64,64", help="hidden layer widths (default: %(default)s)")
-    parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default=d.activation)
+    parser.add_argument(
+        "--activation", choices=sorted(ACTIVATIONS), default=d.activation,
+        help="activation of the hidden layers (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--lr", type=float, default=d.lr, help="learning rate (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="global mini-batch (default: %(default)s)")
-    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=d.optimizer)
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument(
+        "--optimizer", choices=sorted(OPTIMIZERS), default=d.optimizer, help="torch optimizer (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seed of the split, the initial weights and the batches (default: %(default)s)",
+    )
     parser.add_argument("--backend", choices=sorted(backends.REGISTRY), help="gpuxent backend (default: by device)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--plot", metavar="PNG", help="save loss and accuracy per epoch as a PNG")

@@ -1,5 +1,7 @@
 """The console script: `gpuxent info`, `gpuxent bench`, its one-line errors and strict JSON (`gpuxent train`'s
-runs are in test_train.py). No test here depends on how fast anything runs."""
+runs are in test_train.py); its habits: --version, help for every option, errors that name the flag and
+suggest the closest one, a quiet end when the reader of its output goes away. No test here depends on how
+fast anything runs."""
 
 import json
 import math
@@ -44,7 +46,7 @@ def _one_line_error(argv, capsys) -> str:
 def test_info_lists_every_backend_with_a_reason():
     info = _strict_json(_run("info", "--json"))  # python -m gpuxent: gpuxent/__main__.py
     assert {"gpuxent", "torch", "cuda", "numba", "device", "backends"} <= set(info)
-    assert set(info["backends"]) == {"numba_cpu", "triton", "numba_cuda"}
+    assert {"numba_cpu", "triton", "numba_cuda"} <= set(info["backends"])
     assert info["backends"]["numba_cpu"]["available"] is True
     assert all(row["why"] for row in info["backends"].values())
     text = _run("info")
@@ -150,15 +152,18 @@ def test_bench_peak_memory_within_its_model(tmp_path):
         (["bench", "--sizes", f"{2**40}x{2**20}"], "GiB"),
         (["bench", "--bogus"], "unrecognized"),
         (["train", "--nproc", "0"], "nproc"),
-        (["train", "--nproc", "2", "--batch-size", "0"], "batch_size"),
-        (["train", "--epochs", "-1"], "epochs"),
-        (["train", "--hidden", "64,x"], "hidden"),
-        (["train", "--lr", "nan"], "lr"),
-        (["train", "--device", "gpu"], "device"),
+        (["train", "--nproc", "2", "--batch-size", "0"], "--batch-size: expected >= 2"),
+        (["train", "--epochs", "-1"], "--epochs: expected >= 0"),
+        (["train", "--hidden", "64,x"], "--hidden: expected comma-separated"),
+        (["train", "--lr", "nan"], "--lr: expected a finite number"),
+        (["train", "--device", "gpu"], "--device: "),
         (["train", "--csv", "no-such.csv", "--target", "y"], "does not exist"),
-        (["train", "--alpha", "0.3"], "alpha: --alpha sets the distillation and needs --distill-from"),
+        (["train", "--csv", "x.csv"], "--target: --csv needs --target COLUMN"),
+        (["train", "--distill-from", "no-such.pt"], "--distill-from: no checkpoint file"),
+        (["train", "--alpha", "0.3"], "error: --alpha sets the distillation and needs --distill-from"),
         (["train", "--alpha", "0.5"], "needs --distill-from"),  # the default value, given: still an error
-        (["train", "--temperature", "2"], "temperature: --temperature sets the distillation and needs --distill-from"),
+        (["train", "--temperature", "2"], "error: --temperature sets the distillation and needs --distill-from"),
+        (["bench", "--repeats", "0"], "--repeats: expected >= 1"),
         (["nope"], "invalid choice"),
     ],
 )
@@ -166,7 +171,105 @@ def test_bad_arguments_are_one_line_errors(argv, needle, capsys, monkeypatch):
     import torch.multiprocessing
 
     monkeypatch.setattr(torch.multiprocessing, "spawn", lambda *a, **k: pytest.fail("spawned before validating"))
-    assert needle in _one_line_error(argv, capsys)
+    err = _one_line_error(argv, capsys)
+    assert needle in err
+    # a setting is named as the flag a user types, never as the library's field name
+    assert not any(f" {name}:" in err for name in ("batch_size", "distill_from", "entropy_bonus")), err
+
+
+@pytest.mark.parametrize(
+    "argv, suggestion",
+    [
+        (["train", "--batchsize", "8"], "(did you mean '--batch-size'?)"),
+        (["train", "--optimiser=sgd"], "(did you mean '--optimizer'?)"),
+        (["train", "--dataset", "digit"], "(did you mean 'digits'?)"),
+        (["train", "--dataset", "breast-cancer"], "(did you mean 'breast_cancer'?)"),
+        (["train", "--activation", "rleu"], "(did you mean 'relu'?)"),
+        (["bench", "--dtype", "bfloat"], "(did you mean 'bfloat16'?)"),
+        (["trian"], "(did you mean 'train'?)"),
+    ],
+)
+def test_misspelt_flag_or_choice_suggests_the_closest(argv, suggestion, capsys):
+    assert suggestion in _one_line_error(argv, capsys)
+
+
+def test_nothing_close_suggests_nothing(capsys):
+    assert "did you mean" not in _one_line_error(["train", "--zzzzzz"], capsys)
+
+
+def test_version(capsys):
+    import gpuxent
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"gpuxent {gpuxent.__version__}"
+
+
+def test_every_option_has_help():
+    parser = cli.build_parser()
+    for name, command in parser.commands.items():
+        for action in command._actions:
+            if action.option_strings:
+                assert action.help and action.help.strip(), (name, action.option_strings)
+    train_help = parser.commands["train"].format_help()
+    for words in ("activation of the hidden layers", "torch optimizer", "seed of the split"):
+        assert words in " ".join(train_help.split())
+    assert "dtype of the logits" in " ".join(parser.commands["bench"].format_help().split())
+
+
+# --------------------------------------------------------------------------- a reader that goes away
+
+
+@pytest.mark.parametrize("argv", [["info"], ["train", "--dataset", "and", "--epochs", "3"]])
+def test_closed_stdout_ends_quietly(argv):
+    """The reader of stdout has gone before the first write (the case of `| head -1` once head has
+    exited): no `[Errno 32] Broken pipe`, no "Exception ignored" at exit, status 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpuxent", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, err
+    assert err == ""
+
+
+def test_piped_to_head():
+    """`gpuxent train ... | head -1`, as a user types it (under pipefail: gpuxent's own status counts)."""
+    command = f"set -o pipefail; {sys.executable} -m gpuxent train --dataset and --epochs 20 | head -1"
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("epoch 1:") and proc.stdout.count("\n") == 1, proc.stdout
+    assert proc.stderr == ""
+
+
+# --------------------------------------------------------------------------- train's text output and plot
+
+
+def test_text_output_has_the_teachers_accuracy(tmp_path, capsys):
+    teacher = str(tmp_path / "teacher.pt")
+    assert cli.main(["train", "--dataset", "and", "--epochs", "5", "--checkpoint", teacher]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--dataset", "and", "--epochs", "5", "--distill-from", teacher]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith(f"teacher {teacher}: test_acc ") for line in lines), lines
+    assert cli.main(["train", "--dataset", "and", "--epochs", "5"]) == 0
+    assert "teacher" not in capsys.readouterr().out
+
+
+def test_plot_shows_train_and_test_where_they_overlap(tmp_path):
+    """On AND the train and test accuracy are the same curve: they are drawn in different styles, the
+    one below wider, so both show."""
+    from gpuxent.train import plot_history
+
+    acc = [0.75, 1.0, 1.0, 1.0]
+    history = dict(epoch=[1, 2, 3, 4], loss=[0.7, 0.5, 0.3, 0.2], token_acc=acc, entropy=[0.6, 0.5, 0.4, 0.3])
+    fig = plot_history(dict(history, train_acc=acc, test_acc=acc), tmp_path / "and.png")
+    lines = {line.get_label(): line for line in fig.axes[1].get_lines()}
+    train, test = lines["train"], lines["test"]
+    assert train.get_linestyle() != test.get_linestyle() and train.get_marker() != test.get_marker()
+    assert train.get_linewidth() > test.get_linewidth()
+    assert (tmp_path / "and.png").stat().st_size > 0
 
 
 def test_csv_directory_is_an_error(tmp_path, capsys):
