@@ -16,6 +16,7 @@ from .functional import (
     softmax,
 )
 from .linear import linear_cross_entropy, linear_cross_entropy_with_stats
+from .post_training import LogProbs, linear_distillation_loss, linear_log_probs
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,9 @@ __all__ = [
     "distributed",
     "linear_cross_entropy",
     "linear_cross_entropy_with_stats",
+    "linear_distillation_loss",
+    "linear_log_probs",
+    "LogProbs",
     "log_softmax",
     "nn",
     "predict",

@@ -9,8 +9,13 @@ gradients). Here the rows go through in chunks of ``chunk_size``:
 2. the fused backend kernel reduces the chunk to its per-row losses and writes the chunk's logit
    gradient ``g_c``, already scaled for the reduction, back into the same buffer (in place);
 3. ``g_c`` goes straight into the parameter gradients: ``grad_hidden[c] = g_c @ W``,
-   ``grad_weight += g_c.T @ h_c``, ``grad_bias += g_c.sum(0)`` (accumulated in float32, or float64
-   for float64 inputs), and the buffer is reused by the next chunk.
+   ``grad_weight += g_c.T @ h_c``, ``grad_bias += g_c.sum(0)`` (accumulated in ``accum_dtype``: by
+   default float32, or float64 for float64 inputs, rounded once to a half parameter's dtype at the
+   end; ``accum_dtype=torch.bfloat16`` accumulates half inputs in half, as Liger's default does), and
+   the buffer is reused by the next chunk.
+
+A ``temperature`` (one, or one per row) scales the chunk's logits before the kernel, ``softcap(x) / T``
+(see :class:`_Problem`), and joins each row's gradient factor as ``1/T``: no pass of its own.
 
 So the extra memory is one chunk of logits plus the gradients of the inputs, whatever N is, and the
 work is the same three matmuls as the unfused version plus one fused pass over each chunk.
@@ -29,6 +34,10 @@ exact, uniform or not.
 
 from __future__ import annotations
 
+import math
+import numbers
+
+import numpy as np
 import torch
 from . import autograd, backends
 from .autograd import (
@@ -42,12 +51,14 @@ from .autograd import (
 )
 from .backends import compute_dtype
 from .checks import (
+    FLOAT_DTYPES,
     check_bool,
     check_chunk_size,
     check_class_weight,
     check_device,
     check_float,
     denominator,
+    host_value,
     mean_scale,
     out,
     prepare_cross_entropy,
@@ -101,13 +112,76 @@ def _check_linear(hidden, weight, bias, ce_weight):
     check_class_weight(hidden, ce_weight, n_classes, "ce_weight")
 
 
+def check_accum_dtype(accum_dtype, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the parameter gradients accumulate in across chunks: ``accum_dtype``, or by default the
+    compute dtype (float32 for half inputs, then rounded once to the parameter's dtype)."""
+    if accum_dtype is None:
+        return compute_dtype(dtype)
+    if not isinstance(accum_dtype, torch.dtype) or accum_dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            "accum_dtype: expected None or a floating torch dtype (torch.float32, torch.bfloat16, ...), "
+            f"got {accum_dtype!r}"
+        )
+    return accum_dtype
+
+
+def check_temperature(temperature, batch_shape, ref: torch.Tensor, dt: torch.dtype):
+    """``(inv, inv_rows)``: 1/T for one temperature (None for T = 1), or (N,) per-row 1/T in ``dt``
+    for a tensor of per-row temperatures (shape ``(N,)`` or the batch shape; a 0-d tensor applies to
+    every row). ``ValueError`` for a temperature that is not a finite number > 0, or a wrong length."""
+    n_rows = math.prod(batch_shape)
+    if isinstance(temperature, np.ndarray) and temperature.ndim == 0:
+        temperature = temperature[()]
+    if isinstance(temperature, (torch.Tensor, np.ndarray)):
+        t = to_tensor(temperature, "temperature")
+        if t.dtype == torch.bool or t.dtype.is_complex or not (t.dtype.is_floating_point or t.dtype in _INTS):
+            raise TypeError(f"temperature: expected a number or a real tensor of per-row temperatures, got {t.dtype}")
+        check_device(ref, t, "temperature")
+        if t.dim() == 0:
+            t = t.expand(n_rows)
+        if tuple(t.shape) not in ((n_rows,), tuple(batch_shape)):
+            raise ValueError(
+                f"temperature: expected a number or one temperature per row, shape ({n_rows},), got {tuple(t.shape)}"
+            )
+        t = t.detach().reshape(n_rows).to(dt)
+        plain = host_value(t) if n_rows else None
+        if plain is not None and not bool(((plain > 0) & (plain < math.inf)).all()):
+            bad = plain[~((plain > 0) & (plain < math.inf))][0].item()
+            raise ValueError(f"temperature: expected finite temperatures > 0, got {bad!r} in the tensor")
+        return None, (1.0 / t).contiguous()
+    if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature: expected a number or a tensor of per-row temperatures, got "
+                        f"{type(temperature).__name__}")  # fmt: skip
+    tau = float(temperature)
+    if not 0 < tau < math.inf:  # comparisons: NaN fails both
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    return (None if tau == 1.0 else 1.0 / tau), None
+
+
+_INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
 # --------------------------------------------------------------------------- the chunked core
 
 
 class _Problem:
-    """The checked, flattened arguments of one call, and the chunk loop over them."""
+    """The checked, flattened arguments of one call, and the chunk loop over them.
 
-    def __init__(self, hidden, weight, target, bias, ce_weight, opts, backend, chunk_size):
+    Temperature: the kernel sees ``y = softcap(x) / T``. For one temperature the chunk's matmul writes
+    ``x / T`` directly (its ``alpha``, one rounding) and the kernel's softcap is ``softcap / T``, since
+    ``c tanh(x / c) / T = (c / T) tanh((x / T) / (c / T))``; per-row temperatures scale the rows after the
+    matmul, and with a softcap (a scalar in the kernels) the chunk is soft-capped in torch first, keeping
+    ``1 - tanh**2`` for the gradient. The kernel's gradient is then ``d loss / d y``; ``1/T`` joins every
+    row's ``grad_scale`` (and ``entropy_scale``), so the gradient written over the chunk is ``d loss / d x``.
+    """
+
+    # Defaults for subclasses that set their own attributes (``distributed._LinearProblem``).
+    inv_t = None  # 1/T of one temperature, None for T = 1
+    inv_rows = None  # (N,) per-row 1/T, or None
+    acc_dtype = None  # the dtype of the gradient accumulators (None: the compute dtype)
+
+    def __init__(self, hidden, weight, target, bias, ce_weight, opts, backend, chunk_size, temperature=1.0,
+                 accum_dtype=None):  # fmt: skip
         _check_linear(hidden, weight, bias, ce_weight)
         chunk_size = check_chunk_size(chunk_size)
         n_classes, d = weight.shape
@@ -123,6 +197,8 @@ class _Problem:
         self.batch_shape = hidden.shape[:-1]
         self.dtype = hidden.dtype
         self.dt = compute_dtype(hidden.dtype)
+        self.inv_t, self.inv_rows = check_temperature(temperature, self.batch_shape, hidden, self.dt)
+        self.acc_dtype = check_accum_dtype(accum_dtype, hidden.dtype)
         self.reduction = p.opts.reduction
         self.backend = backends.select(self.h.device, backend)
         self.chunk_size = chunk_size or default_chunk_size(n_classes, hidden.dtype)
@@ -131,54 +207,109 @@ class _Problem:
             self.denom = denominator(self.t, self.w, self.is_prob, p.opts.ignore_index, self.n_rows, self.dt)
             self.scale = mean_scale(self.denom).reshape(1)
 
+    # ------------------------------------------------------------------ one chunk
+
+    def chunk_logits(self, h_c, logits, lo, hi, cap_buf):
+        """Write the chunk's logits, as the kernel is to see them, into ``logits``; returns the softcap the
+        kernel applies and the factor (or None) its gradient still needs, ``1 - tanh**2`` of a softcap
+        done here."""
+        wt = self.weight.t()
+        cap = self.opts.softcap
+        inv = self.inv_t
+        if self.inv_rows is None and inv is not None:  # one temperature: 1/T in the matmul's alpha
+            if self.bias is None:
+                logits.addmm_(h_c, wt, beta=0, alpha=inv)  # beta=0: the buffer's old contents are not read
+            else:
+                torch.addmm(self.bias, h_c, wt, beta=inv, alpha=inv, out=logits)
+            return cap * inv, None
+        if self.bias is None:
+            torch.mm(h_c, wt, out=logits)
+        else:
+            torch.addmm(self.bias, h_c, wt, out=logits)
+        if self.inv_rows is None:
+            return cap, None
+        inv_c = self.inv_rows[lo:hi, None]
+        if not cap:
+            logits.mul_(inv_c)
+            return 0.0, None
+        y = cap_buf[: hi - lo]  # softcap(x) / T in the compute dtype, rounded once into the logits
+        torch.div(logits, cap, out=y).tanh_()
+        torch.mul(y, inv_c * cap, out=logits)
+        return 0.0, y.mul_(y).neg_().add_(1)  # d softcap(x) / dx = 1 - tanh**2
+
+    def grad_scale(self, lo, hi, row_scale=None):
+        """The factor of rows ``[lo, hi)``'s gradients: 1/denominator for a mean, times 1/T, times
+        ``row_scale``; None (1), or a tensor of 1 or ``hi - lo`` elements."""
+        f = self.scale
+        if self.inv_rows is not None:
+            f = self.inv_rows[lo:hi] if f is None else self.inv_rows[lo:hi] * f
+        elif self.inv_t is not None:
+            f = torch.full((1,), self.inv_t, dtype=self.dt, device=self.h.device) if f is None else f * self.inv_t
+        if row_scale is not None:
+            f = row_scale[lo:hi] if f is None else row_scale[lo:hi] * f
+        return f
+
     def run(self, want=(False, False, False), row_scale=None, entropy_scale=None):
         """Per-row losses, and the gradients asked for by ``want`` = (hidden, weight, bias).
 
-        The logit gradient of each chunk is scaled by 1/denominator for a mean, and row by row by
+        The logit gradient of each chunk is scaled by 1/denominator for a mean, by 1/T, and row by row by
         ``row_scale`` (a (N,) tensor) when given; ``entropy_scale`` (N,): see :class:`_StatsProblem`.
+        The weight's and bias's gradients accumulate across chunks in ``acc_dtype``.
         """
         n_rows, dt = self.n_rows, self.dt
+        acc = self.acc_dtype or dt
         n_classes, d = self.weight.shape
         want_grad = any(want)
-        loss_rows = torch.empty(n_rows, dtype=dt, device=self.h.device)
+        device = self.h.device
+        loss_rows = torch.empty(n_rows, dtype=dt, device=device)
         grad_h = torch.empty_like(self.h) if want[0] else None
-        acc_w = torch.zeros((n_classes, d), dtype=dt, device=self.h.device) if want[1] else None
-        acc_b = torch.zeros(n_classes, dtype=dt, device=self.h.device) if want[2] else None
+        acc_w = torch.zeros((n_classes, d), dtype=acc, device=device) if want[1] else None
+        acc_b = torch.zeros(n_classes, dtype=acc, device=device) if want[2] else None
         rows = min(self.chunk_size, max(n_rows, 1))
-        buf = torch.empty((rows, n_classes), dtype=self.dtype, device=self.h.device)
-        wt = self.weight.t()
+        buf = torch.empty((rows, n_classes), dtype=self.dtype, device=device)
+        cap_buf = None
+        if self.inv_rows is not None and self.opts.softcap:
+            cap_buf = torch.empty((rows, n_classes), dtype=dt, device=device)
+        inv_rows = self.inv_rows
         for lo in range(0, n_rows, rows):
             hi = min(lo + rows, n_rows)
             h_c = self.h[lo:hi]
             logits = buf[: hi - lo]
-            if self.bias is None:
-                torch.mm(h_c, wt, out=logits)
-            else:
-                torch.addmm(self.bias, h_c, wt, out=logits)
-            grad_scale = self.scale  # the chunk's gradient is written over its logits, scaled per row
-            if row_scale is not None:
-                grad_scale = row_scale[lo:hi] if grad_scale is None else row_scale[lo:hi] * grad_scale
-            es = None if entropy_scale is None else entropy_scale[lo:hi]
-            loss_rows[lo:hi] = self.chunk_loss(logits, lo, hi, grad_scale, want_grad, es)
+            cap, factor = self.chunk_logits(h_c, logits, lo, hi, cap_buf)
+            # the chunk's gradient is written over its logits, scaled per row
+            grad_scale = self.grad_scale(lo, hi, row_scale)
+            kw = {}
+            if entropy_scale is not None:  # d H / dx = (1/T) d H / dy, as the loss's
+                es = entropy_scale[lo:hi]
+                kw["entropy_scale"] = (
+                    es if inv_rows is None and self.inv_t is None
+                    else es * (inv_rows[lo:hi] if inv_rows is not None else self.inv_t)
+                )  # fmt: skip
+            if cap != self.opts.softcap:
+                kw["softcap"] = cap
+            loss_rows[lo:hi] = self.chunk_loss(logits, lo, hi, grad_scale, want_grad, **kw)
             if not want_grad:
                 continue
             g = logits
+            if factor is not None:
+                g.mul_(factor)
             if want[0]:
                 torch.mm(g, self.weight, out=grad_h[lo:hi])
             if want[1]:
-                if g.dtype == dt:
+                if g.dtype == acc:
                     acc_w.addmm_(g.t(), h_c)
-                else:  # half inputs: the matmul in half (as autograd would), the sum in float32
-                    acc_w += torch.mm(g.t(), h_c).to(dt)
+                else:  # half inputs: the matmul in half (as autograd would), the sum in acc_dtype
+                    acc_w += torch.mm(g.t(), h_c)
             if want[2]:
-                acc_b += g.sum(0, dtype=dt)
+                acc_b += g.sum(0, dtype=dt)  # within the chunk in the compute dtype, across chunks in acc
         return loss_rows, grad_h, acc_w, acc_b
 
-    def chunk_loss(self, logits, lo, hi, grad_scale, want_grad, entropy_scale=None):
+    def chunk_loss(self, logits, lo, hi, grad_scale, want_grad, entropy_scale=None, softcap=None):
         """Per-row losses of rows ``[lo, hi)`` from their logits; with ``want_grad`` their gradient,
-        times ``grad_scale``, is written over ``logits``."""
+        times ``grad_scale``, is written over ``logits``. ``softcap``: the kernel's (None: the call's)."""
         opts = self.opts
-        args = (opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap, self.backend)
+        cap = opts.softcap if softcap is None else softcap
+        args = (opts.ignore_index, opts.label_smoothing, opts.z_loss, cap, self.backend)
         if not want_grad:
             return cross_entropy_rows(logits, self.t[lo:hi], self.w, None, *args, False)[0]
         return cross_entropy_rows_(logits, self.t[lo:hi], self.w, grad_scale, *args)[0]
@@ -186,11 +317,26 @@ class _Problem:
     def reduce(self, loss_rows):
         return reduce_rows(loss_rows, self.reduction, self.denom, self.batch_shape)
 
+    # ------------------------------------------------------------------ through the (N, r) logits
+
+    def logits_of(self, hidden, weight, bias):
+        """The (N, r) logits as the kernel sees them, in torch ops (differentiable to any order), and the
+        options that go with them: ``softcap(x) / T``, the softcap folded in where there is a temperature."""
+        x = torch.nn.functional.linear(hidden.reshape(self.n_rows, -1), weight, bias)
+        if self.inv_t is None and self.inv_rows is None:
+            return x, self.opts
+        cap = self.opts.softcap
+        y = x.to(self.dt)
+        if cap:
+            y = cap * torch.tanh(y / cap)
+        y = y * (self.inv_t if self.inv_rows is None else self.inv_rows[:, None])
+        return y, self.opts._replace(softcap=0.0)
+
     def composite(self, hidden, weight, bias):
         """``(loss, None)``, the reduced loss through the (N, r) logits and cross-entropy's autograd Function
         (differentiable again, and under every ``torch.func`` transform)."""
-        logits = torch.nn.functional.linear(hidden.reshape(self.n_rows, -1), weight, bias)
-        loss = autograd.cross_entropy(logits, self.t, self.w, self.is_prob, self.opts, self.backend, True, False)[0]
+        logits, opts = self.logits_of(hidden, weight, bias)
+        loss = autograd.cross_entropy(logits, self.t, self.w, self.is_prob, opts, self.backend, True, False)[0]
         return (loss.reshape(self.batch_shape) if self.reduction == "none" else loss), None
 
 
@@ -275,6 +421,8 @@ def linear_cross_entropy(
     softcap: float | None = None,
     backend: str | None = None,
     chunk_size: int | None = None,
+    temperature=1.0,
+    accum_dtype: torch.dtype | None = None,
 ):
     """Cross-entropy of ``hidden @ weight.T + bias`` without materialising the (N, r) logits.
 
@@ -294,6 +442,12 @@ def linear_cross_entropy(
             renamed because ``weight`` is the linear layer's here). A mean divides by the summed
             weight of the kept rows.
         chunk_size: rows per chunk; default: a chunk of logits of about 128 MiB.
+        temperature: a number > 0, or a tensor of N per-row temperatures (shape ``(N,)`` or
+            ``hidden.shape[:-1]``): the logits enter as ``softcap(x) / temperature``; the loss and every
+            statistic are of those; the gradient flows to ``hidden``, ``weight`` and ``bias`` only.
+        accum_dtype: the dtype the gradients of ``weight`` and ``bias`` accumulate in across chunks;
+            None: float32 for half inputs (rounded once to the parameter's dtype at the end), the
+            input's dtype otherwise; ``torch.bfloat16`` keeps half inputs' gradients in half throughout.
 
     Returns:
         The loss as the input's kind: a 0-d tensor / numpy scalar, or per-row values of shape
@@ -310,7 +464,8 @@ def linear_cross_entropy(
     t = to_tensor(target, "target")
     b = None if bias is None else to_tensor(bias, "bias")
     cw = None if ce_weight is None else to_tensor(ce_weight, "ce_weight")
-    problem = _Problem(h, w, t, b, cw, (ignore_index, reduction, label_smoothing, z_loss, softcap), backend, chunk_size)
+    opts = (ignore_index, reduction, label_smoothing, z_loss, softcap)
+    problem = _Problem(h, w, t, b, cw, opts, backend, chunk_size, temperature=temperature, accum_dtype=accum_dtype)
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, w, b))
     if _transformed(h, w, b):
         loss = problem.composite(h, w, b)[0]
@@ -331,21 +486,22 @@ class _StatsProblem(_Problem):
     a differentiable entropy), a chunk's logit gradient is ``cross_entropy_backward`` instead,
     ``grad_scale_i dCE_i + entropy_scale_i dH_i``, written over its logits in one pass."""
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
         self.lse = torch.empty(self.n_rows, dtype=self.dt, device=self.h.device)
         self.argmax = torch.empty(self.n_rows, dtype=torch.int64, device=self.h.device)
         self.entropy = torch.empty(self.n_rows, dtype=self.dt, device=self.h.device)
 
-    def chunk_loss(self, logits, lo, hi, grad_scale, want_grad, entropy_scale=None):
+    def chunk_loss(self, logits, lo, hi, grad_scale, want_grad, entropy_scale=None, softcap=None):
         opts, t = self.opts, self.t[lo:hi]
-        args = (opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap, self.backend)
+        cap = opts.softcap if softcap is None else softcap
+        args = (opts.ignore_index, opts.label_smoothing, opts.z_loss, cap, self.backend)
         if want_grad and entropy_scale is not None:  # the backward of loss and entropy: no loss rows
             lse = self.lse[lo:hi]
             coef = stats_coef(t, self.w, self.is_prob, opts, lse, logits.shape[1])
             cross_entropy_backward_(
                 logits, t, self.w, lse, coef, self.entropy[lo:hi], grad_scale, entropy_scale,
-                opts.ignore_index, opts.label_smoothing, logits.shape[1], 0, opts.softcap, self.backend,
+                opts.ignore_index, opts.label_smoothing, logits.shape[1], 0, cap, self.backend,
             )  # fmt: skip
             return torch.zeros_like(lse)
         if want_grad:
@@ -376,9 +532,8 @@ class _LinearCrossEntropyWithEntropy(torch.autograd.Function):
         hidden_shape, dtype = ctx.shapes
         want = tuple(ctx.needs_input_grad[:3])
         if torch.is_grad_enabled():  # differentiated again: through the logits
-            h, w, b = ctx.inputs
-            logits = torch.nn.functional.linear(h.reshape(problem.n_rows, -1), w, b)
-            rows = autograd.cross_entropy_with_entropy(logits, problem.t, problem.w, problem.is_prob, problem.opts,
+            logits, opts = problem.logits_of(*ctx.inputs)
+            rows = autograd.cross_entropy_with_entropy(logits, problem.t, problem.w, problem.is_prob, opts,
                                                        problem.backend)[:2]  # fmt: skip
             return _regrad(rows, ctx.inputs, (grad_loss, grad_entropy), want)
         dt = problem.dt
@@ -403,13 +558,15 @@ def linear_cross_entropy_with_stats(
     backend: str | None = None,
     chunk_size: int | None = None,
     entropy: bool = False,
+    temperature=1.0,
+    accum_dtype: torch.dtype | None = None,
 ):
     """:func:`linear_cross_entropy` and the statistics of :func:`gpuxent.cross_entropy_with_stats`
     (``CrossEntropyOutput(loss, z_loss, accuracy, entropy)``), chunk by chunk, never holding the
     (N, r) logits.
 
-    Arguments as :func:`linear_cross_entropy`, plus ``entropy``: also return the entropy of each kept
-    row's softmax, differentiable in ``hidden``, ``weight`` and ``bias``. Then the forward computes
+    Arguments as :func:`linear_cross_entropy` (``temperature``: the statistics are of the scaled
+    logits), plus ``entropy``: also return the entropy of each kept row's softmax, differentiable in ``hidden``, ``weight`` and ``bias``. Then the forward computes
     no gradient and the backward runs the chunks again (one more matmul per chunk), each chunk's
     logit gradient ``grad_loss_i dCE_i + grad_entropy_i dH_i`` in one pass over it; without it, the
     gradients are computed in the forward as in :func:`linear_cross_entropy`.
@@ -422,11 +579,12 @@ def linear_cross_entropy_with_stats(
     cw = None if ce_weight is None else to_tensor(ce_weight, "ce_weight")
     want_entropy = check_bool(entropy, "entropy")
     opts = (ignore_index, reduction, label_smoothing, z_loss, softcap)
-    problem = _StatsProblem(h, w, t, b, cw, opts, backend, chunk_size)
+    problem = _StatsProblem(h, w, t, b, cw, opts, backend, chunk_size, temperature=temperature, accum_dtype=accum_dtype)
     if _transformed(h, w, b):  # through the logits, whose statistics' autograd the transforms differentiate
+        logits, kernel_opts = problem.logits_of(h, w, b)
         return cross_entropy_with_stats(
-            torch.nn.functional.linear(h, w, b), t, cw, ignore_index, reduction, label_smoothing, z_loss=z_loss,
-            softcap=softcap, backend=problem.backend, entropy=want_entropy,
+            logits.reshape(*problem.batch_shape, -1), t, cw, ignore_index, reduction, label_smoothing,
+            z_loss=z_loss, softcap=kernel_opts.softcap or None, backend=problem.backend, entropy=want_entropy,
         )  # fmt: skip
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, w, b))
     entropy_rows = None
