@@ -39,7 +39,13 @@ import torch
 import torch.distributed as dist
 
 from . import backends, linear
-from .autograd import _row_scale, cross_entropy_backward, cross_entropy_backward_, row_partials
+from .autograd import (
+    _row_scale,
+    cross_entropy_backward,
+    cross_entropy_backward_,
+    cross_entropy_stats_rows,
+    row_partials,
+)
 from .backends import compute_dtype
 from .checks import (
     FLOAT_DTYPES,
@@ -97,6 +103,23 @@ def _check_local(local_logits, target, weight, ignore_index, reduction, label_sm
     return opts
 
 
+def _target_facts(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """(3,) int64 on the target's device, without a host sync: the smallest and largest kept class
+    index and a cheap fingerprint of the indices (every rank must pass the same ones)."""
+    t = target.reshape(-1).long()
+    if not t.numel():
+        return torch.zeros(3, dtype=torch.int64, device=t.device)
+    kept = t != ignore_index
+    pos = torch.arange(1, t.numel() + 1, device=t.device) % 1009 + 1
+    return torch.stack(
+        [
+            torch.where(kept, t, torch.iinfo(torch.int64).max).amin(),
+            torch.where(kept, t, -1).amax(),
+            (torch.where(kept, t + 1, 0) * pos).sum(),  # int64 wraps around
+        ]
+    )
+
+
 def _header(device, error, n_classes=0, n_rows=0, dtype=None, prob=False, has_weight=False, target=None,
             ignore_index=-100) -> torch.Tensor:  # fmt: skip
     """This rank's facts for the all-gather, on ``device`` without a host sync; a rank whose checks
@@ -106,13 +129,7 @@ def _header(device, error, n_classes=0, n_rows=0, dtype=None, prob=False, has_we
         return h
     h[:_T_MIN] = torch.tensor([1, n_classes, n_rows, _DTYPE_CODES[dtype], int(prob), int(has_weight)])
     if target is not None and not target.dtype.is_floating_point:
-        t = target.reshape(-1).long()
-        kept = t != ignore_index
-        h[_T_MIN] = torch.where(kept, t, torch.iinfo(torch.int64).max).amin() if t.numel() else 0
-        h[_T_MAX] = torch.where(kept, t, -1).amax() if t.numel() else 0
-        # A cheap fingerprint of the targets (int64 wraps around): every rank must pass the same ones.
-        pos = torch.arange(1, t.numel() + 1, device=t.device) % 1009 + 1
-        h[_T_SUM] = (torch.where(kept, t + 1, 0) * pos).sum()
+        h[_T_MIN:] = _target_facts(target, ignore_index)
     return h
 
 
@@ -172,45 +189,98 @@ def _device_of(tensor, group) -> torch.device:
 # --------------------------------------------------------------------------- the combine
 
 
-class _Layout:
-    """One call's slice of the classes and options: what the ranks combine the partials with."""
+def exchange(rows: torch.Tensor, tail: torch.Tensor, group, words: torch.Tensor | None = None):
+    """The one collective of a call: every rank's ``(N, k)`` per-row partials, its ``tail`` (a few
+    per-call numbers of the same dtype) and its int64 ``words`` (status, fingerprints; None for none)
+    in one all-gather into one tensor of ``k N + len(tail) (+ 2 len(words) for float32)`` numbers.
 
-    def __init__(self, offset, n_local, n_classes, opts, backend, group):
+    Returns ``(rows (W, N, k), tail (W, len(tail)), words (W, len(words)) or None)`` in the group's
+    rank order, identical on every rank, so that every rank merges them in the same order and gets
+    the same bits."""
+    n, k = rows.shape
+    dt = rows.dtype
+    n_words = 0 if words is None else words.numel() * 8 // dt.itemsize  # the int64 words in dt's slots
+    n_tail = tail.numel()
+    length = n_words + n_tail + n * k
+    buf = torch.empty(length, dtype=dt, device=rows.device)
+    if n_words:
+        buf[:n_words].view(torch.int64).copy_(words)
+    buf[n_words : n_words + n_tail] = tail
+    buf[n_words + n_tail :].view(n, k).copy_(rows)
+    world = dist.get_world_size(group)
+    out = torch.empty(world * length, dtype=dt, device=rows.device)
+    # all_gather_single: torch >= 2.13's name (all_gather_into_tensor is deprecated there)
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, buf, group=group)
+    out = out.view(world, length)
+    got_words = None
+    if n_words:
+        got_words = out[:, :n_words].contiguous().view(torch.int64)
+    return out[:, n_words + n_tail :].view(world, n, k), out[:, n_words : n_words + n_tail], got_words
+
+
+def merge_max(m_all: torch.Tensor):
+    """``(M, shift)``: each row's max over the ranks' maxima (0 where it is infinite, as torch.logsumexp)
+    and each rank's ``m - M`` (-inf on a rank without a finite logit in the row: its s and b are 0)."""
+    m = m_all.amax(0)
+    m = torch.where(torch.isinf(m), 0, m)
+    return m, m_all - m
+
+
+class _Layout:
+    """One call's slice of the classes and options: what the ranks combine the partials with.
+
+    ``words``: None, or a function of nothing that gives this rank's int64 status words for the
+    exchange, and ``check_words`` the function every rank runs on every rank's words after it (the
+    DTensor path validates its data there: no collective before the one of the call)."""
+
+    def __init__(self, offset, n_local, n_classes, opts, backend, group, words=None, check_words=None):
         self.offset, self.n_local, self.n_classes = offset, n_local, n_classes
         self.opts, self.backend, self.group = opts, backend, group
+        self.words, self.check_words = words, check_words
 
-    def combine(self, part, t, is_prob, weight_sum):
-        """``(loss rows, lse, coef, B)`` of every row from this rank's (N, 5) ``part``: the two all-reduces.
+    def gather(self, rows, tail):
+        """:func:`exchange` with this call's status words, checked on every rank after it."""
+        words = None if self.words is None else self.words()
+        rows_all, tail_all, words_all = exchange(rows, tail, self.group, words)
+        if self.check_words is not None:
+            self.check_words(words_all)
+        return rows_all, tail_all
 
-        ``weight_sum``: this rank's share of the summed class weight ``W`` (a 0-d tensor), summed over
-        the ranks with the rows' numbers. ``B`` is each row's target weight (the mean's denominator).
-        """
+    def combine(self, part, t, is_prob, weight_share, extra=None):
+        """``(loss rows, lse, coef, B)`` of every row from this rank's (N, 5) ``part``, in ONE collective:
+        each rank sends its rows' ``(m, s, a, b[, c])`` (16 bytes per row in float32, 20 with label
+        smoothing) and ``weight_share`` (its slice's summed class weight, a 0-d tensor); every rank
+        merges the W partials of each row (``merge_max``: the max of the maxima, then the sums rescaled
+        to it) in rank order.
+
+        ``extra``: None, or (N, e) more per-row columns to exchange; then a fifth output ``(g, shift, S)``:
+        the gathered (W, N, 4 or 5 + e) rows (``extra``'s columns last), each rank's ``m - M`` and each
+        row's ``S``. ``B`` is each row's target weight (the mean's denominator)."""
         eps, z = self.opts.label_smoothing, self.opts.z_loss
-        n_rows = part.shape[0]
-        m_local = part[:, 0]
-        m = m_local.clone()
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
-        m = torch.where(torch.isinf(m), 0, m)  # rows of +-inf, as torch.logsumexp
-        n_sums = 4 if eps > 0 else 3
-        buf = torch.empty(n_sums * n_rows + 1, dtype=part.dtype, device=part.device)
-        sums = buf[:-1].view(n_sums, n_rows)
-        shift = m_local - m  # -inf on a rank without a finite logit in the row (its s and b are 0)
-        torch.mul(part[:, 1], torch.exp(shift), out=sums[0])
-        torch.where(part[:, 3] != 0, part[:, 2] + part[:, 3] * shift, part[:, 2], out=sums[1])  # a, relative to M
-        sums[2:] = part[:, 3 : 3 + n_sums - 2].t()
-        buf[-1] = weight_sum
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
-        log_s = torch.log(sums[0])
+        k = 5 if eps > 0 else 4
+        rows = part[:, :k]
+        if extra is not None:
+            rows = torch.cat([rows, extra.to(part.dtype)], 1)
+        tail = weight_share.reshape(1).to(part.dtype)
+        g, tail_all = self.gather(rows, tail)
+        m, shift = merge_max(g[:, :, 0])
+        s_all, a_all, b_all = g[:, :, 1], g[:, :, 2], g[:, :, 3]
+        sum_s = (s_all * torch.exp(shift)).sum(0)
+        a = torch.where(b_all != 0, a_all + b_all * shift, a_all).sum(0)  # relative to M
+        b = b_all.sum(0)
+        w_total = tail_all[:, 0].sum()
+        log_s = torch.log(sum_s)
         lse = m + log_s
-        a, b, w_total = sums[1], sums[2], buf[-1]
         loss = (1 - eps) * (b * log_s - a) + z * lse * lse
         coef = (1 - eps) * b + 2 * z * lse
         if eps > 0:
             eps_r = eps / self.n_classes
-            loss = loss + eps_r * (w_total * lse - sums[3])
+            loss = loss + eps_r * (w_total * lse - g[:, :, 4].sum(0))
             coef = coef + eps_r * w_total
         if not is_prob:
             loss = torch.where(t != self.opts.ignore_index, loss, 0)
+        if extra is not None:  # every rank's rows, the ranks' m - M and S, for the caller's merge
+            return loss, lse, coef, b, (g, shift, sum_s)
         return loss, lse, coef, b
 
     def weight_share(self, w, like):
@@ -353,11 +423,285 @@ def vocab_parallel_cross_entropy(
     device = _device_of(local_logits, group)
     offset, n_classes = _agree(name, "local_logits", device, group, error, ignore_index, **facts)
     layout = _Layout(offset, local_logits.shape[-1], n_classes, opts, chosen, group)
-    problem = _Problem(local_logits, target, weight, opts, layout, bool(inplace_grad))
+    return run_cross_entropy(local_logits, target, weight, layout, bool(inplace_grad))
+
+
+def run_cross_entropy(local_logits, target, weight, layout, inplace):
+    """The vocab-parallel loss of checked inputs over ``layout`` (offsets known on every rank)."""
+    problem = _Problem(local_logits, target, weight, layout.opts, layout, inplace)
     if torch.is_grad_enabled() and local_logits.requires_grad:
         return _VocabParallelCrossEntropy.apply(local_logits, problem)
     with torch.no_grad():
         return problem.forward()
+
+
+# --------------------------------------------------------------------------- status words (no header)
+#
+# Callers that know every rank's slice without asking (a DTensor's sharding is the same on every
+# rank) skip the header: their data checks travel as int64 words in the call's one collective, and
+# every rank checks every rank's words after it, so that all raise or none does.
+
+_W_OK, _W_FACTS = 0, 1  # [ok, t_min, t_max, fingerprint]
+N_WORDS = 4
+
+
+def status_words(device, error, target=None, ignore_index=-100) -> torch.Tensor:
+    """This rank's words: OK (0 when its own checks failed), then its class indices' facts (zeros for
+    probability targets and None)."""
+    words = torch.zeros(N_WORDS, dtype=torch.int64, device=device)
+    if error is None:
+        words[_W_OK] = 1
+        if target is not None and not target.dtype.is_floating_point:
+            words[_W_FACTS:] = _target_facts(target, ignore_index)
+    return words
+
+
+def check_status(words_all, error, name: str, n_classes: int, ignore_index: int, class_targets: bool) -> None:
+    """Every rank's words, checked alike on every rank (one host read): a failed rank, class indices
+    out of ``[0, n_classes)`` or different on some rank raise ``ValueError`` everywhere (the rank at
+    fault raises its own error)."""
+    w = words_all.cpu()
+    bad = [k for k in range(w.shape[0]) if w[k, _W_OK] == 0]
+    if bad:
+        if error is not None:
+            raise error
+        raise ValueError(f"{name}: rank(s) {bad} of the mesh rejected their inputs")
+    if class_targets:
+        if bool((w[:, _W_FACTS + 2] != w[0, _W_FACTS + 2]).any()):
+            raise ValueError("target: the ranks pass different class indices; every rank must pass the same ones")
+        t_min, t_max = int(w[0, _W_FACTS]), int(w[0, _W_FACTS + 1])
+        if t_min < 0 or t_max >= n_classes:
+            v = t_min if t_min < 0 else t_max
+            raise ValueError(
+                f"target: class index {v} is outside [0, {n_classes}) and is not ignore_index={ignore_index}"
+            )
+
+
+def fail_together(error, device, dtype, n_rows, k, group, name, **check) -> None:
+    """A rank whose own checks failed still takes part in the call's one collective (zeros of the
+    right size), then raises with every other rank."""
+    words = status_words(device, error)
+    _, _, words_all = exchange(torch.zeros(n_rows, k, dtype=dtype, device=device),
+                               torch.zeros(1, dtype=dtype, device=device), group, words)  # fmt: skip
+    check_status(words_all, error, name, **check)
+    raise error  # not reached: check_status raised
+
+
+# --------------------------------------------------------------------------- statistics over the slices
+
+
+class _StatsProblem(_Problem):
+    """The vocab-parallel pass of ``cross_entropy_with_stats``: the loss as ``_Problem``'s, plus every
+    row's argmax over all the classes (ties: the lowest index), its entropy and, for probability
+    targets, the target's argmax, from one more collective-free read of the slice (the statistics
+    kernel, with a dummy target so that every row is read) and more columns in the same exchange."""
+
+    def forward_rows(self):
+        """``(loss rows, entropy rows)``, each (N,) in the compute dtype; keeps lse, coef, entropy and
+        the argmaxes for the statistics and the backward."""
+        lay, o, dt, n = self.layout, self.layout.opts, self.dt, self.n_rows
+        part = row_partials(self.x, self.t, self.w, o.ignore_index, o.softcap, lay.offset, o.label_smoothing > 0,
+                            lay.backend)  # fmt: skip
+        inf = torch.full((n,), math.inf, dtype=dt, device=self.x.device)
+        if lay.n_local:
+            dummy = torch.zeros(n, dtype=torch.int64, device=self.x.device)
+            _, lse_k, _, amax, ent_k = cross_entropy_stats_rows(self.x, dummy, None, None, -1, 0.0, 0.0, o.softcap,
+                                                                lay.backend, False)  # fmt: skip
+            cols = [(amax + lay.offset).to(dt), lse_k - ent_k - part[:, 0]]  # argmax, E[y] - m on this slice
+        else:
+            cols = [inf, torch.zeros_like(inf)]
+        if self.is_prob:  # the target's max and its first index on this slice
+            if lay.n_local:
+                q_idx = self.t.argmax(-1)
+                cols += [self.t.gather(1, q_idx[:, None])[:, 0].to(dt), (q_idx + lay.offset).to(dt)]
+            else:
+                cols += [torch.full_like(inf, -math.inf), inf]
+        loss, self.lse, self.coef, b, (g, shift, sum_s) = lay.combine(
+            part, self.t, self.is_prob, lay.weight_share(self.w, self.x), extra=torch.stack(cols, 1)
+        )
+        k = g.shape[2] - len(cols)  # the extra columns follow the loss's
+        m_all = g[:, :, 0]
+        on_max = m_all == m_all.amax(0)  # the ranks that hold the row's max (all of them for a row of -inf)
+        self.argmax = torch.where(on_max, g[:, :, k], math.inf).amin(0).nan_to_num(0, 0, 0).long()
+        omega = g[:, :, 1] * torch.exp(shift) / sum_s  # each rank's share of the softmax's mass
+        e_rel = torch.where(omega > 0, omega * (g[:, :, k + 1] + shift), 0).sum(0)  # E_p[y] - M
+        self.entropy = torch.log(sum_s) - e_rel
+        if self.is_prob:
+            q_all = g[:, :, k + 2]
+            self.cls = torch.where(q_all == q_all.amax(0), g[:, :, k + 3], math.inf).amin(0)
+            self.cls = self.cls.nan_to_num(0, 0, 0).long()
+            self.kept = torch.ones(n, dtype=torch.bool, device=self.x.device)
+        else:
+            self.cls, self.kept = self.t, self.t != o.ignore_index
+        self.b = b
+        return loss, torch.where(self.kept, self.entropy, 0)
+
+    def grad_rows(self, grad_loss, grad_entropy):
+        """d (sum grad_loss * loss + grad_entropy * entropy) / d local_logits: one pass, no collective."""
+        lay = self.layout
+        grad_loss = torch.zeros_like(self.lse) if grad_loss is None else grad_loss.to(self.dt).contiguous()
+        ent = None if grad_entropy is None else self.entropy
+        ent_scale = None if grad_entropy is None else grad_entropy.to(self.dt).contiguous()
+        g = cross_entropy_backward(self.x, self.t, self.w, self.lse, self.coef, ent, grad_loss, ent_scale,
+                                   *lay.backward_args())  # fmt: skip
+        return g.reshape(self.shape)
+
+
+class _VocabParallelStats(torch.autograd.Function):
+    """(loss rows, entropy rows) of a slice of the classes, both differentiable; one pass in the backward
+    for any pair of upstream gradients."""
+
+    @staticmethod
+    def forward(ctx, local_logits, problem):
+        ctx.problem = problem
+        ctx.save_for_backward(local_logits)
+        ctx.set_materialize_grads(False)
+        return problem.forward_rows()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_entropy):
+        ctx.saved_tensors  # noqa: B018 - the version check
+        if grad_loss is None and grad_entropy is None:
+            return None, None
+        return ctx.problem.grad_rows(grad_loss, grad_entropy), None
+
+
+def run_stats(local_logits, target, weight, layout):
+    """``(loss rows, entropy rows, problem)`` of ``cross_entropy_with_stats`` over ``layout``: the rows
+    differentiable (ignored rows 0 in both); ``problem`` holds ``lse``, ``argmax``, ``cls`` (the class
+    each argmax is compared with), ``kept`` and ``b`` (each row's target weight) for the reductions."""
+    problem = _StatsProblem(local_logits, target, weight, layout.opts, layout, False)
+    if torch.is_grad_enabled() and local_logits.requires_grad:
+        loss, entropy = _VocabParallelStats.apply(local_logits, problem)
+    else:
+        with torch.no_grad():
+            loss, entropy = problem.forward_rows()
+    return loss, entropy, problem
+
+
+# --------------------------------------------------------------------------- distillation over the slices
+#
+# Per row, with S = student / tau and T = teacher / tau on this rank's classes: each rank sends its
+# (max, sum exp(. - max)) of S and T and, for "kl", u = sum exp(T - mT) (T - S) ("reverse_kl": v = sum
+# exp(S - mS) (S - T)); merged as the cross-entropy's partials, KL(p_t || p_s) = U / S_T - lse_T + lse_S
+# and KL(p_s || p_t) = V / S_S - lse_S + lse_T: one collective of 20 bytes per row (float32). "jsd" needs
+# both lse first, then a second collective of the slices' sums of its terms. Written in torch ops on
+# the slice (no kernel of the backends reads two sliced rows with a global lse); the backward
+# recomputes the probabilities from the saved slices.
+
+
+def _slice_max_sum(y: torch.Tensor):
+    """Per row of the (N, r_k) slice: its max (-inf for an empty slice or a row of -inf) and the sum of
+    exp(y - max), and exp(y - max) itself."""
+    if y.shape[1] == 0:
+        z = y.new_zeros(y.shape[0])
+        return z - math.inf, z, y
+    m = y.amax(1)
+    e = torch.exp(y - torch.where(torch.isinf(m), 0, m)[:, None])
+    return m, e.sum(1), e
+
+
+class _DistillProblem:
+    def __init__(self, student, teacher, target, opts, offset, n_classes, group, words=None, check_words=None):
+        self.shape = student.shape
+        self.n_rows = math.prod(student.shape[:-1])
+        self.dt = compute_dtype(student.dtype)
+        n_local = student.shape[-1]
+        self.x = student.detach().reshape(self.n_rows, n_local)
+        self.teacher = teacher.detach().reshape(self.n_rows, n_local)
+        self.t = None if target is None else target.reshape(-1).long()
+        self.opts, self.group = opts, group
+        self.layout = _Layout(offset, n_local, n_classes, None, None, group, words, check_words)
+
+    def scaled(self):
+        tau = self.opts.temperature
+        return self.x.to(self.dt) / tau, self.teacher.to(self.dt) / tau
+
+    def forward_rows(self):
+        """Per-row ``temperature**2 * divergence`` (0 for left-out rows); keeps both lse (and the jsd's K)."""
+        o = self.opts
+        s, t = self.scaled()
+        ms, ss, es = _slice_max_sum(s)
+        mt, st, et = _slice_max_sum(t)
+        if o.divergence == "kl":
+            cross = (et * (t - s)).sum(1) if s.shape[1] else ss
+        elif o.divergence == "reverse_kl":
+            cross = (es * (s - t)).sum(1) if s.shape[1] else ss
+        else:
+            cross = torch.zeros_like(ss)
+        del es, et
+        g, _ = self.layout.gather(torch.stack([ms, ss, mt, st, cross], 1), ss.new_zeros(1))
+        big_s, shift_s = merge_max(g[:, :, 0])
+        big_t, shift_t = merge_max(g[:, :, 2])
+        sum_s = (g[:, :, 1] * torch.exp(shift_s)).sum(0)
+        sum_t = (g[:, :, 3] * torch.exp(shift_t)).sum(0)
+        self.lse_s, self.lse_t = big_s + torch.log(sum_s), big_t + torch.log(sum_t)
+        if o.divergence == "kl":
+            u = torch.where(g[:, :, 3] != 0, g[:, :, 4] * torch.exp(shift_t), 0).sum(0)
+            rows = u / sum_t - self.lse_t + self.lse_s
+        elif o.divergence == "reverse_kl":
+            v = torch.where(g[:, :, 1] != 0, g[:, :, 4] * torch.exp(shift_s), 0).sum(0)
+            self.mu = v / sum_s
+            rows = self.mu - self.lse_s + self.lse_t
+        else:
+            log_ps, log_pt, log_m = self._jsd_logs(s, t)
+            ps, pt = torch.exp(log_ps), torch.exp(log_pt)
+            r = log_ps - log_m
+            terms = torch.stack([(o.beta * pt * (log_pt - log_m) + (1 - o.beta) * ps * r).sum(1), (ps * r).sum(1)], 1)
+            g2, _, _ = exchange(terms, terms.new_zeros(1), self.group)
+            rows, self.k = g2[:, :, 0].sum(0), g2[:, :, 1].sum(0)
+        rows = rows * o.temperature**2
+        return rows if self.t is None else torch.where(self.t != o.ignore_index, rows, 0)
+
+    def _jsd_logs(self, s, t):
+        b = self.opts.beta
+        log_ps, log_pt = s - self.lse_s[:, None], t - self.lse_t[:, None]
+        log_m = torch.logaddexp(math.log(b) + log_pt, math.log1p(-b) + log_ps)
+        return log_ps, log_pt, log_m
+
+    def grad(self, grad_rows):
+        """d sum(grad_rows * rows) / d student: ``temperature * grad_row * d divergence / d S`` per row."""
+        o = self.opts
+        s, t = self.scaled()
+        scale = grad_rows.to(self.dt) * o.temperature
+        if self.t is not None:
+            scale = torch.where(self.t != o.ignore_index, scale, 0)
+        ps = torch.exp(s - self.lse_s[:, None])
+        if o.divergence == "kl":
+            g = ps - torch.exp(t - self.lse_t[:, None])
+        elif o.divergence == "reverse_kl":
+            g = ps * (s - t - self.mu[:, None])
+        else:
+            log_ps, _, log_m = self._jsd_logs(s, t)
+            g = (1 - o.beta) * ps * (log_ps - log_m - self.k[:, None])
+        g = torch.where(ps > 0, g, 0) if o.divergence != "kl" else g  # 0, not 0 * inf, where p_s = 0
+        return (g * scale[:, None]).to(self.x.dtype).reshape(self.shape)
+
+
+class _VocabParallelDistillation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, problem):
+        ctx.problem = problem
+        ctx.save_for_backward(student)
+        return problem.forward_rows()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows):
+        ctx.saved_tensors  # noqa: B018 - the version check
+        return ctx.problem.grad(grad_rows), None
+
+
+def run_distillation(student, teacher, target, opts, offset, n_classes, group, words=None, check_words=None):
+    """Per-row distillation values (``temperature**2`` times the divergence, 0 for left-out rows) of
+    logits whose classes are split across ``group`` (this rank's ``[offset, offset + r_k)``), the
+    gradient flowing to ``student`` only."""
+    problem = _DistillProblem(student, teacher, target, opts, offset, n_classes, group, words, check_words)
+    if torch.is_grad_enabled() and student.requires_grad:
+        return _VocabParallelDistillation.apply(student, problem)
+    with torch.no_grad():
+        return problem.forward_rows()
 
 
 # --------------------------------------------------------------------------- vocab_parallel_linear_cross_entropy

@@ -115,7 +115,8 @@ def _make_linear_cases(rng, n_classes):
 class _Counter:
     """Wraps the collectives of ``torch.distributed`` and counts the bytes each rank sends."""
 
-    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter", "all_to_all")
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast", "reduce_scatter",
+             "all_to_all")  # fmt: skip
 
     def __init__(self):
         self.bytes = 0
@@ -128,7 +129,7 @@ class _Counter:
 
             def wrapped(tensor, *args, _fn=fn, _name=name, **kw):
                 nbytes = tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else 0
-                if _name == "all_gather":  # (output list, input): the input is what this rank sends
+                if _name in ("all_gather", "all_gather_into_tensor", "all_gather_single"):  # (output, input)
                     nbytes = args[0].numel() * args[0].element_size()
                 self.bytes += nbytes
                 self.calls.append((_name, nbytes))
