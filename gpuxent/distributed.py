@@ -467,14 +467,14 @@ def check_status(words_all, error, name: str, n_classes: int, ignore_index: int,
             raise error
         raise ValueError(f"{name}: rank(s) {bad} of the mesh rejected their inputs")
     if class_targets:
-        if bool((w[:, _W_FACTS + 2] != w[0, _W_FACTS + 2]).any()):
-            raise ValueError("target: the ranks pass different class indices; every rank must pass the same ones")
-        t_min, t_max = int(w[0, _W_FACTS]), int(w[0, _W_FACTS + 1])
+        t_min, t_max = int(w[:, _W_FACTS].min()), int(w[:, _W_FACTS + 1].max())
         if t_min < 0 or t_max >= n_classes:
             v = t_min if t_min < 0 else t_max
             raise ValueError(
                 f"target: class index {v} is outside [0, {n_classes}) and is not ignore_index={ignore_index}"
             )
+        if bool((w[:, _W_FACTS + 2] != w[0, _W_FACTS + 2]).any()):
+            raise ValueError("target: the ranks pass different class indices; every rank must pass the same ones")
 
 
 def fail_together(error, device, dtype, n_rows, k, group, name, **check) -> None:
