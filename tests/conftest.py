@@ -46,7 +46,8 @@ def _cases():
     out = []
     for name, spec in backends.REGISTRY.items():
         gpu = "cuda" in spec.devices
-        device = torch.device("cuda" if gpu and HAS_CUDA else "cpu")
+        # the torch backend ("*": any device) runs on the GPU where there is one, else on the CPU
+        device = torch.device("cuda" if (gpu or "*" in spec.devices) and HAS_CUDA else "cpu")
         ok, why = backends.status()[name]
         marks = [] if ok else [pytest.mark.skip(reason=f"{name}: {why}")]
         out.append(pytest.param(BackendCase(name, device, gpu and not HAS_CUDA), id=name, marks=marks))

@@ -77,9 +77,16 @@ and initialises no CUDA context. An import that fails makes that backend unavail
 says why) and nothing else. The probe is a constant to ``torch.compile`` and the backend itself is
 called inside the registered ops (``gpuxent.autograd``), so the dispatch stays traceable.
 
-Selection: the ``backend=`` argument, else ``GPUXENT_BACKEND``, else by device (CPU -> ``numba_cpu``,
-CUDA -> ``triton``, or ``numba_cuda`` where triton is missing). An automatic choice falls back
-quietly; a backend asked for by name that cannot run raises ``RuntimeError`` saying why.
+The backends: ``numba_cpu`` (``numba.njit``), ``triton``, ``numba_cuda`` (``numba.cuda.jit``) and
+``torch`` (``torch_ops``: the same contract in plain torch operations, on any device; the reference the
+tests compare against, and the fallback where no kernel backend runs).
+
+Selection: the ``backend=`` argument, else ``GPUXENT_BACKEND``, else by device: the first backend of
+``REGISTRY`` chosen for that device type that can run there (CPU -> ``numba_cpu``; CUDA -> ``triton``,
+or ``numba_cuda`` where triton is missing); any other device (MPS, XPU, meta, ...), or a device whose
+kernel backends cannot run (CPU with a broken numba, CUDA without triton and numba-cuda) -> ``torch``.
+An automatic choice falls back quietly; a backend asked for by name that cannot run raises
+``RuntimeError`` saying why.
 """
 
 from __future__ import annotations
@@ -96,7 +103,7 @@ import torch
 class Backend:
     name: str
     module: str  # imported on first use
-    devices: tuple[str, ...]  # device types it is chosen for automatically
+    devices: tuple[str, ...]  # device types it is chosen for automatically; "*": any (the fallback, listed last)
 
 
 REGISTRY: dict[str, Backend] = {
@@ -105,6 +112,7 @@ REGISTRY: dict[str, Backend] = {
         Backend("numba_cpu", "gpuxent.backends.numba_cpu", ("cpu",)),
         Backend("triton", "gpuxent.backends.triton", ("cuda",)),
         Backend("numba_cuda", "gpuxent.backends.numba_cuda", ("cuda",)),
+        Backend("torch", "gpuxent.backends.torch_ops", ("*",)),
     )
 }
 ENV_VAR = "GPUXENT_BACKEND"
@@ -180,7 +188,8 @@ def empty(name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.T
 
 
 def select(device: torch.device, backend: str | None = None) -> str:
-    """The name of the backend for data on ``device``: ``backend``, else $GPUXENT_BACKEND, else by device."""
+    """The name of the backend for data on ``device``: ``backend``, else $GPUXENT_BACKEND, else by device
+    (the first of ``REGISTRY`` chosen for its type that can run there; ``torch`` for any other)."""
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend: expected a backend name (str) or None, got {type(backend).__name__}")
     source, name = "backend", backend
@@ -193,7 +202,7 @@ def select(device: torch.device, backend: str | None = None) -> str:
         if why:
             raise RuntimeError(f"{why} (asked for by {source})")
         return name
-    for b in REGISTRY.values():
-        if device.type in b.devices and not _why_not(b.name, device.type):
+    for b in REGISTRY.values():  # in order: the kernel backends of the device type, then the fallback
+        if (device.type in b.devices or "*" in b.devices) and not _why_not(b.name, device.type):
             return b.name
     raise RuntimeError(f"no gpuxent backend can run on {device.type} data: {status()}")
