@@ -335,8 +335,8 @@ def _rows_stats(sh, x, target, weight, reduction, keywords):
     except _ERRORS as exc:
         error = exc
     n = 6 if reduction == "mean" else 4
-    loss, z_part, accuracy, ent = totals = _sum_over_ranks(values if error is None else n, error, sh, dt, x.device,
-                                                           "cross_entropy_with_stats")  # fmt: skip
+    totals = _sum_over_ranks(values if error is None else n, error, sh, dt, x.device, "cross_entropy_with_stats")
+    loss, z_part, accuracy, ent = totals[:4]
     if reduction == "mean":
         weights, kept = totals[4], totals[5]
         loss, z_part, accuracy, ent = (

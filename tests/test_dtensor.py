@@ -63,7 +63,7 @@ def _case(gen, fn, placement, name, reduction, dtype=torch.float64, batch=(N_ROW
         weight=weight,
         kw={k: opts[k] for k in ("label_smoothing", "z_loss", "softcap") if k in opts},
         grad_output=torch.randn(batch if reduction == "none" else (), generator=gen, dtype=torch.float64),
-        target_kind="plain", **extra,
+        **({"target_kind": "plain"} | extra),
     )  # fmt: skip
     case["id"] = f"{fn}-{placement}-{name}-{reduction}-{str(dtype)[6:]}-{case['target_kind']}-{len(batch)}d"
     return case
@@ -157,16 +157,20 @@ def _run_case(case, mesh):
         from torch.distributed.tensor.parallel import loss_parallel
 
         x2 = distribute_tensor(case["logits"], mesh, [placement]).requires_grad_()
+        # PyTorch's backward under loss_parallel gathers the class weight at ignore_index (torch 2.13:
+        # "index -100 is out of bounds"): its forward only, where both are given
+        backward = case["weight"] is None or not bool((case["target"] == -100).any())
         with loss_parallel():
             logits2 = x2 if x2.dim() == 2 else x2.flatten(0, -2)
             t2 = target if target.dim() == 1 else target.reshape(-1)
             loss = F.cross_entropy(logits2, t2, case["weight"], reduction=case["reduction"])
             if case["reduction"] == "none":
                 loss = loss.reshape(case["logits"].shape[:-1])
-                loss.backward(distribute_tensor(case["grad_output"].to(loss.dtype), mesh, list(loss.placements)))
-            else:
+                if backward:
+                    loss.backward(distribute_tensor(case["grad_output"].to(loss.dtype), mesh, list(loss.placements)))
+            elif backward:
                 (loss * case["grad_output"].item()).backward()
-        result["loss_parallel"] = (loss.full_tensor().detach(), x2.grad.full_tensor())
+        result["loss_parallel"] = (loss.full_tensor().detach(), x2.grad.full_tensor() if backward else None)
     return result
 
 
@@ -325,7 +329,8 @@ def _check_case(case, ranks):
         if "loss_parallel" in got:  # equal to PyTorch's loss_parallel(), loss and gradient
             lp_loss, lp_grad = got["loss_parallel"]
             assert_close(got["values"][0][0], lp_loss, dtype, f"{cid} rank {k}: vs loss_parallel()")
-            assert_close(got["grad"], lp_grad, dtype, f"{cid} rank {k}: gradient vs loss_parallel()")
+            if lp_grad is not None:
+                assert_close(got["grad"], lp_grad, dtype, f"{cid} rank {k}: gradient vs loss_parallel()")
         # communication of the forward: class-sharded, ONE all-gather (16 or 20 bytes per row in
         # float32, twice in float64, and a few per call); replicated, none; row-sharded, one all-gather
         # of a few numbers for a mean or a sum, none for "none"
