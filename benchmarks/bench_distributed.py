@@ -1,27 +1,40 @@
-"""Vocab-parallel benchmark: the classes split over W processes, against a Megatron-style torch reference.
+"""Vocab-parallel benchmark: the classes split over W processes, against one process on the same cores.
 
     python benchmarks/bench_distributed.py [--worlds 2,4] [--size 4096x32768] [--linear 1024x256x32768]
-                                           [--repeats 7] [--backend gloo|nccl] [--dry-run] [--json-out F]
+                                           [--repeats 7] [--rounds 5] [--backend gloo|nccl] [--dry-run]
+                                           [--json-out F] [--markdown-out F]
 
 Cases (float32, class-index targets, mean reduction, forward+backward), each rank holding r / W classes:
     vocab_parallel_cross_entropy   gx.distributed.vocab_parallel_cross_entropy(x_k, t).backward()
+    gx.cross_entropy(DTensor)      gx.cross_entropy(logits, t).backward() of Shard(-1) DTensor logits:
+                                   the same kernels without the per-call header (ONE collective a forward)
+    stored exp (prototype)         the idea of keeping exp(y - m) from the forward for the backward,
+                                   timed with the production kernels: the forward is the one-process
+                                   fused kernel over the slice in place (one read, one exp, one write:
+                                   what a kernel storing exp(y - m) costs), one all-gather of 12 bytes a
+                                   row, and the backward rescales the stored values in place (a row
+                                   scale and the target fix-up: one read and one write, no exp). Its
+                                   gradient is not exact (see the report): a timing only.
     megatron (torch)               Megatron-LM's _VocabParallelCrossEntropy in torch ops: all-reduce MAX
                                    of the row max, x - max, the masked target logit all-reduced (SUM),
                                    exp in place, its sum all-reduced (SUM), softmax saved; the backward
                                    subtracts 1 at the target and scales by grad_output
     gx.cross_entropy, 1 process    the same loss on the full (N, r) logits in ONE process with W threads
-                                   (at most the machine's cores) on the same cores (the goal: vocab-parallel
-                                   on 2 processes within 1.3x of it), and F.cross_entropy likewise
+                                   (at most the machine's cores) on the same cores: rank 0 runs it while
+                                   the other ranks wait in a barrier, interleaved with the rounds of the
+                                   cases above, so that both see the same machine; and F.cross_entropy
     vocab_parallel_linear_cross_entropy(h, W_k, t)       each rank: its (r / W, d) rows of the weight
     gather + linear_cross_entropy  each rank all-gathers the full (r, d) weight and runs
                                    gx.linear_cross_entropy on it (its shard's gradient: a slice)
     ..., inplace_grad              the same with the gradient written over the logits (logits that are a
                                    layer's output), against gx.cross_entropy_and_grad(inplace_grad=True)
-Reported per case: the median time of a step (the slowest rank's), the peak memory a step adds per
-rank (the largest rank's: peak resident set over the resident set before the step, from Linux's
-VmHWM reset through /proc/self/clear_refs; on CUDA torch.cuda.max_memory_allocated), and the bytes
-each rank sends per row, counted by wrapping torch.distributed's collectives. GB/s follow the byte
-model of a fused forward+backward, read N*r logits + write N*r gradient (the same for every
+Reported per case: the median over ``--rounds`` rounds of each round's median step time (the slowest
+rank's), with the rounds' min and max; the ratio to one process's in-place gx.cross_entropy (the goal:
+<= 1.3x) per round, its median and spread; the peak memory a step adds per rank (the largest rank's:
+peak resident set over the resident set before the step, from Linux's VmHWM reset through
+/proc/self/clear_refs; on CUDA torch.cuda.max_memory_allocated); the bytes each rank sends per row and
+the collectives of one forward, counted by wrapping torch.distributed's collectives. GB/s follow the
+byte model of a fused forward+backward, read N*r logits + write N*r gradient (the same for every
 implementation), and % of copy divides them by the bandwidth of a large ``dst.copy_(src)`` on W
 threads. gloo processes run one thread each (W processes on W cores). Run it on a quiet machine.
 """
@@ -35,6 +48,7 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,17 +59,18 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import gpuxent as gx
-from gpuxent import bench
-from gpuxent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+from gpuxent import autograd, backends, bench
+from gpuxent.distributed import exchange, vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter")
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast", "reduce_scatter")
 
 
 class ByteCounter:
-    """Wraps the collectives of ``torch.distributed``; counts the bytes this rank sends."""
+    """Wraps the collectives of ``torch.distributed``; counts the calls and the bytes this rank sends."""
 
     def __init__(self):
         self.bytes = 0
+        self.calls = []
         self.saved = {}
 
     def __enter__(self):
@@ -63,8 +78,9 @@ class ByteCounter:
             fn = self.saved[name] = getattr(dist, name)
 
             def wrapped(first, *args, _fn=fn, _name=name, **kw):
-                sent = args[0] if _name == "all_gather" else first  # all_gather(outputs, input)
+                sent = args[0] if _name in ("all_gather", "all_gather_into_tensor", "all_gather_single") else first
                 self.bytes += sent.numel() * sent.element_size()
+                self.calls.append(_name)
                 return _fn(first, *args, **kw)
 
             setattr(dist, name, wrapped)
@@ -152,16 +168,31 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _measure(step, reset, device, group, repeats) -> dict:
-    """Median time (the slowest rank's, per repeat), peak memory and bytes per call of ``step``."""
+def _profile(step, reset, forward, device, group) -> dict:
+    """Warm-up (and compilation), then the bytes a step sends, the collectives of one forward (None: not
+    counted) and the peak memory a step adds (the largest rank's)."""
     reset()
-    step()  # warm-up (and compilation)
+    step()
     reset()
     with ByteCounter() as counter:
         step()
     reset()
+    calls = None
+    if forward is not None:
+        with ByteCounter() as fwd:
+            forward()
+        calls = fwd.calls
+        reset()
     with PeakMemory(device) as mem:
         step()
+    reset()
+    peak = torch.tensor([mem.peak / 2**20], dtype=torch.float64, device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    return dict(peak_mib=peak.item(), bytes_sent=counter.bytes, collectives_per_forward=calls)
+
+
+def _time_steps(step, reset, device, group, repeats) -> float:
+    """The median time of ``repeats`` steps in ms, the slowest rank's (the ranks start each step together)."""
     times = []
     for _ in range(repeats):
         reset()
@@ -172,9 +203,22 @@ def _measure(step, reset, device, group, repeats) -> dict:
         _sync(device)
         times.append(time.perf_counter() - t0)
     reset()
-    ms = torch.tensor([statistics.median(times) * 1e3, mem.peak / 2**20], dtype=torch.float64, device=device)
+    ms = torch.tensor([statistics.median(times) * 1e3], dtype=torch.float64, device=device)
     dist.all_reduce(ms, op=dist.ReduceOp.MAX, group=group)
-    return dict(ms=ms[0].item(), peak_mib=ms[1].item(), bytes_sent=counter.bytes)
+    return ms.item()
+
+
+def _time_alone(step, device, repeats) -> float:
+    """The median time of ``repeats`` steps of this process alone, in ms."""
+    step()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
 
 # --------------------------------------------------------------------------- one rank
@@ -190,35 +234,108 @@ def _rank(rank, world, port, args, out_file):
         torch.set_num_threads(1)
     dist.init_process_group(args.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor, Shard
+
+        mesh = init_device_mesh(device.type, (world,))
         n, r = args.size
-        slices = [r // world + (k < r % world) for k in range(world)]
-        lo = sum(slices[:rank])
-        hi = lo + slices[rank]
+        chunk = -(-r // world)  # torch.chunk's slices, as Shard(-1) places them
+        lo, hi = min(rank * chunk, r), min((rank + 1) * chunk, r)
         target = torch.randint(0, r, (n,), generator=torch.Generator().manual_seed(0)).to(device)  # the same everywhere
-        gen = torch.Generator(device).manual_seed(rank + 1)
-        x = (torch.randn(n, hi - lo, generator=gen, device=device) * 2).requires_grad_()
+        full = torch.randn(n, r, generator=torch.Generator().manual_seed(1)) * 2
+        x = full[:, lo:hi].contiguous().to(device).requires_grad_()
+        if rank != 0:
+            full = None
         # logits that are not a leaf (as a layer's output): their memory takes the gradient
         x_inplace = x.detach().clone().requires_grad_() * 1
-        rows = {}
+        dx = DTensor.from_local(x.detach().clone(), mesh, [Shard(1)], run_check=False).requires_grad_()
+        dx_inplace = DTensor.from_local(x.detach().clone().requires_grad_() * 1, mesh, [Shard(1)], run_check=False)
+        proto = x.detach().clone()
+        backend = backends.select(device, None)
 
-        def clear_x():
-            x.grad = None
+        def clear():
+            x.grad = dx.grad = None
 
-        def gx_step():
+        def vp_step():
             vocab_parallel_cross_entropy(x, target).backward()
 
-        def gx_inplace_step():  # the gradient is x_inplace's memory: a finite input again for the next step
+        def vp_inplace_step():  # the gradient is x_inplace's memory: a finite input again for the next step
             torch.autograd.grad(vocab_parallel_cross_entropy(x_inplace, target, inplace_grad=True), x_inplace)
+
+        def dtensor_step():
+            gx.cross_entropy(dx, target).backward()
+
+        def dtensor_inplace_step():
+            torch.autograd.grad(gx.cross_entropy(dx_inplace, target, inplace_grad=True), dx_inplace)
+
+        def stored_forward():
+            """The stored-exp prototype's forward: exp(y - lse_k) kept in ``proto`` (minus 1 at a column)."""
+            in_slice = (target >= lo) & (target < hi)
+            t_loc = torch.where(in_slice, target - lo, 0)
+            rows = torch.arange(n, device=device)
+            y_t = proto[rows, t_loc]
+            _, lse_k = autograd.cross_entropy_rows_(proto, t_loc, None, None, -100, 0.0, 0.0, 0.0, backend)
+            part = torch.stack([lse_k, torch.where(in_slice, y_t - lse_k, 0), in_slice.float()], 1)
+            g, _, _ = exchange(part, part.new_zeros(1), None)
+            big = g[:, :, 0].amax(0)
+            lse = big + torch.log(torch.exp(g[:, :, 0] - big).sum(0))
+            y_target = (g[:, :, 1] + g[:, :, 2] * g[:, :, 0]).sum(0)
+            return (lse - y_target).mean(), lse_k, lse, in_slice, t_loc, rows
+
+        def stored_step():
+            _, lse_k, lse, in_slice, t_loc, rows = stored_forward()
+            alpha = torch.exp(lse_k - lse) / n
+            proto[rows, t_loc] += 1  # the kernel's one-hot subtraction undone
+            proto.mul_(alpha[:, None])  # the backward: one read and one write, no exp
+            proto[rows[in_slice], t_loc[in_slice]] -= 1.0 / n
 
         def megatron_step():
             MegatronCrossEntropy.apply(x, target, lo, None).mean().backward()
 
-        rows["vocab_parallel_cross_entropy"] = _measure(gx_step, clear_x, device, None, args.repeats)
-        rows["megatron (torch)"] = _measure(megatron_step, clear_x, device, None, args.repeats)
-        rows["vocab_parallel_cross_entropy, inplace_grad"] = _measure(
-            gx_inplace_step, clear_x, device, None, args.repeats
-        )
-        x = x_inplace = None  # frees the logits before the linear cases
+        cases = {
+            "vocab_parallel_cross_entropy": (vp_step, lambda: vocab_parallel_cross_entropy(x.detach(), target)),
+            "vocab_parallel_cross_entropy, inplace_grad": (vp_inplace_step, None),
+            "gx.cross_entropy(DTensor Shard(-1))": (dtensor_step, lambda: gx.cross_entropy(dx.detach(), target)),
+            "gx.cross_entropy(DTensor Shard(-1)), inplace_grad": (dtensor_inplace_step, None),
+            "stored exp (prototype), inplace_grad": (stored_step, stored_forward),
+            "megatron (torch)": (megatron_step, None),
+        }
+        rows = {name: _profile(step, clear, fwd, device, None) for name, (step, fwd) in cases.items()}
+        for row in rows.values():
+            row["ms_rounds"] = []
+        single = {"gx.cross_entropy, 1 process, inplace_grad": [], "gx.cross_entropy, 1 process": [],
+                  "F.cross_entropy, 1 process": []}  # fmt: skip
+        threads = min(world, os.cpu_count() or 1)
+        if rank == 0:
+            full = full.to(device)
+            buf = full.clone()
+            leaf = full.requires_grad_()
+
+        def single_inplace():  # overwritten by the gradient at every call: a valid input again
+            gx.cross_entropy_and_grad(buf, target, inplace_grad=True)
+
+        def single_fresh(loss_fn=gx.cross_entropy):
+            leaf.grad = None
+            loss_fn(leaf, target).backward()
+
+        for i in range(args.rounds):
+            for name, (step, _) in cases.items():
+                rows[name]["ms_rounds"].append(_time_steps(step, clear, device, None, args.repeats))
+            # one process on the W cores while the other ranks wait: the same machine as the round's cases
+            if rank == 0:
+                torch.set_num_threads(threads)
+                single["gx.cross_entropy, 1 process, inplace_grad"].append(
+                    _time_alone(single_inplace, device, args.repeats)
+                )
+                single["gx.cross_entropy, 1 process"].append(_time_alone(single_fresh, device, args.repeats))
+                if i == 0:
+                    single["F.cross_entropy, 1 process"].append(
+                        _time_alone(lambda: single_fresh(F.cross_entropy), device, max(1, args.repeats // 2))
+                    )
+                leaf.grad = None
+                torch.set_num_threads(1 if device.type == "cpu" else torch.get_num_threads())
+            dist.barrier()
+        x = x_inplace = dx = dx_inplace = proto = full = buf = leaf = None  # frees the logits before the linear cases
         if args.linear:
             n_l, d, r_l = args.linear
             slices = [r_l // world + (k < r_l % world) for k in range(world)]
@@ -238,73 +355,20 @@ def _rank(rank, world, port, args, out_file):
             def gather_linear_step():
                 parts = [torch.empty(s, d, device=device) for s in slices]
                 dist.all_gather(parts, shard.detach())
-                full = torch.cat(parts).requires_grad_()
+                full_w = torch.cat(parts).requires_grad_()
                 del parts
-                gx.linear_cross_entropy(hidden, full, t_l).backward()
-                shard.grad = full.grad[lo:hi].clone()
+                gx.linear_cross_entropy(hidden, full_w, t_l).backward()
+                shard.grad = full_w.grad[lo:hi].clone()
 
-            rows["vocab_parallel_linear_cross_entropy"] = _measure(
-                vp_linear_step, clear_linear, device, None, args.repeats
-            )
-            rows["gather + linear_cross_entropy"] = _measure(
-                gather_linear_step, clear_linear, device, None, args.repeats
-            )
+            for name, step in (("vocab_parallel_linear_cross_entropy", vp_linear_step),
+                               ("gather + linear_cross_entropy", gather_linear_step)):  # fmt: skip
+                row = rows[name] = _profile(step, clear_linear, None, device, None)
+                row["ms_rounds"] = [_time_steps(step, clear_linear, device, None, args.repeats)]
         if rank == 0:
             with open(out_file, "w") as f:
-                json.dump(rows, f)
+                json.dump(dict(rows=rows, single=single), f)
     finally:
         dist.destroy_process_group()
-
-
-# --------------------------------------------------------------------------- one process, all the threads
-
-
-def _single_process(args, threads: int) -> dict:
-    """gx.cross_entropy and F.cross_entropy on the full logits, in this process on ``threads`` threads."""
-    device = torch.device("cuda", 0) if args.backend == "nccl" else torch.device("cpu")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        n, r = args.size
-        target = torch.randint(0, r, (n,), generator=torch.Generator().manual_seed(0)).to(device)
-        x = (torch.randn(n, r, generator=torch.Generator(device).manual_seed(1), device=device) * 2).requires_grad_()
-        buf = x.detach().clone()
-        rows = {}
-
-        def inplace_step():  # overwritten by the gradient at every call: a valid input again
-            gx.cross_entropy_and_grad(buf, target, inplace_grad=True)
-            _sync(device)
-
-        for name, step in (("gx.cross_entropy, 1 process, inplace_grad", inplace_step),):
-            step()
-            times = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - t0)
-            rows[name] = dict(ms=statistics.median(times) * 1e3)
-        buf = None
-        for name, loss_fn in (
-            ("gx.cross_entropy, 1 process", gx.cross_entropy),
-            ("F.cross_entropy, 1 process", F.cross_entropy),
-        ):
-
-            def step(loss_fn=loss_fn):
-                x.grad = None
-                loss_fn(x, target).backward()
-                _sync(device)
-
-            step()
-            times = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - t0)
-            rows[name] = dict(ms=statistics.median(times) * 1e3)
-        copy = bench.copy_bandwidth(device, nbytes=1 << 26 if args.dry_run else 1 << 29)
-        return rows, copy
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _free_port() -> int:
@@ -313,51 +377,76 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spread(values: list[float]) -> dict:
+    return dict(median=statistics.median(values), min=min(values), max=max(values))
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration, subprocess.SubprocessError):
+        return platform.processor() or "unknown CPU"
+
+
 def run(args) -> dict:
     n, r = args.size
+    now = datetime.datetime.now(datetime.timezone.utc)
+    machine = f"{_cpu_model()}, {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.backend}"
     result = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-        machine=f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.backend}",
-        size=list(args.size), linear=list(args.linear) if args.linear else None, repeats=args.repeats, worlds={},
+        date=now.strftime("%Y-%m-%d %H:%M UTC"),
+        machine=machine,
+        load_before=os.getloadavg()[0], size=list(args.size), linear=list(args.linear) if args.linear else None,
+        repeats=args.repeats, rounds=args.rounds, worlds={},
     )  # fmt: skip
     for world in args.worlds:
-        single, copy_gbps = _single_process(args, min(world, os.cpu_count() or 1))
+        device = torch.device("cuda", 0) if args.backend == "nccl" else torch.device("cpu")
+        previous = torch.get_num_threads()
+        torch.set_num_threads(min(world, os.cpu_count() or 1))
+        copy_gbps = bench.copy_bandwidth(device, nbytes=1 << 26 if args.dry_run else 1 << 29)
+        torch.set_num_threads(previous)
         with tempfile.TemporaryDirectory() as tmp:
             out_file = os.path.join(tmp, "rank0.json")
             mp.spawn(_rank, args=(world, _free_port(), args, out_file), nprocs=world, join=True)
             with open(out_file) as f:
-                rows = json.load(f)
-        rows.update(single)
+                got = json.load(f)
+        rows = got["rows"]
+        for name, times in got["single"].items():
+            rows[name] = dict(ms_rounds=times)
+        single_inplace = got["single"]["gx.cross_entropy, 1 process, inplace_grad"]
         nbytes = 2 * n * r * 4  # read the logits, write the gradient
         for name, row in rows.items():
+            row.update(_spread(row["ms_rounds"]))
+            row["ms"] = row["median"]
             if "linear" not in name:
                 row["gbps"] = nbytes / row["ms"] / 1e6
                 row["pct_copy"] = 100 * row["gbps"] / copy_gbps
+                if "1 process" not in name:  # per round, against the same round's one-process in-place step
+                    ratios = [a / b for a, b in zip(row["ms_rounds"], single_inplace)]
+                    row["vs_single_inplace"] = _spread(ratios)
             if "bytes_sent" in row:
                 row["bytes_per_row"] = row["bytes_sent"] / (args.linear[0] if "linear" in name else n)
-        base = rows["gx.cross_entropy, 1 process"]["ms"]
-        for name in ("vocab_parallel_cross_entropy", "megatron (torch)"):
-            rows[name]["vs_single_gx"] = rows[name]["ms"] / base
-        name = "vocab_parallel_cross_entropy, inplace_grad"
-        rows[name]["vs_single_gx"] = rows[name]["ms"] / rows["gx.cross_entropy, 1 process, inplace_grad"]["ms"]
-        rows["megatron (torch)"]["vs_vocab_parallel"] = (
-            rows["megatron (torch)"]["ms"] / rows["vocab_parallel_cross_entropy"]["ms"]
-        )
         result["worlds"][str(world)] = dict(copy_gbps=copy_gbps, rows=rows)
+    result["load_after"] = os.getloadavg()[0]
     return result
 
 
 def markdown(result: dict) -> str:
     n, r = result["size"]
     lines = [
-        f"{result['date']}, {result['machine']}; median of {result['repeats']} forward+backward steps, float32, "
-        "class-index targets, mean. Peak: memory a step adds on the largest rank. Bytes/row: sent per rank "
+        f"{result['date']}, {result['machine']}; load average {result['load_before']:.1f} before, "
+        f"{result['load_after']:.1f} after. Each time: the median over {result['rounds']} rounds of the round's "
+        f"median of {result['repeats']} forward+backward steps (the slowest rank's), with the rounds' min-max; "
+        "float32, class-index targets, mean. vs 1 process: the ratio to the same round's one-process in-place "
+        "gx.cross_entropy on the same cores, median [min, max] over the rounds. Peak: memory a step adds on the "
+        "largest rank. Bytes/row: sent per rank, forward+backward; collectives: those of one forward "
         "(collectives wrapped).",
         "",
         f"Cross-entropy, {n} x {r}:",
         "",
-        "| W | implementation | ms | GB/s | % of copy | peak MiB/rank | bytes/row | vs gx.cross_entropy, 1 process |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| W | implementation | ms | min-max | GB/s | % of copy | peak MiB/rank | bytes/row | collectives/forward "
+        "| vs 1 process in place |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for world, res in result["worlds"].items():
         for name, row in res["rows"].items():
@@ -365,8 +454,12 @@ def markdown(result: dict) -> str:
                 continue
             peak = f"{row['peak_mib']:.0f}" if "peak_mib" in row else "-"
             bpr = f"{row['bytes_per_row']:.1f}" if "bytes_per_row" in row else "-"
-            vs = f"{row['vs_single_gx']:.2f}x" if "vs_single_gx" in row else "-"
-            cells = f"{row['ms']:.1f} | {row['gbps']:.1f} | {row['pct_copy']:.0f}% | {peak} | {bpr} | {vs}"
+            calls = row.get("collectives_per_forward")
+            calls = "-" if calls is None else f"{len(calls)} ({', '.join(calls)})"
+            vs = row.get("vs_single_inplace")
+            vs = f"{vs['median']:.2f}x [{vs['min']:.2f}, {vs['max']:.2f}]" if vs else "-"
+            cells = (f"{row['ms']:.1f} | {row['min']:.1f}-{row['max']:.1f} | {row['gbps']:.1f} | "
+                     f"{row['pct_copy']:.0f}% | {peak} | {bpr} | {calls} | {vs}")  # fmt: skip
             lines.append(f"| {world} | {name} | {cells} |")
     if result["linear"]:
         n_l, d, r_l = result["linear"]
@@ -395,7 +488,8 @@ def main():
     p.add_argument("--worlds", default="2,4")
     p.add_argument("--size", default="4096x32768", help="N x r of the cross-entropy cases")
     p.add_argument("--linear", default="1024x256x32768", help="N x d x r of the linear cases ('' to skip)")
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=7, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=5, help="rounds, each timing every case and one process")
     p.add_argument("--backend", default="gloo", choices=("gloo", "nccl"))
     p.add_argument("--dry-run", action="store_true", help="tiny sizes, one repeat: a check of the script")
     p.add_argument("--json-out")
@@ -405,7 +499,7 @@ def main():
     args.size = _dims(args.size)
     args.linear = _dims(args.linear) if args.linear else None
     if args.dry_run:
-        args.size, args.linear, args.repeats = [64, 256], [16, 8, 256], 1
+        args.size, args.linear, args.repeats, args.rounds = [64, 256], [16, 8, 256], 1, 2
     result = run(args)
     text = markdown(result)
     print(text)

@@ -243,23 +243,38 @@ def cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mea
 
 
 def _rows_cross_entropy(sh, x, target, weight, reduction, keywords):
-    """Row-sharded: this rank's rows with ``functional.cross_entropy``, the mean over the whole batch."""
+    """Row-sharded: this rank's rows with ``functional.cross_entropy``, the mean over the whole batch.
+
+    A mean needs the whole batch's denominator D before the kernel, to fold 1 / D into the gradient
+    it writes (else the backward would scale the whole gradient once more): the local losses are
+    summed with the class weights (and the z-loss) divided by D, which scales every term of a row's
+    loss and gradient by 1 / D, and the ranks' sums are summed. Two all-gathers of a few numbers."""
     dt = compute_dtype(x.dtype)
     if reduction == "none":
         return functional.cross_entropy(x, sh.local(target, "target"), weight, reduction="none", **keywords)
-    error = values = None
+    error = t = denom = None
     try:
         check_reduction(reduction)
         t = sh.local(target, "target")
-        loss = functional.cross_entropy(x, t, weight, reduction="sum", **keywords)
-        values = [loss]
         if reduction == "mean":
-            values.append(_ce_denominator(x, t, weight, keywords["ignore_index"], dt))
+            denom = _ce_denominator(x, t, weight, keywords["ignore_index"], dt)
     except _ERRORS as exc:
         error = exc
-    n = 2 if reduction == "mean" else 1
-    totals = _sum_over_ranks(values if error is None else n, error, sh, dt, x.device, "cross_entropy")
-    return totals[0] if reduction == "sum" else _mean(totals[0], totals[1])
+    kw = dict(keywords)
+    if reduction == "mean":
+        (denom,) = _sum_over_ranks([denom] if error is None else 1, error, sh, dt, x.device, "cross_entropy")
+        scale = mean_scale(denom)
+        weight = (torch.ones(sh.shape[-1], dtype=dt, device=x.device) if weight is None else weight.detach()) * scale
+        if kw["z_loss"]:  # a float keyword: one host read of D (only with a z-loss)
+            z = float(kw["z_loss"] * scale)
+            kw["z_loss"] = z if math.isfinite(z) else 0.0  # D = 0: the NaN comes from the weights and below
+    loss = None
+    try:
+        loss = functional.cross_entropy(x, t, weight, reduction="sum", **kw)
+    except _ERRORS as exc:
+        error = exc
+    total = _sum_over_ranks([loss] if error is None else 1, error, sh, dt, x.device, "cross_entropy")[0]
+    return total if denom is None else torch.where(denom == 0, math.nan, total)  # a mean of nothing: NaN
 
 
 def _ce_denominator(x, t, weight, ignore_index, dt):
