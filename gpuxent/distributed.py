@@ -4,31 +4,37 @@ Rank k holds a contiguous slice of the classes, ``[offset_k, offset_k + r_k)`` (
 in size, even be empty; their order is the ranks' order in the group): the logits of that slice
 (:func:`vocab_parallel_cross_entropy`), or the rows of the output layer's weight that make them
 (:func:`vocab_parallel_linear_cross_entropy`). The loss over all ``r = sum_k r_k`` classes comes from
-one pass of a backend kernel over the local slice and two all-reduces of a few numbers per row:
+one pass of a backend kernel over the local slice and ONE collective of a few numbers per row:
 
 1. ``row_partials`` (one read of the slice) gives per row the slice's max ``m``, ``s = sum exp(y - m)``,
    the target sums ``a = sum w q (y - m)``, ``b = sum w q`` (class targets: only the rank that holds
    the target contributes) and, for label smoothing, ``c = sum w y``;
-2. all-reduce MAX of ``m`` -> ``M``; all-reduce SUM of ``(s exp(m - M), a + b (m - M), b[, c])`` and of
-   the slice's summed class weight (one number per call);
+2. one all-gather (``exchange``) of every rank's ``(m, s, a, b[, c])`` per row and its slice's summed
+   class weight; every rank merges the W partials of each row online, in rank order (``merge_max``:
+   ``M = max m``, ``S = sum s exp(m - M)``, ``A = sum a + b (m - M)``, ``B = sum b``, ``C = sum c``),
+   so that all get the same bits. (An all-reduce cannot merge them in one step: the sums need the
+   max first. The all-gather sends the same 16 bytes per row as a MAX then a SUM all-reduce did, in
+   one collective: one latency and, on GPUs, one launch instead of two.)
 3. ``lse = M + log S``, ``loss = (1 - eps)(B log S - A) + eps / r (W lse - C) + z_loss lse**2`` and the
    gradient coefficient ``coef = (1 - eps) B + eps / r W + 2 z_loss lse``, identical on every rank;
 4. the backward's ``cross_entropy_backward`` writes the slice's gradient from ``lse`` and ``coef`` (one
    more read of the slice, one write), with ``grad_output`` and the mean's 1/denominator folded into
    its scale: no communication, rounded once, exact for a per-row ``grad_output``.
 
-Communication per row, forward+backward: 4 + 12 bytes (16 + 4 with label smoothing) in float32 (twice
-that for float64 logits), nothing that grows with r. Before them, one all-gather of a 9-number header
-per rank per call gives the offsets and lets every rank check that the others agree (bad input on any
-rank raises on every rank, so none is left waiting in a collective); reading it back is the only host
-sync.
+Communication per row, forward+backward: 16 bytes (20 with label smoothing) in float32 (twice that for
+float64 logits), nothing that grows with r. Before it, the public functions all-gather a 9-number
+header per rank per call, which gives the offsets and lets every rank check that the others agree
+(bad input on any rank raises on every rank, so none is left waiting in a collective); reading it
+back is the only host sync. Callers that know every slice without asking (``gpuxent.dtensor``: a
+DTensor's sharding is the same on every rank) skip the header and send their checks as status words
+in the one collective (``status_words``, ``check_status``): one collective per forward.
 
 Why the gradient is not computed in the forward (as ``gpuxent.cross_entropy`` does): the forward
-needs the global lse, known only after the all-reduces, so a fused forward would store each
-``exp(y - m)`` in the gradient buffer and rescale it after them: two reads and two writes of (N,
-r_k), against one read in the forward and one read + one write in the backward here. The kernel
-pass is memory-bound, so the recomputed exponentials cost less than the extra write, and an
-evaluation-only forward reads the slice once.
+needs the global lse, known only after the collective, so a fused forward would store each
+``exp(y - m)`` in the gradient buffer and rescale it after it: the backward then reads and writes
+without an exp. Measured on 2 CPU cores (``benchmarks/bench_distributed.py``, "stored exp
+(prototype)"), see RESULTS.md: it needs a kernel that stores ``exp(y - m)`` while it sums (none of the
+backends has one), and the recomputed exponentials here keep the gradient rounded once.
 """
 
 from __future__ import annotations
@@ -383,8 +389,9 @@ def vocab_parallel_cross_entropy(
     is each rank's slice of the full gradient. Every rank of the group must call it, with the same
     ``target``, keywords and number of rows. Works with the gloo (CPU) and nccl (CUDA) backends.
 
-    One kernel pass over the local slice and two all-reduces of 16-20 bytes per row (float32) in the
-    forward; the backward is one more kernel pass, without communication (see the module docstring).
+    One kernel pass over the local slice and one all-gather of 16-20 bytes per row (float32) in the
+    forward, after the per-call header's; the backward is one more kernel pass, without communication
+    (see the module docstring).
 
     Args:
         local_logits: ``(..., r_k)`` float tensor, this rank's slice of the classes.
@@ -806,7 +813,7 @@ def vocab_parallel_linear_cross_entropy(
     (N, d) in the backward's place), ``weight_shard`` and ``bias_shard`` their own slices.
 
     The rows go through in chunks of ``chunk_size`` as in :func:`gpuxent.linear_cross_entropy`: a
-    (chunk, r_k) buffer of logits, one kernel pass, the two all-reduces of a few numbers per row, the
+    (chunk, r_k) buffer of logits, one kernel pass, the one all-gather of a few numbers per row, the
     gradient written over the buffer, the three gradient matmuls. For ``reduction="none"`` the
     gradients wait for ``grad_output`` (the backward runs the chunks again).
 
