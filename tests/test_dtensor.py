@@ -174,6 +174,25 @@ def _run_case(case, mesh):
     return result
 
 
+def _more(mesh, cases):
+    """In place over class-sharded logits that are a layer's output, and Partial logits (summed over the
+    ranks first): ``(gradient in place, gradient, loss of the Partial logits, their gradient)``."""
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+
+    base = next(c for c in cases if c["fn"] == "ce" and c["name"] == "all" and c["placement"] == "class")
+    kw = dict(reduction="mean", **base["kw"])
+    leaf = distribute_tensor(base["logits"], mesh, [Shard(1)]).requires_grad_()
+    y = leaf * 1  # not a leaf: its memory takes the gradient
+    (g_inplace,) = torch.autograd.grad(gx.cross_entropy(y, base["target"], base["weight"], inplace_grad=True, **kw), y)
+    x = distribute_tensor(base["logits"], mesh, [Shard(1)]).requires_grad_()
+    gx.cross_entropy(x, base["target"], base["weight"], **kw).backward()
+    half = (base["logits"] / WORLD).requires_grad_()
+    partial = DTensor.from_local(half, mesh, [Partial()], run_check=False)
+    loss = gx.cross_entropy(partial, base["target"], base["weight"], **kw)
+    loss.backward()
+    return g_inplace.full_tensor(), x.grad.full_tensor(), loss.full_tensor().detach(), half.grad
+
+
 def _bad_inputs(mesh, cases):
     """Bad data on ONE rank: every rank raises (none hangs), with the reason."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -280,7 +299,8 @@ def _worker(rank, world, port, folder):
         results = {case["id"]: _run_case(case, mesh) for case in cases}
         errors = _bad_inputs(mesh, cases)
         fsdp = _fsdp2(rank, folder)
-        torch.save((results, errors, fsdp), os.path.join(folder, f"rank{rank}.pt"))
+        more = _more(mesh, cases)
+        torch.save((results, errors, fsdp, more), os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -397,6 +417,15 @@ def test_dtensor_and_fsdp2_on_two_gloo_processes(tmp_path):
         assert "reduction" in errors["replicate: bad reduction"]
         assert "1-D mesh" in errors["2-D mesh"]
     _check_fsdp(fsdp_inputs, ranks)
+    base = next(c for c in cases if c["fn"] == "ce" and c["name"] == "all" and c["placement"] == "class")
+    loss, grad = reference_cross_entropy(base["logits"], base["target"], base["weight"], **base["kw"])
+    for k in range(WORLD):
+        g_inplace, g, partial_loss, partial_grad = ranks[k][3]
+        assert_close(g_inplace, grad, torch.float64, f"rank {k}: in-place gradient of class-sharded logits")
+        assert_close(g, grad, torch.float64, f"rank {k}: gradient")
+        assert_close(partial_loss, loss, torch.float64, f"rank {k}: Partial logits' loss")
+        # the local part of a Partial DTensor gets the gradient of the sum, as in DTensor
+        assert_close(partial_grad, grad, torch.float64, f"rank {k}: Partial logits' gradient")
 
 
 # --------------------------------------------------------------------------- the README's examples
