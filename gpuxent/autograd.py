@@ -17,12 +17,13 @@ in torch ops, which autograd differentiates again.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+from torch.autograd import forward_ad
 
 from . import backends
 from .backends import compute_dtype
@@ -31,6 +32,46 @@ from .checks import denominator, distill_denominator, mean_scale, reduce_rows
 HALF = (torch.float16, torch.bfloat16)
 
 # --------------------------------------------------------------------------- the door
+
+
+def eager(t: torch.Tensor) -> bool:
+    """Whether a call on ``t`` may skip what only tracing and transforms need (the registered op's
+    dispatch, a functorch-aware Function): a plain tensor, outside torch.compile, ``torch.func`` and
+    forward-mode AD. Those cost 20-80 us a call, several times the kernel on a small batch."""
+    return (
+        type(t) is torch.Tensor
+        and forward_ad._current_level < 0
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
+
+
+class RegisteredOp:
+    """A ``torch.library`` custom op (one opaque node to torch.compile, a vmap rule, a fake) whose
+    Python body an eager call runs directly (:func:`eager` on its first argument), then bumping the
+    version of what it mutates, as the dispatcher would (the backends write through numpy or raw
+    pointers, which torch does not see)."""
+
+    def __init__(self, name: str, mutates_args, fn):
+        self.impl = fn
+        self.op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        params = list(inspect.signature(fn).parameters)
+        self.mutated = tuple(params.index(a) for a in mutates_args)
+
+    def __call__(self, *args):
+        if not eager(args[0]):
+            return self.op(*args)
+        out = self.impl(*args)
+        for i in self.mutated:
+            torch.autograd.graph.increment_version(args[i])
+        return out
+
+    def __getattr__(self, name):  # register_fake, ...
+        return getattr(self.op, name)
+
+
+def registered_op(name: str, mutates_args=()):
+    return lambda fn: RegisteredOp(name, mutates_args, fn)
 
 
 def _dense(v):
@@ -47,7 +88,7 @@ def _cross_entropy(logits, target, weight, grad_scale, grad, ignore_index, label
     )  # fmt: skip
 
 
-@torch.library.custom_op("gpuxent::cross_entropy_rows", mutates_args=())
+@registered_op("gpuxent::cross_entropy_rows", mutates_args=())
 def cross_entropy_rows(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -70,7 +111,7 @@ def cross_entropy_rows(
     return loss, lse, grad
 
 
-@torch.library.custom_op("gpuxent::cross_entropy_rows_", mutates_args=("logits",))
+@registered_op("gpuxent::cross_entropy_rows_", mutates_args=("logits",))
 def cross_entropy_rows_(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -88,13 +129,13 @@ def cross_entropy_rows_(
     )
 
 
-@torch.library.custom_op("gpuxent::softmax_rows", mutates_args=())
+@registered_op("gpuxent::softmax_rows", mutates_args=())
 def softmax_rows(x: torch.Tensor, log: bool, backend: str) -> torch.Tensor:
     """Row softmax (or log-softmax) of (N, r) ``x``, in the compute dtype."""
     return backends.module(backend).softmax(x, log=log)
 
 
-@torch.library.custom_op("gpuxent::binary_cross_entropy_elements", mutates_args=())
+@registered_op("gpuxent::binary_cross_entropy_elements", mutates_args=())
 def binary_cross_entropy_elements(
     x: torch.Tensor,
     target: torch.Tensor,
@@ -181,7 +222,7 @@ def _cross_entropy_vmap(op):
             )
         return outs, tuple(None if k == 2 and not want_grad else 0 for k in range(len(outs)))
 
-    torch.library.register_vmap(op, rule)
+    torch.library.register_vmap(op.op, rule)
 
 
 _cross_entropy_vmap(cross_entropy_rows)
@@ -305,7 +346,7 @@ class CrossEntropy(torch.autograd.Function):
             loss_rows, _, grad = cross_entropy_rows(
                 logits, target, weight, grad_scale, ii, eps, z, cap, backend, want_grad
             )
-        loss = reduce_rows(loss_rows, opts.reduction, denom, (n_rows,))
+        loss = loss_rows.sum() * scale if scale is not None else reduce_rows(loss_rows, opts.reduction, None, (n_rows,))
         return loss, grad, torch.ones((), dtype=dt, device=logits.device) if scale is None else scale
 
     @staticmethod
@@ -495,13 +536,37 @@ class Softmax(torch.autograd.Function):
 
 
 def _applier(fn: type[torch.autograd.Function]):
-    """``fn.apply``, traceable by torch.compile: dynamo cannot trace a Function with a custom jvp, so
-    under compile it applies the same Function less its forward-mode rule (``torch.func.jvp`` and
-    ``jacfwd`` are eager-only anyway)."""
+    """``fn.apply``, at the cost each case needs.
+
+    - Under torch.compile, the same Function less its forward-mode rule: dynamo cannot trace a
+      Function with a custom jvp (``torch.func.jvp`` and ``jacfwd`` are eager-only anyway).
+    - An eager call (:func:`eager`) that needs no gradient: ``fn.forward`` alone.
+    - An eager call that does: the same forward, setup and backward as a ctx-style Function, which
+      autograd applies in ~8 us where a functorch-aware one takes ~25 us.
+    - Otherwise (``torch.func`` transforms, forward AD): ``fn.apply``.
+    """
     traceable = type(fn.__name__, (fn,), {"jvp": torch.autograd.Function.jvp})
 
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            output = fn.forward(*args)
+            fn.setup_context(ctx, args, output)
+            return output
+
+        backward = staticmethod(fn.backward)
+
+    Eager.__name__ = fn.__name__
+
     def apply(*args):
-        return (traceable if torch.compiler.is_compiling() else fn).apply(*args)
+        if torch.compiler.is_compiling():
+            return traceable.apply(*args)
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if not all(map(eager, tensors)):
+            return fn.apply(*args)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return Eager.apply(*args)
+        return fn.forward(*args)
 
     return apply
 
@@ -520,7 +585,7 @@ softmax = _applier(Softmax)
 N_PARTIALS = 5  # (m, s, a, b, c): see ``backends`` (row_partials)
 
 
-@torch.library.custom_op("gpuxent::row_partials", mutates_args=())
+@registered_op("gpuxent::row_partials", mutates_args=())
 def row_partials(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -555,7 +620,7 @@ def _cross_entropy_backward(logits, target, weight, lse, coef, entropy, grad_sca
     )  # fmt: skip
 
 
-@torch.library.custom_op("gpuxent::cross_entropy_backward", mutates_args=())
+@registered_op("gpuxent::cross_entropy_backward", mutates_args=())
 def cross_entropy_backward(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -588,7 +653,7 @@ def _(logits, target, weight, lse, coef, entropy, grad_scale, entropy_scale, ign
     return torch.empty_like(logits)
 
 
-@torch.library.custom_op("gpuxent::cross_entropy_backward_", mutates_args=("logits",))
+@registered_op("gpuxent::cross_entropy_backward_", mutates_args=("logits",))
 def cross_entropy_backward_(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -621,7 +686,7 @@ def _(logits, target, weight, lse, coef, entropy, grad_scale, entropy_scale, ign
 # --------------------------------------------------------------------------- distillation
 
 
-@torch.library.custom_op("gpuxent::distillation_rows", mutates_args=())
+@registered_op("gpuxent::distillation_rows", mutates_args=())
 def distillation_rows(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -798,7 +863,7 @@ def _cross_entropy_stats(logits, target, weight, grad_scale, grad, ignore_index,
     return loss, lse, argmax, entropy
 
 
-@torch.library.custom_op("gpuxent::cross_entropy_stats_rows", mutates_args=())
+@registered_op("gpuxent::cross_entropy_stats_rows", mutates_args=())
 def cross_entropy_stats_rows(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -821,7 +886,7 @@ def cross_entropy_stats_rows(
     return loss, lse, grad, argmax, entropy
 
 
-@torch.library.custom_op("gpuxent::cross_entropy_stats_rows_", mutates_args=("logits",))
+@registered_op("gpuxent::cross_entropy_stats_rows_", mutates_args=("logits",))
 def cross_entropy_stats_rows_(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -894,7 +959,7 @@ class CrossEntropyStats(CrossEntropy):
             loss_rows, lse, grad, argmax, entropy = cross_entropy_stats_rows(
                 logits, target, weight, grad_scale, ii, eps, z, cap, backend, want_grad
             )
-        loss = reduce_rows(loss_rows, opts.reduction, denom, (n_rows,))
+        loss = loss_rows.sum() * scale if scale is not None else reduce_rows(loss_rows, opts.reduction, None, (n_rows,))
         scale = torch.ones((), dtype=dt, device=logits.device) if scale is None else scale
         return loss, grad, scale, lse, argmax, entropy
 

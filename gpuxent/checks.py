@@ -72,9 +72,18 @@ def host_value(t: torch.Tensor) -> torch.Tensor | None:
         t = functorch.get_unwrapped(t)
     if functorch.is_functorch_wrapped_tensor(t):  # batched (vmap)
         return None
-    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+    if (t.is_cuda and torch.cuda.is_current_stream_capturing()) or t.is_meta:
         return None
     return t.detach()
+
+
+def host_array(t: torch.Tensor) -> np.ndarray | None:
+    """``t``'s values as a numpy view where value checks may read them and numpy can (a plain CPU
+    tensor, see :func:`host_value`): a few us for what costs several torch ops; None elsewhere."""
+    plain = host_value(t)
+    if plain is None or plain.device.type != "cpu" or torch._C._functorch.is_functorch_wrapped_tensor(plain):
+        return None
+    return plain.numpy()
 
 
 # --------------------------------------------------------------------------- scalar keywords
@@ -204,13 +213,21 @@ def flat_target(target: torch.Tensor, is_prob: bool, n_classes: int, opts: CEOpt
         return target.reshape(-1, n_classes).to(dtype)
     t = target.reshape(-1).long()
     plain = host_value(t) if t.numel() else None
-    if plain is not None:
+    if plain is None:
+        return t
+    a = host_array(plain)
+    if a is not None:
+        if 0 <= a.min() and a.max() < n_classes:
+            return t
+        bad = (a != opts.ignore_index) & ((a < 0) | (a >= n_classes))
+        v = int(a[bad][0]) if bad.any() else None
+    else:
         bad = (plain != opts.ignore_index) & ((plain < 0) | (plain >= n_classes))
-        if bool(bad.any()):
-            v = plain[bad][0].item()
-            raise ValueError(
-                f"target: class index {v} is outside [0, {n_classes}) and is not ignore_index={opts.ignore_index}"
-            )
+        v = plain[bad][0].item() if bool(bad.any()) else None
+    if v is not None:
+        raise ValueError(
+            f"target: class index {v} is outside [0, {n_classes}) and is not ignore_index={opts.ignore_index}"
+        )
     return t
 
 
@@ -244,6 +261,9 @@ def denominator(t: torch.Tensor, w: torch.Tensor | None, is_prob: bool, ignore_i
     else the summed class weight of the kept rows."""
     if is_prob:
         return torch.full((), float(n_rows), dtype=dt, device=t.device)
+    a = host_array(t) if w is None else None
+    if a is not None:  # numpy: one op, not three
+        return torch.tensor(float(np.count_nonzero(a != ignore_index)), dtype=dt)
     kept = t != ignore_index
     if w is None:
         return kept.sum().to(dt)
@@ -253,6 +273,10 @@ def denominator(t: torch.Tensor, w: torch.Tensor | None, is_prob: bool, ignore_i
 def mean_scale(denom: torch.Tensor) -> torch.Tensor:
     """1 / denominator, NaN where it is 0: a mean over kept rows whose weights sum to 0 is NaN in loss
     and gradient, as in torch (never inf)."""
+    a = host_array(denom)
+    if a is not None:
+        d = float(a)
+        return torch.tensor(1.0 / d if d else math.nan, dtype=denom.dtype)
     return torch.where(denom == 0, math.nan, 1.0 / denom)
 
 
@@ -263,7 +287,7 @@ def reduce_rows(loss_rows: torch.Tensor, reduction: str, denom, batch_shape) -> 
         return loss_rows.reshape(batch_shape)
     if reduction == "sum":
         return loss_rows.sum()
-    return torch.where(denom == 0, math.nan, loss_rows.sum() / denom)
+    return loss_rows.sum() * mean_scale(denom)  # as the kernels' gradients scale: bit for bit the same mean
 
 
 # --------------------------------------------------------------------------- distillation

@@ -17,8 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import astuple, dataclass
 
 import numpy as np
 import pytest
@@ -416,5 +415,5 @@ def test_cover_is_pairwise():
     """The cover meets every pair of values of every two axes (the property the matrix rests on)."""
     cases = pairwise_cover(SEED)
     for a, b in itertools.combinations(range(len(AXES)), 2):
-        seen = {(c.__dict__[k1], c.__dict__[k2]) for c in cases for k1, k2 in [(list(c.__dict__)[a], list(c.__dict__)[b])]}
+        seen = {(astuple(c)[a], astuple(c)[b]) for c in cases}
         assert len(seen) == AXES[a] * AXES[b], (a, b)

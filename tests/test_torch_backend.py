@@ -48,6 +48,7 @@ def test_selection_falls_back_to_torch(monkeypatch):
         assert backends.select(torch.device(device)) == "torch"
     assert backends.select(torch.device("cpu"), "torch") == "torch"  # asked for by name
     # a device whose kernel backends cannot run: CPU with a broken numba, CUDA without triton and numba-cuda
+    monkeypatch.setattr(backends, "_SELECTED", {})  # what select() remembered of the healthy process
     monkeypatch.setitem(backends._LOADED, "numba_cpu", (None, "numba is broken"))
     assert backends.select(torch.device("cpu")) == "torch"
     monkeypatch.setitem(backends._LOADED, "triton", (None, "no triton"))

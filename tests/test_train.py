@@ -320,11 +320,11 @@ def test_distillation_losses_match_torch(dataset, tmp_path):
 
 def test_distillation_arguments_are_checked(digits_run, tmp_path, capsys):
     for argv, needle in [
-        (["--distill-from", str(tmp_path / "none.pt")], "distill_from"),
-        (["--distill-from", __file__], "distill_from"),
+        (["--distill-from", str(tmp_path / "none.pt")], "--distill-from"),
+        (["--distill-from", __file__], "--distill-from"),
         (["--distill-from", digits_run["summary"]["checkpoint"], "--temperature", "0"], "temperature: expected"),
         (["--distill-from", digits_run["summary"]["checkpoint"], "--alpha", "1.5"], "alpha: expected"),
-        (["--dataset", "breast_cancer", "--distill-from", digits_run["summary"]["checkpoint"]], "distill_from"),
+        (["--dataset", "breast_cancer", "--distill-from", digits_run["summary"]["checkpoint"]], "--distill-from"),
     ]:
         assert cli.main(["train", "--epochs", "1", *argv]) == 2
         err = capsys.readouterr().err

@@ -148,6 +148,31 @@ def test_ops_pass_opcheck(rng):
     lse, coef = torch.full((6,), 5.0, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
     scale = torch.ones(1, dtype=torch.float64)
     keywords = (-100, 0.1, 50, 10, 0.0, "numba_cpu")
-    torch.library.opcheck(row_partials, (x, t, w, -100, 0.0, 10, True, "numba_cpu"))
-    torch.library.opcheck(cross_entropy_backward, (x, t, w, lse, coef, lse - 1, scale, scale, *keywords))
-    torch.library.opcheck(cross_entropy_backward_, (x.clone(), t, w, lse, coef, None, scale, None, *keywords))
+    torch.library.opcheck(row_partials.op, (x, t, w, -100, 0.0, 10, True, "numba_cpu"))
+    torch.library.opcheck(cross_entropy_backward.op, (x, t, w, lse, coef, lse - 1, scale, scale, *keywords))
+    torch.library.opcheck(cross_entropy_backward_.op, (x.clone(), t, w, lse, coef, None, scale, None, *keywords))
+
+
+def test_eager_calls_equal_the_dispatched_ops(rng):
+    """An eager call runs a registered op's body directly: the same outputs as through the dispatcher,
+    and the same version bump of what the op mutates (autograd's check of an in-place gradient)."""
+    from gpuxent import autograd
+
+    x = torch.as_tensor(rng.standard_normal((6, 20)), dtype=torch.float32)
+    t = torch.as_tensor(rng.integers(0, 20, 6))
+    scale = torch.full((1,), 0.5)
+    rows_args = (t, None, scale, -100, 0.1, 1e-3, 3.0, "numba_cpu")
+    ops = [autograd.cross_entropy_rows, autograd.cross_entropy_stats_rows]
+    for op in ops:
+        eager, dispatched = op(x, *rows_args, True), op.op(x, *rows_args, True)
+        for a, b in zip(eager, dispatched):
+            torch.testing.assert_close(a, b)
+    for op in (autograd.cross_entropy_rows_, autograd.cross_entropy_stats_rows_):
+        y, z = x.clone(), x.clone()
+        version = y._version
+        for a, b in zip(op(y, *rows_args), op.op(z, *rows_args)):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(y, z)
+        assert y._version > version, "an eager in-place call must bump the version counter"
+    torch.library.opcheck(autograd.cross_entropy_rows.op, (x, *rows_args, True))
+    torch.library.opcheck(autograd.cross_entropy_rows_.op, (x.clone(), *rows_args))

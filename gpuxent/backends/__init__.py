@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -127,8 +128,18 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 _LOADED: dict[str, tuple[ModuleType | None, str]] = {}
 
 
+_LOAD_LOCK = threading.RLock()  # one import at a time: a thread must not see a half-imported framework
+
+
 def _load(name: str) -> tuple[ModuleType | None, str]:
     """The backend's module (None if it cannot run here) and the reason."""
+    if name in _LOADED:
+        return _LOADED[name]
+    with _LOAD_LOCK:
+        return _load_locked(name)
+
+
+def _load_locked(name: str) -> tuple[ModuleType | None, str]:
     if name not in _LOADED:
         try:
             module = importlib.import_module(REGISTRY[name].module)
@@ -187,9 +198,23 @@ def empty(name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.T
     return alloc(tuple(shape), dtype) if alloc is not None else torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
+_SELECTED: dict[tuple, str] = {}
+
+
 def select(device: torch.device, backend: str | None = None) -> str:
     """The name of the backend for data on ``device``: ``backend``, else $GPUXENT_BACKEND, else by device
-    (the first of ``REGISTRY`` chosen for its type that can run there; ``torch`` for any other)."""
+    (the first of ``REGISTRY`` chosen for its type that can run there; ``torch`` for any other).
+    Remembered per device type, argument and variable: the probes are constants of the process."""
+    if torch.compiler.is_compiling():
+        return _select(device, backend)
+    key = (device.type, backend, os.environ.get(ENV_VAR))
+    name = _SELECTED.get(key) if isinstance(backend, (str, type(None))) else None
+    if name is None:
+        name = _SELECTED[key] = _select(device, backend)
+    return name
+
+
+def _select(device: torch.device, backend: str | None) -> str:
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend: expected a backend name (str) or None, got {type(backend).__name__}")
     source, name = "backend", backend

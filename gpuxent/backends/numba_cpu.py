@@ -183,19 +183,45 @@ if THREADING_LAYER == "tbb" and hasattr(os, "fork"):
     atexit.register(_join_tbb_workers)
 
 
+_SEEN: set = set()  # (kernel, dtype) pairs this process has run
+COMPILE_NOTICE_S = 1.0
+
+
+def _compile_notice(kernel, dtype) -> threading.Timer:
+    """A line on stderr if the first call of ``kernel`` for ``dtype`` takes over ``COMPILE_NOTICE_S``:
+    numba is compiling it (30-40 s; once, then it loads from its disk cache in about a second)."""
+    cache = nb.config.CACHE_DIR or os.path.join(os.path.dirname(__file__), "__pycache__")
+    name = getattr(kernel, "py_func", kernel).__name__.strip("_")
+    dtype = {np.dtype(np.int16): "float16", np.dtype(np.uint16): "bfloat16"}.get(np.dtype(dtype), dtype)
+    msg = (f"gpuxent: compiling the numba_cpu {name} for {dtype} (about 30 s, once per dtype; "
+           f"cached in {cache}; `gpuxent warmup` compiles every variant ahead of time)")  # fmt: skip
+    timer = threading.Timer(COMPILE_NOTICE_S, lambda: print(msg, file=sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def _launch(kernel, n_elements: int, *args) -> None:
     """Run ``kernel(*args)`` on ``torch.get_num_threads()`` threads (one for a small input).
 
     numba's thread count belongs to the calling thread: it is set for the call and restored after.
     """
-    threads = 1 if n_elements < PARALLEL_MIN_ELEMENTS else torch.get_num_threads()
+    key = (kernel, args[0].dtype)
+    notice = None if key in _SEEN else _compile_notice(kernel, args[0].dtype)
+    threads = max(1, min(1 if n_elements < PARALLEL_MIN_ELEMENTS else torch.get_num_threads(),
+                         nb.config.NUMBA_NUM_THREADS))  # fmt: skip
     previous = nb.get_num_threads()
-    nb.set_num_threads(max(1, min(threads, nb.config.NUMBA_NUM_THREADS)))
+    if threads != previous:
+        nb.set_num_threads(threads)
     try:
         with _REGIONS:
             kernel(*args)
     finally:
-        nb.set_num_threads(previous)
+        if threads != previous:
+            nb.set_num_threads(previous)
+        if notice is not None:
+            notice.cancel()
+            _SEEN.add(key)
 
 
 # Outputs at least this large are backed by transparent huge pages (see ``empty``).

@@ -5,7 +5,8 @@ compiles with ``numba.njit`` and ``numba_cuda`` with ``cuda.jit(device=True)``.
 kernels' row sums, the compute dtype on CUDA), so that no float64 literal widens float32 arithmetic.
 On the CPU they compile WITHOUT fast-math (``numba_cpu.scalar``): numba hands a caller's fast-math
 flags down to every callee that sets none, and reassociation turns ``(m - y_t) + log_s`` into
-``lse - y_t``, which is 0 for two logits of 1e20 (torch: log 2). Builtin ``max``/``min`` are avoided: numba's varargs overload of them does not compile for CUDA.
+``lse - y_t``, which is 0 for two logits of 1e20 (torch: log 2). Builtin ``max``/``min`` are avoided:
+numba's varargs overload of them does not compile for CUDA.
 """
 
 from __future__ import annotations
