@@ -133,6 +133,16 @@ def _train(args) -> int:
     return 0
 
 
+def _warmup(args) -> int:
+    import torch
+
+    from gpuxent.warmup import warmup
+
+    seconds = warmup(tuple(getattr(torch, d) for d in args.dtype), log=lambda line: print(line, flush=True))
+    print(f"warm: every kernel variant is in numba's cache ({seconds:.1f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``gpuxent`` parser; ``parser.commands`` maps each command to its subparser."""
     import gpuxent
@@ -150,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the tiny MLP on a bundled dataset or a CSV")
     train.add_arguments(p)
     p.set_defaults(func=_train)
+    p = sub.add_parser(
+        "warmup", help="compile every CPU kernel variant ahead of time into numba's disk cache (for images)"
+    )
+    p.add_argument("--dtype", nargs="+", choices=["float32", "float64", "bfloat16", "float16"],
+                   default=["float32", "float64", "bfloat16", "float16"], help="the dtypes to compile for")  # fmt: skip
+    p.set_defaults(func=_warmup)
     parser.commands = dict(sub.choices)
     for command in parser.commands.values():
         for action in command._actions:

@@ -341,3 +341,31 @@ def test_finite_json():
         "d": "nan",
         "e": 3,
     }
+
+
+def test_warmup_compiles_and_says_so(capsys):
+    assert cli.main(["warmup", "--dtype", "float64"]) == 0
+    out = capsys.readouterr().out
+    assert "float64: ready in" in out and "warm:" in out
+
+
+def test_a_long_first_call_prints_one_notice(monkeypatch, capsys):
+    """A first call that takes over COMPILE_NOTICE_S (numba compiling) prints one line on stderr naming
+    what compiles, that it happens once and where the cache is; the same call again prints nothing."""
+    import time
+
+    from gpuxent.backends import numba_cpu
+
+    def slow_kernel(*args):  # stands in for a compiling kernel
+        time.sleep(0.3)
+
+    monkeypatch.setattr(numba_cpu, "_SEEN", set())
+    monkeypatch.setattr(numba_cpu, "COMPILE_NOTICE_S", 0.05)
+    arr = np.zeros(3, np.float32)
+    numba_cpu._launch(slow_kernel, 3, arr)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "compiling the numba_cpu slow_kernel for float32" in err
+    assert "once" in err and "cached in" in err and "gpuxent warmup" in err
+    numba_cpu._launch(slow_kernel, 3, arr)
+    time.sleep(0.1)
+    assert capsys.readouterr().err == ""
