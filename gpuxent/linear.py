@@ -209,10 +209,21 @@ class _Problem:
 
     # ------------------------------------------------------------------ one chunk
 
-    def chunk_logits(self, h_c, logits, lo, hi, cap_buf):
-        """Write the chunk's logits, as the kernel is to see them, into ``logits``; returns the softcap the
-        kernel applies and the factor (or None) its gradient still needs, ``1 - tanh**2`` of a softcap
-        done here."""
+    def chunk_buffers(self, rows):
+        """The compute-dtype buffers of per-row temperatures: ``(y, f)``, the scaled logits the kernel
+        reads (half inputs, or a softcap) and ``1 - tanh**2`` of a softcap, each None where not needed."""
+        if self.inv_rows is None:
+            return None, None
+        cap = self.opts.softcap
+        shape, kw = (rows, self.weight.shape[0]), dict(dtype=self.dt, device=self.h.device)
+        y = torch.empty(shape, **kw) if cap or self.dtype != self.dt else None
+        return y, (torch.empty(shape, **kw) if cap else None)
+
+    def chunk_logits(self, h_c, logits, lo, hi, bufs):
+        """Write the chunk's logits into ``logits`` and return ``(x, softcap, factor)``: the logits as the
+        kernel is to read them (``logits``, or a compute-dtype buffer for per-row temperatures of half
+        inputs, whose scaled logits are not rounded to half again), the softcap the kernel applies, and
+        the factor its gradient still needs (None, or ``1 - tanh**2`` of a softcap applied here)."""
         wt = self.weight.t()
         cap = self.opts.softcap
         inv = self.inv_t
@@ -221,21 +232,24 @@ class _Problem:
                 logits.addmm_(h_c, wt, beta=0, alpha=inv)  # beta=0: the buffer's old contents are not read
             else:
                 torch.addmm(self.bias, h_c, wt, beta=inv, alpha=inv, out=logits)
-            return cap * inv, None
+            return logits, cap * inv, None
         if self.bias is None:
             torch.mm(h_c, wt, out=logits)
         else:
             torch.addmm(self.bias, h_c, wt, out=logits)
         if self.inv_rows is None:
-            return cap, None
+            return logits, cap, None
         inv_c = self.inv_rows[lo:hi, None]
+        y_buf, f_buf = bufs
+        if y_buf is None:  # float32/float64 without a softcap: in place
+            return logits.mul_(inv_c), 0.0, None
+        y = y_buf[: hi - lo]
         if not cap:
-            logits.mul_(inv_c)
-            return 0.0, None
-        y = cap_buf[: hi - lo]  # softcap(x) / T in the compute dtype, rounded once into the logits
-        torch.div(logits, cap, out=y).tanh_()
-        torch.mul(y, inv_c * cap, out=logits)
-        return 0.0, y.mul_(y).neg_().add_(1)  # d softcap(x) / dx = 1 - tanh**2
+            return torch.mul(logits, inv_c, out=y), 0.0, None
+        f = f_buf[: hi - lo]
+        torch.div(logits, cap, out=f).tanh_()
+        torch.mul(f, inv_c * cap, out=y)  # softcap(x) / T
+        return y, 0.0, f.mul_(f).neg_().add_(1)  # d softcap(x) / dx = 1 - tanh**2
 
     def grad_scale(self, lo, hi, row_scale=None):
         """The factor of rows ``[lo, hi)``'s gradients: 1/denominator for a mean, times 1/T, times
@@ -267,15 +281,13 @@ class _Problem:
         acc_b = torch.zeros(n_classes, dtype=acc, device=device) if want[2] else None
         rows = min(self.chunk_size, max(n_rows, 1))
         buf = torch.empty((rows, n_classes), dtype=self.dtype, device=device)
-        cap_buf = None
-        if self.inv_rows is not None and self.opts.softcap:
-            cap_buf = torch.empty((rows, n_classes), dtype=dt, device=device)
+        bufs = self.chunk_buffers(rows)
         inv_rows = self.inv_rows
         for lo in range(0, n_rows, rows):
             hi = min(lo + rows, n_rows)
             h_c = self.h[lo:hi]
             logits = buf[: hi - lo]
-            cap, factor = self.chunk_logits(h_c, logits, lo, hi, cap_buf)
+            x, cap, factor = self.chunk_logits(h_c, logits, lo, hi, bufs)
             # the chunk's gradient is written over its logits, scaled per row
             grad_scale = self.grad_scale(lo, hi, row_scale)
             kw = {}
@@ -287,12 +299,14 @@ class _Problem:
                 )  # fmt: skip
             if cap != self.opts.softcap:
                 kw["softcap"] = cap
-            loss_rows[lo:hi] = self.chunk_loss(logits, lo, hi, grad_scale, want_grad, **kw)
+            loss_rows[lo:hi] = self.chunk_loss(x, lo, hi, grad_scale, want_grad, **kw)
             if not want_grad:
                 continue
-            g = logits
             if factor is not None:
-                g.mul_(factor)
+                x.mul_(factor)
+            if x is not logits:  # the gradient, rounded once to the inputs' dtype for the matmuls
+                logits.copy_(x)
+            g = logits
             if want[0]:
                 torch.mm(g, self.weight, out=grad_h[lo:hi])
             if want[1]:
