@@ -10,7 +10,7 @@
 #   tests  the GPU backends' share of the suite (triton, numba_cuda) on CUDA tensors   GPU_CHECK_TESTS_S=210
 #   bench  benchmarks/bench_gpu.py: gpuxent against PyTorch (and Liger), GB/s, % copy  GPU_CHECK_BENCH_S=170
 #   sweep  BLOCK x num_warps of the large-r Triton kernel; an aligned and an odd r     GPU_CHECK_SWEEP_S=75
-#   extra  further GPU runs, appended in extra_runs below                              what is left
+#   extra  further GPU runs in extra_runs below (overhead, hf, stats, distill, nccl)  what is left
 # then $OUT/summary.md, printed at the end to paste into benchmarks/RESULTS.md: card, driver,
 # versions, date, each step's status, and every benchmark row with GB/s and % of a device-to-device
 # copy measured in the same run. A step that fails or runs out of time does not stop the next one;
@@ -122,7 +122,14 @@ export -f tests bench sweep
 # device grant allows), log to $OUT_DIR/NAME.log, and should honour $DRY_RUN (tiny and on the CPU).
 # A shell function as COMMAND must be exported first (export -f), as tests, bench and sweep are.
 extra_runs() {
-    # Hugging Face (issue 15): a Llama-shaped model at GPU sizes (hidden 2048, vocabulary 128256,
+    # The fixed cost of a call at small sizes (64 x 2 ... 4096 x 1000): the Triton path against
+    # F.cross_entropy eager, synchronised, so its time on an idle GPU is the host side plus the launch.
+    if [ "$DRY_RUN" = 1 ]; then
+        step overhead "${GPU_CHECK_OVERHEAD_S:-60}" bash -c 'python benchmarks/bench_overhead.py --triton-host --calls 20 | tee "$OUT_DIR/overhead.md"'
+    else
+        step overhead "${GPU_CHECK_OVERHEAD_S:-60}" bash -c 'python benchmarks/bench_overhead.py --device cuda --triton-host | tee "$OUT_DIR/overhead.md"'
+    fi
+    # Hugging Face: a Llama-shaped model at GPU sizes (hidden 2048, vocabulary 128256,
     # 8 x 2048 tokens, bfloat16), one training step patched against unpatched: peak memory and time.
     if [ "$DRY_RUN" = 1 ]; then
         step hf "${GPU_CHECK_HF_S:-120}" python examples/hf_tiny_llama.py --hidden=32 --layers=1 --vocab=300 --batch=2 --seq=16 \
@@ -130,7 +137,7 @@ extra_runs() {
     else
         step hf "${GPU_CHECK_HF_S:-150}" python examples/hf_tiny_llama.py --device cuda --json
     fi
-    # Statistics and distillation (issue 14): cross_entropy_with_stats (plain, with statistics, with
+    # Statistics and distillation: cross_entropy_with_stats (plain, with statistics, with
     # the entropy's gradient) and gx.distillation_loss (kl, reverse_kl, jsd) at one LLM size each,
     # against the PyTorch compositions, with the peak memory of a step.
     local one=(--sizes 8192x131072 --dtypes bfloat16 --no-compile --budget-s 40)
@@ -139,7 +146,7 @@ extra_runs() {
         --json-out "$OUT_DIR/stats.json" --markdown-out "$OUT_DIR/stats.md"
     step distill "${GPU_CHECK_DISTILL_S:-60}" python benchmarks/bench_gpu.py --distillation "${one[@]}" \
         --json-out "$OUT_DIR/distill.json" --markdown-out "$OUT_DIR/distill.md"
-    # Data-parallel training over nccl (issue 13), on a machine with two GPUs or more; then the
+    # Data-parallel training over nccl, on a machine with two GPUs or more; then the
     # vocab-parallel benchmark over nccl, one process per GPU (2, and all of them when more), against
     # the Megatron-style reference and one GPU's gx.cross_entropy, with the linear cases.
     local n_gpus
@@ -167,7 +174,7 @@ summary() {
         awk -F'\t' '{printf "| %s | %s | %s |\n", $1, $2, $3}' "$STEPS"
         echo
         tail -n 1 "$OUT_DIR/tests.log" 2>/dev/null | sed 's/^/tests: /'
-        for table in bench sweep dist; do
+        for table in bench sweep overhead dist; do
             if [ -f "$OUT_DIR/$table.md" ]; then
                 echo
                 echo "#### $table"

@@ -21,7 +21,8 @@ def test_dry_run_runs_every_step_and_writes_the_summary(tmp_path):
     proc = gpu_check(tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     steps = [line.split("\t") for line in (tmp_path / "steps.tsv").read_text().splitlines()]
-    expected = [("tests", "ok"), ("bench", "ok"), ("sweep", "ok"), ("hf", "ok"), ("stats", "ok"), ("distill", "ok")]
+    expected = [("tests", "ok"), ("bench", "ok"), ("sweep", "ok"), ("overhead", "ok"), ("hf", "ok"), ("stats", "ok"),
+                ("distill", "ok")]  # fmt: skip
     assert [(name, outcome) for name, outcome, _ in steps] == expected
     assert "passed" in (tmp_path / "tests.log").read_text()
 
@@ -48,6 +49,7 @@ def test_a_step_out_of_time_sets_the_exit_status_and_the_rest_still_run(tmp_path
         GPU_CHECK_TESTS_S="1",
         GPU_CHECK_BENCH_S="1",
         GPU_CHECK_SWEEP_S="1",
+        GPU_CHECK_OVERHEAD_S="1",
         GPU_CHECK_HF_S="1",
         GPU_CHECK_STATS_S="1",
         GPU_CHECK_DISTILL_S="1",
@@ -55,7 +57,7 @@ def test_a_step_out_of_time_sets_the_exit_status_and_the_rest_still_run(tmp_path
     proc = gpu_check(tmp_path, **limits)
     assert proc.returncode == 124, proc.stdout[-3000:]
     steps = [line.split("\t")[:2] for line in (tmp_path / "steps.tsv").read_text().splitlines()]
-    assert steps == [[name, "timed out after 1 s"] for name in ("tests", "bench", "sweep", "hf", "stats", "distill")]
+    assert steps == [[name, "timed out after 1 s"] for name in ("tests", "bench", "sweep", "overhead", "hf", "stats", "distill")]
     assert "| tests | timed out after 1 s |" in (tmp_path / "summary.md").read_text()
 
 
@@ -63,4 +65,4 @@ def test_steps_past_the_budget_are_skipped(tmp_path):
     proc = gpu_check(tmp_path, GPU_CHECK_BUDGET_S="10")
     assert proc.returncode == 0, proc.stdout[-3000:]
     steps = [line.split("\t")[:2] for line in (tmp_path / "steps.tsv").read_text().splitlines()]
-    assert steps == [[name, "skipped (budget)"] for name in ("tests", "bench", "sweep", "hf", "stats", "distill")]
+    assert steps == [[name, "skipped (budget)"] for name in ("tests", "bench", "sweep", "overhead", "hf", "stats", "distill")]
