@@ -179,7 +179,7 @@ def markdown(result: dict) -> str:
 
 
 def goals(result: dict) -> list[str]:
-    """The goals of issue 16, each with the number that decides it."""
+    """The CPU goals, each with the number that decides it."""
 
     def row(n, r, dtype, pass_):
         return next(
