@@ -71,12 +71,37 @@ from .functional import CrossEntropyOutput, cross_entropy_with_stats
 # A chunk of logits of about this many bytes: large enough for efficient matmuls, small next to the
 # (N, r) logits it replaces.
 CHUNK_BYTES = 128 * 2**20
+# ... and, given the hidden size d, no more than max(MIN_CHUNK_ROWS, d / 2) rows: the chunk of logits then
+# stays within about half the weight's gradient, which the call holds anyway (at d = 512, r = 32768:
+# 256 rows, 32 MiB instead of 128), at the cost of a few percent of matmul speed; below
+# ``MIN_CHUNK_ROWS`` rows the matmuls lose much more (measured in benchmarks/bench_post_training.py).
+MIN_CHUNK_ROWS = 256
+# The block of classes whose weight gradient a half chunk adds at a time to a float32 accumulator: the
+# half matmul's temporary is (block, d), not (r, d).
+ACC_BLOCK_BYTES = 8 * 2**20
 
 
-def default_chunk_size(n_classes: int, dtype: torch.dtype) -> int:
-    """Rows per chunk so that a chunk of logits holds about ``CHUNK_BYTES`` (128 MiB)."""
+def default_chunk_size(n_classes: int, dtype: torch.dtype, hidden_size: int | None = None) -> int:
+    """Rows per chunk: a chunk of logits of at most about ``CHUNK_BYTES`` (128 MiB) and, given the hidden
+    size, of at most ``max(MIN_CHUNK_ROWS, hidden_size // 2)`` rows."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return max(1, CHUNK_BYTES // max(1, n_classes * itemsize))
+    rows = max(1, CHUNK_BYTES // max(1, n_classes * itemsize))
+    if hidden_size is not None:
+        rows = min(rows, max(MIN_CHUNK_ROWS, hidden_size // 2))
+    return rows
+
+
+def accumulate_weight_grad(acc_w: torch.Tensor, g: torch.Tensor, h_c: torch.Tensor) -> None:
+    """``acc_w += g.T @ h_c``: one ``addmm_`` where the dtypes agree; else (half chunks into a float32
+    accumulator) the half matmul, as autograd would do it, block of classes by block, each block added in
+    the accumulator's dtype, so the temporary is a block of the gradient, not all of it."""
+    if g.dtype == acc_w.dtype:
+        acc_w.addmm_(g.t(), h_c)
+        return
+    n_classes, d = acc_w.shape
+    block = max(1, ACC_BLOCK_BYTES // max(1, d * g.element_size()))
+    for lo in range(0, n_classes, block):
+        acc_w[lo : lo + block] += torch.mm(g[:, lo : lo + block].t(), h_c)
 
 
 # --------------------------------------------------------------------------- checks
@@ -201,7 +226,7 @@ class _Problem:
         self.acc_dtype = check_accum_dtype(accum_dtype, hidden.dtype)
         self.reduction = p.opts.reduction
         self.backend = backends.select(self.h.device, backend)
-        self.chunk_size = chunk_size or default_chunk_size(n_classes, hidden.dtype)
+        self.chunk_size = chunk_size or default_chunk_size(n_classes, hidden.dtype, d)
         self.denom = self.scale = None
         if self.reduction == "mean":
             self.denom = denominator(self.t, self.w, self.is_prob, p.opts.ignore_index, self.n_rows, self.dt)
@@ -309,11 +334,8 @@ class _Problem:
             g = logits
             if want[0]:
                 torch.mm(g, self.weight, out=grad_h[lo:hi])
-            if want[1]:
-                if g.dtype == acc:
-                    acc_w.addmm_(g.t(), h_c)
-                else:  # half inputs: the matmul in half (as autograd would), the sum in acc_dtype
-                    acc_w += torch.mm(g.t(), h_c)
+            if want[1]:  # half inputs: the matmul in half (as autograd would), the sum in acc_dtype
+                accumulate_weight_grad(acc_w, g, h_c)
             if want[2]:
                 acc_b += g.sum(0, dtype=dt)  # within the chunk in the compute dtype, across chunks in acc
         return loss_rows, grad_h, acc_w, acc_b
@@ -455,7 +477,8 @@ def linear_cross_entropy(
         ce_weight: ``(r,)`` class weights of the cross-entropy (``cross_entropy``'s ``weight``;
             renamed because ``weight`` is the linear layer's here). A mean divides by the summed
             weight of the kept rows.
-        chunk_size: rows per chunk; default: a chunk of logits of about 128 MiB.
+        chunk_size: rows per chunk; default: a chunk of logits of at most about 128 MiB and of at most
+            ``max(256, d // 2)`` rows.
         temperature: a number > 0, or a tensor of N per-row temperatures (shape ``(N,)`` or
             ``hidden.shape[:-1]``): the logits enter as ``softcap(x) / temperature``; the loss and every
             statistic are of those; the gradient flows to ``hidden``, ``weight`` and ``bias`` only.

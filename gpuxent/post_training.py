@@ -41,10 +41,12 @@ from .checks import (
 )
 from .linear import (
     CHUNK_BYTES,
+    MIN_CHUNK_ROWS,
     _input_grads,
     _Problem,
     _StatsProblem,
     _transformed,
+    accumulate_weight_grad,
     check_accum_dtype,
 )
 
@@ -201,11 +203,13 @@ def _check_head(hidden, weight, bias, who: str):
             raise ValueError(f"{bn}: expected shape ({weight.shape[0]},), one bias per class, got {tuple(bias.shape)}")
 
 
-def default_distill_chunk_size(n_classes: int, dtype: torch.dtype) -> int:
+def default_distill_chunk_size(n_classes: int, dtype: torch.dtype, hidden_size: int) -> int:
     """Rows per chunk of the distillation loop: its three chunk-sized buffers (student logits, teacher
-    logits, the student's gradient) hold about ``CHUNK_BYTES`` (128 MiB) together."""
+    logits, the student's gradient) hold about ``CHUNK_BYTES`` (128 MiB) together, and at most
+    ``max(MIN_CHUNK_ROWS, hidden_size // 2)`` rows (the student's hidden size), as in ``linear``."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return max(1, CHUNK_BYTES // max(1, 3 * n_classes * itemsize))
+    rows = max(1, CHUNK_BYTES // max(1, 3 * n_classes * itemsize))
+    return min(rows, max(MIN_CHUNK_ROWS, hidden_size // 2))
 
 
 class _DistillProblem:
@@ -239,7 +243,7 @@ class _DistillProblem:
         self.dtype, self.dt = sh.dtype, compute_dtype(sh.dtype)
         self.acc_dtype = check_accum_dtype(accum_dtype, sh.dtype)
         self.backend = backends.select(sh.device, backend)
-        self.chunk_size = chunk_size or default_distill_chunk_size(n_classes, sh.dtype)
+        self.chunk_size = chunk_size or default_distill_chunk_size(n_classes, sh.dtype, sw.shape[1])
         self.denom = self.scale = None
         if self.opts.reduction in ("batchmean", "mean"):
             self.denom = distill_denominator(self.t, self.opts, self.n_rows, n_classes, self.dt, sh.device)
@@ -286,10 +290,7 @@ class _DistillProblem:
                 if want[0]:
                     torch.mm(g, self.sw, out=grad_h[lo:hi])
                 if want[1]:
-                    if g.dtype == acc:
-                        acc_w.addmm_(g.t(), h_c)
-                    else:
-                        acc_w += torch.mm(g.t(), h_c)
+                    accumulate_weight_grad(acc_w, g, h_c)
                 if want[2]:
                     acc_b += g.sum(0, dtype=dt)
             del loss, g  # before the next chunk's are allocated
@@ -374,7 +375,7 @@ def linear_distillation_loss(
         divergence, beta, temperature, ignore_index, reduction: as in :func:`gpuxent.distillation_loss`
             (``target``: integer ids of the batch shape, read only to leave out ``ignore_index`` rows).
         chunk_size: rows per chunk; default: the three chunk buffers (student and teacher logits, the
-            gradient) hold about 128 MiB together.
+            gradient) hold about 128 MiB together, of at most ``max(256, d_student // 2)`` rows.
         accum_dtype, backend: as in :func:`gpuxent.linear_cross_entropy`.
 
     Returns:

@@ -182,6 +182,13 @@ def test_default_chunk_size():
     assert default_chunk_size(65536, torch.float32) == 512  # 128 MiB of float32 logits
     assert default_chunk_size(65536, torch.bfloat16) == 1024
     assert default_chunk_size(10**9, torch.float32) == 1
+    # given the hidden size: at most max(256, d / 2) rows, a chunk within about half the weight's gradient
+    assert default_chunk_size(65536, torch.float32, 1024) == 512
+    assert default_chunk_size(65536, torch.bfloat16, 1024) == 512
+    assert default_chunk_size(32768, torch.float32, 512) == 256
+    assert default_chunk_size(32768, torch.float32, 64) == 256
+    assert default_chunk_size(128256, torch.bfloat16, 4096) == 523  # the 128 MiB bound
+    assert default_chunk_size(10**9, torch.float32, 64) == 1
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -446,3 +453,20 @@ def test_temperature_and_accum_dtype_bad_input(rng):
                 fn(hidden, lin_w, target, bias, **bad)
     for x, k in zip((hidden, lin_w, bias), keep, strict=True):
         assert torch.equal(x.detach(), k)
+
+
+def test_half_weight_gradient_accumulated_block_by_block(monkeypatch):
+    """Half chunks go into the float32 accumulator a block of classes at a time (the temporary is a block
+    of the gradient): any block size gives the same gradient."""
+    from gpuxent import linear
+
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(40, 16, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(37, 16, generator=g) / 4).bfloat16().requires_grad_()
+    b = torch.randn(37, generator=g).bfloat16().requires_grad_()
+    t = torch.randint(0, 37, (40,), generator=g)
+    whole = torch.autograd.grad(linear_cross_entropy(h, w, t, b, chunk_size=7), (w, b))
+    monkeypatch.setattr(linear, "ACC_BLOCK_BYTES", 5 * 16 * 2)  # blocks of 5 classes, a short last one
+    blocks = torch.autograd.grad(linear_cross_entropy(h, w, t, b, chunk_size=7), (w, b))
+    for x, y in zip(whole, blocks, strict=True):
+        torch.testing.assert_close(x.float(), y.float(), rtol=0, atol=0)
