@@ -152,6 +152,42 @@ def check_chunk_size(chunk_size) -> int | None:
     return int(chunk_size)
 
 
+def check_temperature(temperature, batch_shape, ref: torch.Tensor, dt: torch.dtype):
+    """``(inv, inv_rows)``: 1/T for one temperature (None for T = 1), or (N,) per-row 1/T in ``dt``
+    for a tensor of per-row temperatures (shape ``(N,)`` or the batch shape; a 0-d tensor applies to
+    every row). ``ValueError`` for a temperature that is not a finite number > 0, or a wrong length."""
+    n_rows = math.prod(batch_shape)
+    if isinstance(temperature, np.ndarray) and temperature.ndim == 0:
+        temperature = temperature[()]
+    if isinstance(temperature, (torch.Tensor, np.ndarray)):
+        t = to_tensor(temperature, "temperature")
+        if t.dtype == torch.bool or t.dtype.is_complex or not (t.dtype.is_floating_point or t.dtype in _INTS):
+            raise TypeError(f"temperature: expected a number or a real tensor of per-row temperatures, got {t.dtype}")
+        check_device(ref, t, "temperature")
+        if t.dim() == 0:
+            t = t.expand(n_rows)
+        if tuple(t.shape) not in ((n_rows,), tuple(batch_shape)):
+            raise ValueError(
+                f"temperature: expected a number or one temperature per row, shape ({n_rows},), got {tuple(t.shape)}"
+            )
+        t = t.detach().reshape(n_rows).to(dt)
+        plain = host_value(t) if n_rows else None
+        if plain is not None and not bool(((plain > 0) & (plain < math.inf)).all()):
+            bad = plain[~((plain > 0) & (plain < math.inf))][0].item()
+            raise ValueError(f"temperature: expected finite temperatures > 0, got {bad!r} in the tensor")
+        return None, (1.0 / t).contiguous()
+    if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature: expected a number or a tensor of per-row temperatures, got "
+                        f"{type(temperature).__name__}")  # fmt: skip
+    tau = float(temperature)
+    if not 0 < tau < math.inf:  # comparisons: NaN fails both
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    return (None if tau == 1.0 else 1.0 / tau), None
+
+
+_INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
 # --------------------------------------------------------------------------- cross-entropy
 
 

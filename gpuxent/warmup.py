@@ -35,9 +35,10 @@ def _calls(dtype: torch.dtype, backend: str | None):
     yield "entropy", lambda: gx.cross_entropy_with_stats(x().requires_grad_(), t, entropy=True, **kw).entropy.backward()
     yield "softmax", lambda: (gx.softmax(x(), **kw), gx.log_softmax(x(), **kw))
     for div in ("kl", "reverse_kl", "jsd"):
-        yield f"distillation {div}", lambda div=div: gx.distillation_loss(
-            x().requires_grad_(), x(), divergence=div, **kw
-        ).backward()
+        yield (
+            f"distillation {div}",
+            lambda div=div: gx.distillation_loss(x().requires_grad_(), x(), divergence=div, **kw).backward(),
+        )
 
     def probs():
         return torch.rand(n, r, dtype=dtype)
@@ -48,8 +49,9 @@ def _calls(dtype: torch.dtype, backend: str | None):
     yield "vocab-parallel partials", lambda: autograd.row_partials(x(), t, None, -100, 0.0, 0, True, name)
     lse = torch.zeros(n, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     coef = torch.ones_like(lse)
-    yield "vocab-parallel backward", lambda: autograd.cross_entropy_backward(
-        x(), t, None, lse, coef, None, None, None, -100, 0.0, r, 0, 0.0, name
+    yield (
+        "vocab-parallel backward",
+        lambda: autograd.cross_entropy_backward(x(), t, None, lse, coef, None, None, None, -100, 0.0, r, 0, 0.0, name),
     )
 
 
