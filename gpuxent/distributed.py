@@ -40,6 +40,7 @@ backends has one), and the recomputed exponentials here keep the gradient rounde
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.distributed as dist
@@ -64,6 +65,7 @@ from .checks import (
     reduce_rows,
     to_tensor,
 )
+from .functional import _temperature_logits
 
 # Integer codes of the compute dtypes, exchanged so that the ranks can check that they agree.
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
@@ -379,6 +381,7 @@ def vocab_parallel_cross_entropy(
     softcap: float | None = None,
     backend: str | None = None,
     inplace_grad: bool = False,
+    temperature=1.0,
 ):
     """Cross-entropy over classes split across the ranks of a ``torch.distributed`` group.
 
@@ -406,6 +409,8 @@ def vocab_parallel_cross_entropy(
         inplace_grad: the backward writes the gradient over ``local_logits`` (no new (N, r_k) buffer;
             it bumps their version counter, as a torch in-place op). For logits that are not a leaf
             (the output of the layer before); a leaf's gradient is copied, so that it does not alias it.
+        temperature: as in :func:`gpuxent.cross_entropy` (a number, or per-row temperatures, the same
+            on every rank): the slice enters as ``softcap(x) / temperature``, one scaled copy of it.
 
     Returns:
         The loss, a 0-d tensor (or per-row values for ``reduction="none"``), float32 for half inputs.
@@ -415,6 +420,12 @@ def vocab_parallel_cross_entropy(
     """
     name = "vocab_parallel_cross_entropy"
     _require_initialized(name)
+    if not (isinstance(temperature, numbers.Real) and temperature == 1):  # softcap(x) / T, as gx.cross_entropy
+        y, cap = _temperature_logits(local_logits, temperature, softcap)
+        return vocab_parallel_cross_entropy(
+            y, target, group, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss, softcap=cap,
+            backend=backend, inplace_grad=inplace_grad and y.requires_grad,
+        )  # fmt: skip
     error = opts = None
     try:
         opts = _check_local(local_logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)

@@ -9,18 +9,22 @@ go back to numpy.
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple, Union
 
 import numpy as np
 import torch
 
 from . import autograd, backends
+from .backends import compute_dtype
 from .checks import (
     FLOAT_DTYPES,
     check_bool,
     check_device,
     check_float,
+    check_options,
     check_reduction,
+    check_temperature,
     denominator,
     host_value,
     out,
@@ -58,6 +62,26 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     return as_numpy, x, loss, grad
 
 
+def _temperature_logits(x: torch.Tensor, temperature, softcap):
+    """``(y, softcap')`` with ``softcap'(y) = softcap(x) / temperature``, differentiable in ``x``.
+
+    One temperature: ``y = x / T`` (one copy, in the compute dtype) and ``softcap' = softcap / T``, since
+    ``c tanh(x / c) / T = (c / T) tanh((x / T) / (c / T))``. Per-row temperatures (an (N,) tensor, or the
+    batch shape): ``y = softcap(x) / T_i`` in torch ops, no softcap left. ``T = 1``: ``x`` as it is."""
+    if isinstance(temperature, numbers.Real) and not isinstance(temperature, bool) and temperature == 1:
+        return x, softcap
+    check_float(x, "logits")
+    if x.dim() == 0:
+        raise ValueError("logits: expected shape (..., r) with the classes on the last axis, got a scalar")
+    cap = check_options(-100, "mean", 0.0, 0.0, softcap).softcap  # the user's softcap, checked as given
+    dt = compute_dtype(x.dtype)
+    inv, inv_rows = check_temperature(temperature, x.shape[:-1], x, dt)
+    if inv_rows is None:
+        return (x.to(dt) * inv if inv is not None else x), (cap * inv if cap and inv is not None else softcap)
+    y = cap * torch.tanh(x.to(dt) / cap) if cap else x.to(dt)
+    return y * inv_rows.reshape(*x.shape[:-1], 1), None
+
+
 def cross_entropy(
     logits: Array,
     target: Array,
@@ -70,6 +94,7 @@ def cross_entropy(
     softcap: float | None = None,
     backend: str | None = None,
     inplace_grad: bool = False,
+    temperature=1.0,
 ) -> Array:
     """Softmax + categorical cross-entropy over the last axis, fused; equals
     ``torch.nn.functional.cross_entropy`` for every shared keyword.
@@ -84,10 +109,14 @@ def cross_entropy(
         label_smoothing: in ``[0, 1]``; mixes the target with the uniform distribution.
         z_loss: adds ``z_loss * lse**2`` for every kept row.
         softcap: logits become ``softcap * tanh(logits / softcap)`` first.
-        backend: ``"numba_cpu"``, ``"triton"`` or ``"numba_cuda"``; default by device.
+        backend: ``"numba_cpu"``, ``"triton"``, ``"numba_cuda"`` or ``"torch"``; default by device.
         inplace_grad: under autograd, write the gradient into ``logits`` (which is then lost) instead of
             a new buffer. Their version counter moves, so autograd refuses a graph that still needs
             the old values, as after a torch in-place op; second derivatives are then unavailable.
+        temperature: a number > 0, or an ``(N,)`` tensor of per-row temperatures (the batch shape also
+            works): the logits enter as ``softcap(logits) / temperature``, and the gradient flows to
+            ``logits`` only. Any value but 1 costs one scaled copy of the logits (in the compute dtype),
+            into which ``inplace_grad`` then writes.
 
     Returns:
         The loss, as the input's kind: a 0-d tensor / numpy scalar, or per-row values for
@@ -96,6 +125,14 @@ def cross_entropy(
     """
     if type(logits).__name__ == "DTensor":  # a torch.distributed.tensor.DTensor: gpuxent/dtensor.py
         return __import__("gpuxent.dtensor").dtensor.cross_entropy(**locals())
+    if not (isinstance(temperature, numbers.Real) and temperature == 1):
+        as_numpy = not isinstance(logits, torch.Tensor)
+        y, cap = _temperature_logits(to_tensor(logits, "logits"), temperature, softcap)
+        loss = cross_entropy(
+            y, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss, softcap=cap, backend=backend,
+            inplace_grad=inplace_grad and y.requires_grad,
+        )  # fmt: skip
+        return out(loss, as_numpy)
     x = logits if isinstance(logits, torch.Tensor) else None
     t = target if isinstance(target, torch.Tensor) else None
     want_grad = torch.is_grad_enabled() and (
@@ -120,13 +157,28 @@ def cross_entropy_and_grad(
     softcap: float | None = None,
     backend: str | None = None,
     inplace_grad: bool = False,
+    temperature=1.0,
 ) -> tuple[Array, Array]:
     """``(loss, grad)`` of :func:`cross_entropy` in one fused pass, without autograd.
 
     ``grad`` is d loss / d logits, with the logits' shape and dtype; for ``reduction="none"`` it is
     the gradient of ``loss.sum()``. With ``inplace_grad=True`` it is written into ``logits`` and
-    returned as a view of the logits' buffer.
+    returned as a view of the logits' buffer. ``temperature`` as in :func:`cross_entropy` (then the
+    gradient of the scaled copy is carried back to the logits by autograd).
     """
+    if not (isinstance(temperature, numbers.Real) and temperature == 1):
+        as_numpy = not isinstance(logits, torch.Tensor)
+        x = to_tensor(logits, "logits")
+        check_bool(inplace_grad, "inplace_grad")
+        with torch.enable_grad():
+            x_ = x.detach().requires_grad_()
+            loss = cross_entropy(
+                x_, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss, softcap=softcap,
+                backend=backend, temperature=temperature,
+            )  # fmt: skip
+            (grad,) = torch.autograd.grad(loss.sum(), x_)
+        grad = x.copy_(grad) if inplace_grad else grad
+        return out(loss.detach(), as_numpy), out(grad, as_numpy)
     with torch.no_grad():
         as_numpy, _, loss, grad = _cross_entropy(
             logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, backend, True,
@@ -369,6 +421,7 @@ def cross_entropy_with_stats(
     backend: str | None = None,
     inplace_grad: bool = False,
     entropy: bool = False,
+    temperature=1.0,
 ) -> CrossEntropyOutput:
     """:func:`cross_entropy` and the statistics a trainer logs, all from the one pass over the logits.
 
@@ -405,6 +458,13 @@ def cross_entropy_with_stats(
         return __import__("gpuxent.dtensor").dtensor.cross_entropy_with_stats(**locals())
     as_numpy = not isinstance(logits, torch.Tensor)
     x = to_tensor(logits, "logits")
+    if not (isinstance(temperature, numbers.Real) and temperature == 1):
+        y, cap = _temperature_logits(x, temperature, softcap)
+        o = cross_entropy_with_stats(
+            y, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss, softcap=cap, backend=backend,
+            inplace_grad=inplace_grad and y.requires_grad, entropy=entropy,
+        )  # fmt: skip
+        return CrossEntropyOutput(*(None if v is None else out(v, as_numpy) for v in o))
     t = to_tensor(target, "target")
     w = None if weight is None else to_tensor(weight, "weight")
     p = prepare_cross_entropy(x, t, w, ignore_index, reduction, label_smoothing, z_loss, softcap)
