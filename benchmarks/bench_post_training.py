@@ -6,9 +6,11 @@
    against ``gx.linear_cross_entropy`` on the same head;
 3. ``gx.linear_distillation_loss`` (a student head, a teacher head twice as wide) against the same loss
    on both materialised logits (``F.linear`` twice, then ``gx.distillation_loss``);
-4. the bfloat16 weight gradient's error against float64 over 32 and 1024 chunks, with ``accum_dtype``
+4. the time ratios of 1. and 2. again, the two steps interleaved in one process (a, b, a, b, ...) on
+   the same inputs, so that the shared machine's load changing between rows does not skew them;
+5. the bfloat16 weight gradient's error against float64 over 32 and 1024 chunks, with ``accum_dtype``
    None (float32 accumulation) and ``torch.bfloat16``, next to PyTorch's own bfloat16 autograd;
-5. where the float32 time goes: the chunk loop of ``linear_cross_entropy`` timed piece by piece
+6. where the float32 time goes: the chunk loop of ``linear_cross_entropy`` timed piece by piece
    (the logits matmul, the fused kernel, the two gradient matmuls).
 
     python benchmarks/bench_post_training.py [--n 4096 --hidden 512 --vocab 32768] [--repeats 2]
@@ -65,13 +67,15 @@ def _reset_peak() -> bool:
         return False
 
 
-def _worker(args) -> dict:
+def _setup(row, dtype_name=None):
+    """``(inputs, step)`` of a row: ``inputs(n, d, r)`` builds its tensors, ``step(*inputs)`` runs one
+    forward+backward. Every row of one dtype draws the same hidden states, weight and targets."""
     import torch
     import torch.nn.functional as F
 
     import gpuxent as gx
 
-    kind, impl, dtype_name = ROWS[args.row]
+    kind, impl, dtype_name = ROWS[row]
     dtype = getattr(torch, dtype_name)
 
     def inputs(n, d, r, seed=0):
@@ -79,10 +83,7 @@ def _worker(args) -> dict:
         h = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
         w = (torch.randn(r, d, generator=g) / d**0.5).to(dtype).requires_grad_()
         t = torch.randint(0, r, (n,), generator=g)
-        extra = {}
-        if kind == "logprobs":
-            extra["adv"] = torch.randn(n, generator=g)
-            extra["mask"] = (torch.rand(n, generator=g) < 0.9).float()
+        extra = {"adv": torch.randn(n, generator=g), "mask": (torch.rand(n, generator=g) < 0.9).float()}
         if kind == "distill":
             extra["th"] = torch.randn(n, 2 * d, generator=g).to(dtype)
             extra["tw"] = (torch.randn(r, 2 * d, generator=g) / (2 * d) ** 0.5).to(dtype)
@@ -93,7 +94,7 @@ def _worker(args) -> dict:
             loss = gx.linear_cross_entropy(h, w, t)
         elif kind == "lce":
             loss = F.linear_cross_entropy(h, w, t, options=torch.nn.LinearCrossEntropyOptions())
-        elif kind == "logprobs":
+        elif kind == "logprobs":  # GRPO-like: per-token advantages and a mask, an entropy bonus
             lp, ent = gx.linear_log_probs(h, w, t, temperature=0.7, entropy=True)
             m = extra["mask"]
             loss = -(lp * extra["adv"] * m).sum() / m.sum() - 0.01 * (ent * m).sum() / m.sum()
@@ -107,6 +108,15 @@ def _worker(args) -> dict:
         loss.backward()
         return loss
 
+    return inputs, step
+
+
+def _worker(args) -> dict:
+    """One row in this (fresh) process: its peak memory, then its time."""
+    import torch
+
+    kind, impl, dtype_name = ROWS[args.row]
+    inputs, step = _setup(args.row)
     step(*inputs(64, 32, 1000))  # numba compiles its kernels here
     h, w, t, extra = inputs(args.n, args.hidden, args.vocab)
     step(h, w, t, extra)  # the .grad buffers now exist, as in training
@@ -127,6 +137,37 @@ def _worker(args) -> dict:
         "median_s": statistics.median(times), "times_s": times, "loss": float(loss),
         "threads": torch.get_num_threads(),
     }  # fmt: skip
+
+
+def _pair_worker(args) -> dict:
+    """The time ratio of two rows on the same inputs, their steps interleaved (a, b, a, b, ...), so that a
+    change of the shared machine's load between them does not skew it: the median of the per-round
+    ratios, and each row's median time."""
+    a, b = args.pair.split(",")
+    (inputs, step_a), (_, step_b) = _setup(a), _setup(b)
+    for s in (step_a, step_b):
+        s(*inputs(64, 32, 1000))
+    h, w, t, extra = inputs(args.n, args.hidden, args.vocab)
+    step_a(h, w, t, extra)
+    step_b(h, w, t, extra)
+    times = {a: [], b: []}
+    for _ in range(args.repeats + 1):
+        for name, s in ((a, step_a), (b, step_b)):
+            h.grad = w.grad = None
+            t0 = time.perf_counter()
+            s(h, w, t, extra)
+            times[name].append(time.perf_counter() - t0)
+    ratios = [x / y for x, y in zip(times[a], times[b])]
+    return {"pair": [a, b], "times_s": times, "median_s": {k: statistics.median(v) for k, v in times.items()},
+            "ratio_median": statistics.median(ratios), "ratios": ratios}  # fmt: skip
+
+
+PAIRS = (
+    ("lce-gpuxent-float32", "lce-torch-float32"),
+    ("lce-gpuxent-bfloat16", "lce-torch-bfloat16"),
+    ("logprobs-gpuxent-float32", "lce-gpuxent-float32"),
+    ("logprobs-gpuxent-bfloat16", "lce-gpuxent-bfloat16"),
+)
 
 
 # --------------------------------------------------------------------------- in-process measurements
@@ -243,11 +284,16 @@ def main():
     p.add_argument("--no-accum", action="store_true", help="skip the accumulation-error measurement")
     p.add_argument("--no-profile", action="store_true", help="skip the chunk-loop profile")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--no-pairs", action="store_true", help="skip the interleaved time ratios")
     p.add_argument("--row", choices=list(ROWS), help=argparse.SUPPRESS)  # set in the worker subprocesses
+    p.add_argument("--pair", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.row:
         print(json.dumps(_worker(args)))
+        return
+    if args.pair:
+        print(json.dumps(_pair_worker(args)))
         return
 
     import torch
@@ -260,24 +306,35 @@ def main():
         "logits_mib": {"float32": 4 * args.n * args.vocab / 2**20, "bfloat16": 2 * args.n * args.vocab / 2**20},
         "rows": [],
     }  # fmt: skip
-    for row in [r for r in args.rows.split(",") if r]:
-        cmd = [sys.executable, os.path.abspath(__file__), "--row", row]
+    def sub(*extra_args):
+        cmd = [sys.executable, os.path.abspath(__file__), *extra_args]
         for flag in ("n", "hidden", "vocab", "repeats"):
             cmd += [f"--{flag}", str(getattr(args, flag))]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
-            print(f"{row}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
-            result["rows"].append({"row": row, "error": res.stderr[-500:]})
-            continue
-        out = json.loads(res.stdout.strip().splitlines()[-1])
-        result["rows"].append(out)
-        print(f"{row:32s} {out['median_s']:8.2f} s  peak {out['peak_mib']:8.1f} MiB", flush=True)
+            print(f"{extra_args}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
+            return {"error": res.stderr[-500:]}
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    for row in [r for r in args.rows.split(",") if r]:
+        out = sub("--row", row)
+        result["rows"].append({"row": row, **out})
+        if "error" not in out:
+            print(f"{row:32s} {out['median_s']:8.2f} s  peak {out['peak_mib']:8.1f} MiB", flush=True)
     by = {r["row"]: r for r in result["rows"] if "error" not in r}
+    result["pairs"] = []
+    if not args.no_pairs:
+        for a, b in PAIRS:
+            out = sub("--pair", f"{a},{b}")
+            result["pairs"].append(out)
+            if "error" not in out:
+                print(f"time {a} / {b}: {out['ratio_median']:.3f}x (interleaved; medians "
+                      f"{out['median_s'][a]:.2f} / {out['median_s'][b]:.2f} s)", flush=True)  # fmt: skip
 
     def ratio(a, b, key):
         return by[a][key] / by[b][key] if a in by and b in by and by[b][key] else None
 
-    result["ratios"] = {
+    result["ratios"] = {  # times from the separate processes of the rows; see the interleaved ones below
         "lce float32 time vs torch": ratio("lce-gpuxent-float32", "lce-torch-float32", "median_s"),
         "lce float32 memory vs torch": ratio("lce-gpuxent-float32", "lce-torch-float32", "peak_mib"),
         "lce bfloat16 time vs torch": ratio("lce-gpuxent-bfloat16", "lce-torch-bfloat16", "median_s"),
@@ -288,6 +345,10 @@ def main():
         "distill memory vs materialised": ratio("distill-gpuxent-float32", "distill-materialised-float32", "peak_mib"),
         "distill time vs materialised": ratio("distill-gpuxent-float32", "distill-materialised-float32", "median_s"),
     }  # fmt: skip
+    for out in result["pairs"]:  # the interleaved ratio, where measured, is the one to quote
+        if "error" not in out:
+            a, b = out["pair"]
+            result["ratios"][f"time {a} / {b} (interleaved)"] = out["ratio_median"]
     for dt in ("float32", "bfloat16"):
         if f"logprobs-gpuxent-{dt}" in by:
             lp = by[f"logprobs-gpuxent-{dt}"]

@@ -74,7 +74,7 @@ class _LinearLogProbs(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         log_probs = problem.run()[0].neg_().add_(0.0)  # -CE; + 0.0 turns the ignored rows' -0.0 into 0
         if with_entropy:
-            return log_probs, problem.entropy.clone()
+            return log_probs, _kept_entropy(problem)
         return log_probs
 
     @staticmethod
@@ -99,6 +99,11 @@ class _LinearLogProbs(torch.autograd.Function):
         entropy_scale = None if grad_entropy is None else grad_entropy.reshape(-1).to(dt)
         _, grad_h, grad_w, grad_b = problem.run(want, row_scale=row_scale, entropy_scale=entropy_scale)
         return (*_input_grads(grad_h, grad_w, grad_b, hidden_shape, dtype)[:3], None, None)
+
+
+def _kept_entropy(problem):
+    """The forward's per-row entropies, 0 for ignored rows (whatever a backend left there)."""
+    return torch.where(problem.t != problem.opts.ignore_index, problem.entropy, 0)
 
 
 def _log_probs_composite(problem, hidden, weight, bias):
@@ -166,7 +171,7 @@ def linear_log_probs(
     else:
         with torch.no_grad():
             log_probs = problem.run()[0].neg_().add_(0.0)
-        entropy_rows = problem.entropy if want_entropy else None
+        entropy_rows = _kept_entropy(problem) if want_entropy else None
     return LogProbs(
         out(log_probs.reshape(shape), as_numpy),
         None if entropy_rows is None else out(entropy_rows.reshape(shape), as_numpy),
