@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import autograd, backends
-from .autograd import distillation_rows, scale_grad
+from .autograd import distillation_rows
 from .backends import compute_dtype
 from .checks import (
     check_bool,
@@ -43,6 +43,7 @@ from .linear import (
     CHUNK_BYTES,
     MIN_CHUNK_ROWS,
     _input_grads,
+    _LinearCrossEntropy,
     _Problem,
     _StatsProblem,
     _transformed,
@@ -305,8 +306,13 @@ class _DistillProblem:
         reduction = "mean" if self.denom is not None else self.opts.reduction
         return reduce_rows(loss_rows, reduction, self.denom, self.batch_shape)
 
+    @property
+    def reduction(self) -> str:
+        return self.opts.reduction
+
     def composite(self, sh, sw, sb):
-        """The loss through both (N, r) logits and ``distillation_loss``'s autograd (differentiable again)."""
+        """``(loss, None)``: the loss through both (N, r) logits and ``distillation_loss``'s autograd
+        (differentiable again); the contract of ``linear._Problem.composite``."""
         from .functional import distillation_loss
 
         o = self.opts
@@ -316,38 +322,7 @@ class _DistillProblem:
             student, teacher, divergence=o.divergence, beta=o.beta, temperature=o.temperature, target=self.t,
             ignore_index=o.ignore_index, reduction=o.reduction, backend=self.backend,
         )  # fmt: skip
-        return loss.reshape(self.batch_shape) if o.reduction == "none" else loss
-
-
-class _LinearDistillation(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, problem):
-        want = tuple(ctx.needs_input_grad[:3])
-        ctx.problem = problem
-        ctx.shapes = (hidden.shape, weight.dtype)
-        ctx.inputs = (hidden, weight, bias)
-        if problem.opts.reduction == "none":  # the gradients wait for the per-row grad_output
-            loss_rows = problem.run()[0]
-        else:
-            loss_rows, grad_h, grad_w, grad_b = problem.run(want)
-            ctx.save_for_backward(grad_h, grad_w, grad_b)
-        return problem.reduce(loss_rows)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        problem = ctx.problem
-        hidden_shape, dtype = ctx.shapes
-        want = tuple(ctx.needs_input_grad[:3])
-        if torch.is_grad_enabled():  # differentiated again: through the logits
-            wanted = [x for x, need in zip(ctx.inputs, want) if need]
-            grads = iter(torch.autograd.grad(problem.composite(*ctx.inputs), wanted, grad_output, create_graph=True,
-                                             allow_unused=True))  # fmt: skip
-            return (*(next(grads) if need else None for need in want), None)
-        if problem.opts.reduction == "none":
-            _, grad_h, grad_w, grad_b = problem.run(want, row_scale=grad_output.reshape(-1).to(problem.dt))
-        else:
-            grad_h, grad_w, grad_b = (None if g is None else scale_grad(g, grad_output) for g in ctx.saved_tensors)
-        return _input_grads(grad_h, grad_w, grad_b, hidden_shape, dtype)
+        return (loss.reshape(self.batch_shape) if o.reduction == "none" else loss), None
 
 
 def linear_distillation_loss(
@@ -399,9 +374,9 @@ def linear_distillation_loss(
     problem = _DistillProblem(sh, sw, th, tw, t, sb, tb, opts, backend, chunk_size, accum_dtype)
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (sh, sw, sb))
     if _transformed(sh, sw, sb):
-        loss = problem.composite(sh, sw, sb)
+        loss = problem.composite(sh, sw, sb)[0]
     elif needs_grad:
-        loss = _LinearDistillation.apply(sh, sw, sb, problem)
+        loss = _LinearCrossEntropy.apply(sh, sw, sb, problem)  # the chunked-linear Function, any problem
     else:
         with torch.no_grad():
             loss = problem.reduce(problem.run()[0])
