@@ -306,6 +306,7 @@ def main():
         "logits_mib": {"float32": 4 * args.n * args.vocab / 2**20, "bfloat16": 2 * args.n * args.vocab / 2**20},
         "rows": [],
     }  # fmt: skip
+
     def sub(*extra_args):
         cmd = [sys.executable, os.path.abspath(__file__), *extra_args]
         for flag in ("n", "hidden", "vocab", "repeats"):

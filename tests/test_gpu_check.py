@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+STEPS = ("tests", "bench", "sweep", "overhead", "hf", "stats", "distill")  # on a machine of one GPU
 
 
 def gpu_check(out: Path, **env) -> subprocess.CompletedProcess:
@@ -57,7 +58,7 @@ def test_a_step_out_of_time_sets_the_exit_status_and_the_rest_still_run(tmp_path
     proc = gpu_check(tmp_path, **limits)
     assert proc.returncode == 124, proc.stdout[-3000:]
     steps = [line.split("\t")[:2] for line in (tmp_path / "steps.tsv").read_text().splitlines()]
-    assert steps == [[name, "timed out after 1 s"] for name in ("tests", "bench", "sweep", "overhead", "hf", "stats", "distill")]
+    assert steps == [[name, "timed out after 1 s"] for name in STEPS]
     assert "| tests | timed out after 1 s |" in (tmp_path / "summary.md").read_text()
 
 
@@ -65,4 +66,4 @@ def test_steps_past_the_budget_are_skipped(tmp_path):
     proc = gpu_check(tmp_path, GPU_CHECK_BUDGET_S="10")
     assert proc.returncode == 0, proc.stdout[-3000:]
     steps = [line.split("\t")[:2] for line in (tmp_path / "steps.tsv").read_text().splitlines()]
-    assert steps == [[name, "skipped (budget)"] for name in ("tests", "bench", "sweep", "overhead", "hf", "stats", "distill")]
+    assert steps == [[name, "skipped (budget)"] for name in STEPS]

@@ -182,7 +182,8 @@ def test_log_probs_float32_and_half(backend, rng, dtype, temp):
     grads = torch.autograd.grad(objective(*out), params(hidden, weight, bias))
     ref_grads = torch.autograd.grad(objective(ref_lp, ref_ent), params(h64, w64, b64))
     own_grads = torch.autograd.grad(objective(own_lp, own_ent), own)
-    for name, g, rg, og, p in zip(("hidden", "weight", "bias"), grads, ref_grads, own_grads, params(hidden, weight, bias)):
+    named = zip(("hidden", "weight", "bias"), grads, ref_grads, own_grads, params(hidden, weight, bias))
+    for name, g, rg, og, p in named:
         assert g.dtype == dtype and g.shape == p.shape and g.device == dev
         if dtype == torch.float32:
             assert_close(g, rg, dtype, f"grad {name}", scale=10)
