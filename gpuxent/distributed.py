@@ -60,6 +60,7 @@ from .checks import (
     check_float,
     check_options,
     check_target,
+    check_temperature,
     denominator,
     mean_scale,
     reduce_rows,
@@ -730,9 +731,12 @@ class _LinearProblem(linear._Problem):
     weight: each chunk's logits are a slice of the classes, reduced with the others' by ``_Layout``;
     the hidden gradient is summed over the ranks."""
 
-    def __init__(self, hidden, weight, target, bias, ce_weight, opts, layout, chunk_size, is_prob):
+    def __init__(self, hidden, weight, target, bias, ce_weight, opts, layout, chunk_size, is_prob,
+                 temperature=(None, None), acc_dtype=None):  # fmt: skip
         n_local, d = weight.shape
         self.layout = layout
+        self.inv_t, self.inv_rows = temperature  # from checks.check_temperature
+        self.acc_dtype = acc_dtype
         self.h = hidden.detach().reshape(-1, d)
         self.weight = weight.detach()
         self.bias = None if bias is None else bias.detach()
@@ -754,14 +758,19 @@ class _LinearProblem(linear._Problem):
             self.denom = denominator(self.t, w_full, is_prob, opts.ignore_index, self.n_rows, self.dt)
             self.scale = mean_scale(self.denom).reshape(1)
 
-    def chunk_loss(self, logits, lo, hi, grad_scale, want_grad):
+    def chunk_loss(self, logits, lo, hi, grad_scale, want_grad, softcap=None):
+        """As ``linear._Problem.chunk_loss``; ``softcap``: the kernel's where a temperature folds it
+        (None: the call's)."""
         lay, o = self.layout, self.opts
         t = self.t[lo:hi]
-        part = row_partials(logits, t, self.w, o.ignore_index, o.softcap, lay.offset, o.label_smoothing > 0,
-                            self.backend)  # fmt: skip
+        cap = o.softcap if softcap is None else softcap
+        part = row_partials(logits, t, self.w, o.ignore_index, cap, lay.offset, o.label_smoothing > 0, self.backend)
         loss, lse, coef, _ = lay.combine(part, t, self.is_prob, self.weight_share)
         if want_grad:
-            cross_entropy_backward_(logits, t, self.w, lse, coef, None, grad_scale, None, *lay.backward_args())
+            ii, eps, n_classes, offset, _, backend = lay.backward_args()
+            cross_entropy_backward_(
+                logits, t, self.w, lse, coef, None, grad_scale, None, ii, eps, n_classes, offset, cap, backend
+            )
         return loss
 
     def run(self, want=(False, False, False), row_scale=None):
@@ -813,6 +822,8 @@ def vocab_parallel_linear_cross_entropy(
     softcap: float | None = None,
     backend: str | None = None,
     chunk_size: int | None = None,
+    temperature=1.0,
+    accum_dtype=None,
 ):
     """Cross-entropy of ``hidden @ weight.T + bias`` with the rows of ``weight`` (the classes) split
     across the ranks of a ``torch.distributed`` group, without any rank holding (N, r_local) logits.
@@ -836,8 +847,9 @@ def vocab_parallel_linear_cross_entropy(
         bias_shard: ``(r_k,)`` or None (on every rank).
         group: the process group (default: the world).
         ce_weight: ``(r,)`` the FULL class weights of the cross-entropy, or None.
-        ignore_index, reduction, label_smoothing, z_loss, softcap, backend, chunk_size: as in
-            :func:`gpuxent.linear_cross_entropy`; smoothing, z-loss and the weighted mean over all r classes.
+        ignore_index, reduction, label_smoothing, z_loss, softcap, backend, chunk_size, temperature,
+            accum_dtype: as in :func:`gpuxent.linear_cross_entropy`; smoothing, z-loss and the weighted
+            mean over all r classes (the same temperature on every rank).
 
     Every rank must call it with the same ``requires_grad`` on ``hidden``; bad input on any rank raises
     on every rank.
@@ -855,6 +867,8 @@ def vocab_parallel_linear_cross_entropy(
         _check_linear_local(h, w, b)
         opts = check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
         chunk_size = check_chunk_size(chunk_size)
+        temp = check_temperature(temperature, h.shape[:-1], h, compute_dtype(h.dtype))
+        acc_dtype = linear.check_accum_dtype(accum_dtype, h.dtype)
         chosen = backends.select(h.device, backend)
         is_prob = t.dtype.is_floating_point
         if t.device != h.device or (cw is not None and cw.device != h.device):
@@ -879,7 +893,7 @@ def vocab_parallel_linear_cross_entropy(
         if width not in (-1, n_classes):
             raise ValueError(f"{what}: expected {n_classes} classes (the sum of the shards' rows), got {width}")
     layout = _Layout(offset, w.shape[0], n_classes, opts, chosen, group)
-    problem = _LinearProblem(h, w, t, b, cw, opts, layout, chunk_size, is_prob)
+    problem = _LinearProblem(h, w, t, b, cw, opts, layout, chunk_size, is_prob, temp, acc_dtype)
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, w, b))
     if needs_grad:
         return linear._LinearCrossEntropy.apply(h, w, b, problem)

@@ -137,3 +137,48 @@ def test_vocab_parallel_temperature(tmp_path, rng):
         for k in range(2):
             assert_close(ranks[k][name][0], ref, torch.float64, f"{name} loss, rank {k}")
         assert_close(grad, xr.grad, torch.float64, f"{name} gradient")
+
+
+def _vp_linear_worker(rank, world, port, path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        h, w, b, t, temp = torch.load(f"{path}/in.pt")
+        lo, hi = (0, 4) if rank == 0 else (4, w.shape[0])
+        out = {}
+        for name, tau, acc in (("scalar", 1.5, None), ("per-row", temp, torch.float64)):
+            hh = h.clone().requires_grad_()
+            ws, bs = w[lo:hi].clone().requires_grad_(), b[lo:hi].clone().requires_grad_()
+            loss = gx.distributed.vocab_parallel_linear_cross_entropy(
+                hh, ws, t, bs, softcap=3.0, temperature=tau, accum_dtype=acc, chunk_size=2, label_smoothing=0.1
+            )
+            loss.backward()
+            out[name] = (loss.detach(), hh.grad, ws.grad, bs.grad)
+        torch.save(out, f"{path}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel_linear_temperature(tmp_path, rng):
+    """vocab_parallel_linear_cross_entropy with one and per-row temperatures (and accum_dtype): the loss and
+    every gradient of softcap(h W^T + b) / T, against float64 torch, over 2 gloo processes."""
+    h = torch.as_tensor(rng.standard_normal((5, 6)))
+    w = torch.as_tensor(rng.standard_normal((9, 6)))
+    b = torch.as_tensor(rng.standard_normal(9) * 0.1)
+    t = torch.as_tensor(rng.integers(0, 9, 5))
+    t[1] = -100
+    temp = torch.as_tensor(rng.random(5) + 0.5)
+    torch.save((h, w, b, t, temp), tmp_path / "in.pt")
+    spawn_gloo(_vp_linear_worker, (str(tmp_path),), 2)
+    ranks = [torch.load(tmp_path / f"rank{k}.pt") for k in range(2)]
+    for name, tau in (("scalar", 1.5), ("per-row", temp)):
+        hr, wr, br = (v.clone().requires_grad_() for v in (h, w, b))
+        y = 3.0 * torch.tanh((hr @ wr.T + br) / 3.0) / (tau[:, None] if isinstance(tau, torch.Tensor) else tau)
+        ref = F.cross_entropy(y, t, label_smoothing=0.1)
+        ref.backward()
+        for k in range(2):
+            assert_close(ranks[k][name][0], ref, torch.float64, f"{name} loss, rank {k}")
+            assert_close(ranks[k][name][1], hr.grad, torch.float64, f"{name} hidden gradient, rank {k}")
+        assert_close(torch.cat([ranks[0][name][2], ranks[1][name][2]]), wr.grad, torch.float64, f"{name} weight grad")
+        assert_close(torch.cat([ranks[0][name][3], ranks[1][name][3]]), br.grad, torch.float64, f"{name} bias grad")
