@@ -40,24 +40,9 @@ import subprocess
 import sys
 import time
 
+from gpuxent.bench import reset_peak_rss, status_kb
+
 IMPLS = ("torch", "gpuxent")
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _worker(args) -> dict:
@@ -88,10 +73,10 @@ def _worker(args) -> dict:
     step(*inputs(64, 32, 1000))  # compile and warm up
     h, w, b, t = inputs(args.n, args.hidden, args.vocab)
     step(h, w, b, t)  # the .grad buffers now exist, as in training
-    exact = _reset_peak()
-    base_kb = _status_kb("VmRSS")
+    exact = reset_peak_rss()
+    base_kb = status_kb("VmRSS")
     loss = step(h, w, b, t)
-    peak_kb = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for _ in range(args.repeats):
         for p in (h, w, b):

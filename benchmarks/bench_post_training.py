@@ -37,6 +37,8 @@ import subprocess
 import sys
 import time
 
+from gpuxent.bench import reset_peak_rss, status_kb
+
 ROWS = {
     # name: (kind, impl, dtype)
     "lce-gpuxent-float32": ("lce", "gpuxent", "float32"),
@@ -48,23 +50,6 @@ ROWS = {
     "distill-gpuxent-float32": ("distill", "gpuxent", "float32"),
     "distill-materialised-float32": ("distill", "materialised", "float32"),
 }
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _setup(row, dtype_name=None):
@@ -120,10 +105,10 @@ def _worker(args) -> dict:
     step(*inputs(64, 32, 1000))  # numba compiles its kernels here
     h, w, t, extra = inputs(args.n, args.hidden, args.vocab)
     step(h, w, t, extra)  # the .grad buffers now exist, as in training
-    exact = _reset_peak()
-    base_kb = _status_kb("VmRSS")
+    exact = reset_peak_rss()
+    base_kb = status_kb("VmRSS")
     loss = step(h, w, t, extra)
-    peak_kb = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for _ in range(args.repeats):
         h.grad = w.grad = None

@@ -107,6 +107,25 @@ def copy_bandwidth(device, nbytes: int = 1 << 29, repeats: int = 5) -> float:
     return 2 * nbytes / ms / 1e6
 
 
+def status_kb(field: str) -> int:
+    """A field of ``/proc/self/status`` in KiB (``VmHWM``: the peak resident memory, ``VmRSS``: now)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current resident size (``/proc/self/clear_refs``); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def free_memory(device) -> int | None:
     """Bytes free for new tensors on ``device``: ``torch.cuda.mem_get_info``, or the kernel's
     MemAvailable on a Linux CPU; None where unknown."""
