@@ -34,13 +34,12 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
-from gpuxent.bench import reset_peak_rss, status_kb
+from gpuxent.bench import peak_rss_kb
 
 IMPLS = ("torch", "gpuxent")
 
@@ -73,10 +72,7 @@ def _worker(args) -> dict:
     step(*inputs(64, 32, 1000))  # compile and warm up
     h, w, b, t = inputs(args.n, args.hidden, args.vocab)
     step(h, w, b, t)  # the .grad buffers now exist, as in training
-    exact = reset_peak_rss()
-    base_kb = status_kb("VmRSS")
-    loss = step(h, w, b, t)
-    peak_kb = status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loss, base_kb, peak_kb, exact = peak_rss_kb(lambda: step(h, w, b, t))
     times = []
     for _ in range(args.repeats):
         for p in (h, w, b):

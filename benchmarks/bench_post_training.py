@@ -31,13 +31,12 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
-from gpuxent.bench import reset_peak_rss, status_kb
+from gpuxent.bench import peak_rss_kb
 
 ROWS = {
     # name: (kind, impl, dtype)
@@ -105,10 +104,7 @@ def _worker(args) -> dict:
     step(*inputs(64, 32, 1000))  # numba compiles its kernels here
     h, w, t, extra = inputs(args.n, args.hidden, args.vocab)
     step(h, w, t, extra)  # the .grad buffers now exist, as in training
-    exact = reset_peak_rss()
-    base_kb = status_kb("VmRSS")
-    loss = step(h, w, t, extra)
-    peak_kb = status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loss, base_kb, peak_kb, exact = peak_rss_kb(lambda: step(h, w, t, extra))
     times = []
     for _ in range(args.repeats):
         h.grad = w.grad = None

@@ -116,6 +116,18 @@ def status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def peak_rss_kb(fn):
+    """``(fn(), base_kb, peak_kb, exact)``: the resident memory before ``fn`` and its peak during it
+    (``exact``: ``VmHWM`` after a reset; where a reset is not allowed, the process's lifetime peak)."""
+    import resource
+
+    exact = reset_peak_rss()
+    base_kb = status_kb("VmRSS")
+    result = fn()
+    peak_kb = status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return result, base_kb, peak_kb, exact
+
+
 def reset_peak_rss() -> bool:
     """Reset ``VmHWM`` to the current resident size (``/proc/self/clear_refs``); False where not allowed."""
     try:
