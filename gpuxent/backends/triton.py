@@ -147,18 +147,158 @@ def _tanh(u):
     return tl.where(u < 0, -t, t)
 
 
+# --------------------------------------------------------------------------- aligned rows
+# A row of r elements starts at base + i * stride: 16-byte aligned for every row only when the stride
+# is a multiple of 16 bytes, which the JIT sees (its divisibility specialisation) only for strides
+# and r that are multiples of 16 elements. Any other r (GPT-2's 50257) would compile to element-wide
+# loads and stores. So such rows are peeled (``PEEL`` = VEC, the elements in 16 bytes): each row is
+# split into a head (up to VEC - 1 columns before its first 16-byte-aligned element), an aligned body
+# of a multiple of VEC columns, and a tail (under VEC columns). The body is walked in BLOCK chunks from
+# an offset the compiler is told is a multiple of VEC, with a mask that changes only at multiples of
+# VEC: 128-bit accesses. The head and the tail, at most 2 VEC - 2 columns, go through one small masked
+# "edge" chunk of 2 VEC lanes. Every other (N, r) operand of the same rows (gradient, probability
+# targets, softmax output, teacher logits) uses the same columns; its offset is the logits' aligned
+# offset plus ``rows * (its stride - the logits' stride)``, a shift the JIT specialises like a stride
+# (0, the usual case, is a multiple of 16), so that operand's accesses are 128-bit too when they can be.
+# A base pointer off 16 bytes (a sliced view) is not peeled: element-wide accesses, still correct.
+
+ALIGN_BYTES = 16  # a 128-bit access
+
+
+def _peel(x: torch.Tensor, n_classes: int) -> int:
+    """``PEEL`` for rows of ``x``: VEC (elements in 16 bytes) where a row does not start on a 16-byte
+    boundary that the JIT can see, but a head of under VEC columns would bring it to one; else 0."""
+    vec = ALIGN_BYTES // x.element_size()
+    if vec < 2 or x.data_ptr() % ALIGN_BYTES:
+        return 0
+    aligned = n_classes % 16 == 0 and (x.shape[0] <= 1 or x.stride(0) % 16 == 0)  # the JIT's "divisible by 16"
+    return 0 if aligned else vec
+
+
+@triton.jit
+def _row_peel(row_off, n_classes, VEC: tl.constexpr):
+    """Rows that start ``row_off`` elements past a 16-byte-aligned base: ``head``, the columns before
+    the first aligned one; the offset of that one (a multiple of VEC, and the compiler is told); and
+    ``body``, the largest multiple of VEC columns from there that fits in the row."""
+    head = ((-row_off) & (VEC - 1)).to(tl.int32)
+    body_off = tl.multiple_of(row_off + head, VEC)
+    body = tl.maximum(n_classes - head, 0) // VEC * VEC
+    return head, body_off, tl.multiple_of(body, VEC)
+
+
+@triton.jit
+def _edge_cols(head, body, n_classes, VEC: tl.constexpr):
+    """The columns outside each row's aligned body, as (ROWS, 2 VEC) columns and mask: lanes below VEC
+    are the head [0, head), the others the tail [head + body, r)."""
+    e = tl.arange(0, 2 * VEC)[None, :]
+    cols = tl.where(e < VEC, e, (head + body)[:, None] + (e - VEC))
+    ok = (cols < n_classes) & ((e >= VEC) | (e < head[:, None]))
+    return cols, ok
+
+
 # --------------------------------------------------------------------------- fused cross-entropy
+
+
+@triton.jit
+def _ce_loop1_step(
+    x_ptrs, q_ptrs, w_ptrs, cols, col_ok, kept, softcap, inv_cap, smoothing, eps_r,
+    m, d, sum_w, sum_wy, sum_wq, best, best_j, nan_j, t_sum,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    STATS: tl.constexpr,
+):  # fmt: skip
+    """One chunk of loop 1 (columns ``cols``, valid where ``col_ok``): the running max and sum of exp, the
+    smoothing / probability-target sums and the statistics, updated. The order of chunks is free."""
+    acc_dtype = m.dtype
+    mask = kept[:, None] & col_ok
+    if HAS_SOFTCAP:
+        y = tl.load(x_ptrs, mask=mask, other=0).to(acc_dtype)
+        y = tl.where(mask, softcap[:, None] * _tanh(y * inv_cap[:, None]), NEG_INF)
+    else:
+        y = tl.load(x_ptrs, mask=mask, other=NEG_INF).to(acc_dtype)
+    if HAS_WEIGHT:  # (1, BLOCK) unpeeled: the logits' rank, so one row per program loads it in their layout
+        w = tl.load(w_ptrs, mask=col_ok, other=0).to(acc_dtype)
+    if PROB_TARGET or HAS_SMOOTHING:
+        y_in = tl.where(mask, y, 0)  # masked lanes stay out of every sum
+    if PROB_TARGET:
+        q = tl.load(q_ptrs, mask=mask, other=0).to(acc_dtype)
+        wq = tl.where(mask, (1 - smoothing[:, None]) * q + eps_r[:, None], 0)
+        if HAS_WEIGHT:
+            wq = wq * w
+        sum_wq += tl.sum(wq, axis=1)
+        sum_wy += tl.sum(wq * y_in, axis=1)
+    elif HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            sum_wy += tl.sum(y_in * w, axis=1)
+            sum_w += tl.sum(w, axis=1)
+        else:
+            sum_wy += tl.sum(y_in, axis=1)
+    m_new = tl.maximum(m, tl.max(y, axis=1))
+    m_shift = tl.where(m_new == NEG_INF, 0, m_new)  # a row of -inf so far must not give -inf - -inf
+    if STATS:
+        y_max = tl.max(y, axis=1)
+        j_max = tl.min(tl.where(y == y_max[:, None], cols, 2147483647), axis=1)
+        # the first index of the max whatever the order of the chunks (the edge chunk holds the tail)
+        best_j = tl.where(y_max > best, j_max, tl.where(y_max == best, tl.minimum(best_j, j_max), best_j))
+        best = tl.maximum(best, y_max)
+        nan_j = tl.minimum(nan_j, tl.min(tl.where(y != y, cols, 2147483647), axis=1))
+        e = tl.exp(y - m_shift[:, None])
+        alpha = tl.exp(m - m_shift)
+        # where() before the products: no -inf * 0 (a row of -inf so far, masked or -inf lanes)
+        t_sum = (t_sum + tl.where(m == NEG_INF, 0, m - m_shift) * d) * alpha
+        t_sum += tl.sum(e * tl.where(e > 0, y - m_shift[:, None], 0), axis=1)
+        d = d * alpha + tl.sum(e, axis=1)
+    else:
+        d = d * tl.exp(m - m_shift) + tl.sum(tl.exp(y - m_shift[:, None]), axis=1)
+    return m_new, d, sum_w, sum_wy, sum_wq, best, best_j, nan_j, t_sum
+
+
+@triton.jit
+def _ce_grad_step(
+    x_ptrs, q_ptrs, w_ptrs, g_ptrs, cols, col_ok, kept, row_mask, softcap, inv_cap, smoothing, eps_r,
+    coef, scale, m, log_d, target_col, w_t,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):  # fmt: skip
+    """One chunk of loop 2: reads the logits of columns ``cols`` and writes their gradient."""
+    acc_dtype = m.dtype
+    mask = kept[:, None] & col_ok
+    x = tl.load(x_ptrs, mask=mask, other=0).to(acc_dtype)
+    if HAS_SOFTCAP:
+        th = _tanh(x * inv_cap[:, None])
+        y = softcap[:, None] * th
+    else:
+        y = x
+    g = coef[:, None] * tl.exp((y - m[:, None]) - log_d[:, None])
+    if HAS_WEIGHT:
+        w = tl.load(w_ptrs, mask=col_ok, other=0).to(acc_dtype)
+    if PROB_TARGET:
+        q = tl.load(q_ptrs, mask=mask, other=0).to(acc_dtype)
+        q = (1 - smoothing[:, None]) * q + eps_r[:, None]
+        if HAS_WEIGHT:
+            q = q * w
+        g -= scale[:, None] * q
+    else:
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                g -= (scale * eps_r)[:, None] * w
+            else:
+                g -= (scale * eps_r)[:, None]
+        hit = cols == target_col[:, None]  # a bad row is NaN whatever it hits
+        g = tl.where(hit, g - (scale * (1 - smoothing) * w_t)[:, None], g)
+    if HAS_SOFTCAP:
+        g = g * (1 - th * th)
+    g = tl.where(kept[:, None], g, 0)
+    tl.store(g_ptrs, g.to(g_ptrs.dtype.element_ty), mask=row_mask[:, None] & col_ok)
 
 
 @triton.jit
 def _cross_entropy_kernel(
     logits_ptr, target_ptr, weight_ptr, grad_scale_ptr, grad_ptr, loss_ptr, lse_ptr, argmax_ptr, entropy_ptr,
-    stride_logits, stride_target, stride_grad, stride_scale,
+    stride_logits, stride_target, stride_grad, stride_scale, shift_target, shift_grad,
     n_rows, n_classes, ignore_index,
     smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softcap_lo, scale_hi, scale_lo,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, WANT_GRAD: tl.constexpr, SCALE_IS_PTR: tl.constexpr, STATS: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr,
 ):  # fmt: skip
     acc_dtype = loss_ptr.dtype.element_ty  # float32, or float64 for float64 inputs
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # int32 (n_rows is), int64 where it meets a stride
@@ -170,6 +310,10 @@ def _cross_entropy_kernel(
     eps_r = smoothing / n_classes
     x_rows = logits_ptr + rows.to(tl.int64) * stride_logits
     t_rows = target_ptr + rows.to(tl.int64) * stride_target
+    if PEEL:  # the aligned body of each row (see "aligned rows")
+        head, x_body, body = _row_peel(rows.to(tl.int64) * stride_logits, n_classes, PEEL)
+        t_body = x_body + rows.to(tl.int64) * shift_target
+        g_body = x_body + rows.to(tl.int64) * shift_grad
 
     if PROB_TARGET:
         kept = row_mask
@@ -187,55 +331,37 @@ def _cross_entropy_kernel(
     sum_w = zero  # sum_c w_c (label smoothing)
     sum_wy = zero  # sum_c w_c y_c (label smoothing) or sum_c w_c q'_c y_c (probability targets)
     sum_wq = zero  # sum_c w_c q'_c, q' = (1 - smoothing) q + smoothing / r (probability targets)
-    if STATS:  # the running argmax (first index of the max; first NaN, torch.argmax's max, apart) and
-        # the entropy's sum t = sum exp(y - m) (y - m), rescaled with d
-        best = tl.full([ROWS], NEG_INF, dtype=acc_dtype)
-        best_j = tl.zeros([ROWS], dtype=tl.int32)
-        nan_j = tl.full([ROWS], 2147483647, dtype=tl.int32)
-        t_sum = zero
+    # STATS: the running argmax (first index of the max; first NaN, torch.argmax's max, apart) and the
+    # entropy's sum t = sum exp(y - m) (y - m), rescaled with d
+    best = tl.full([ROWS], NEG_INF, dtype=acc_dtype)
+    best_j = tl.zeros([ROWS], dtype=tl.int32)
+    nan_j = tl.full([ROWS], 2147483647, dtype=tl.int32)
+    t_sum = zero
+    if PEEL:
+        e_cols, e_ok = _edge_cols(head, body, n_classes, PEEL)  # named apart: loop variables keep one shape
+        m, d, sum_w, sum_wy, sum_wq, best, best_j, nan_j, t_sum = _ce_loop1_step(
+            x_rows[:, None] + e_cols, t_rows[:, None] + e_cols, weight_ptr + e_cols, e_cols, e_ok, kept, softcap,
+            inv_cap,
+            smoothing, eps_r, m, d, sum_w, sum_wy, sum_wq, best, best_j, nan_j, t_sum,
+            PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, STATS,
+        )  # fmt: skip
     for start in range(0, n_classes, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        col_mask = cols < n_classes
-        mask = kept[:, None] & col_mask[None, :]
-        if HAS_SOFTCAP:
-            y = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
-            y = tl.where(mask, softcap[:, None] * _tanh(y * inv_cap[:, None]), NEG_INF)
+        offs = start + tl.arange(0, BLOCK)
+        if PEEL:
+            cols = head[:, None] + offs[None, :]
+            ok = offs[None, :] < body[:, None]
+            x_ptrs = logits_ptr + x_body[:, None] + offs[None, :]
+            q_ptrs = target_ptr + t_body[:, None] + offs[None, :]
         else:
-            y = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(acc_dtype)
-        if HAS_WEIGHT:  # (1, BLOCK): the logits' rank, so one row per program loads it in the logits' layout
-            w = tl.load(weight_ptr + cols[None, :], mask=col_mask[None, :], other=0).to(acc_dtype)
-        if PROB_TARGET or HAS_SMOOTHING:
-            y_in = tl.where(mask, y, 0)  # masked lanes stay out of every sum
-        if PROB_TARGET:
-            q = tl.load(t_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
-            wq = tl.where(mask, (1 - smoothing[:, None]) * q + eps_r[:, None], 0)
-            if HAS_WEIGHT:
-                wq = wq * w
-            sum_wq += tl.sum(wq, axis=1)
-            sum_wy += tl.sum(wq * y_in, axis=1)
-        elif HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                sum_wy += tl.sum(y_in * w, axis=1)
-                sum_w += tl.sum(w, axis=1)
-            else:
-                sum_wy += tl.sum(y_in, axis=1)
-        m_new = tl.maximum(m, tl.max(y, axis=1))
-        m_shift = tl.where(m_new == NEG_INF, 0, m_new)  # a row of -inf so far must not give -inf - -inf
-        if STATS:
-            y_max = tl.max(y, axis=1)
-            j_max = tl.min(tl.where(y == y_max[:, None], cols[None, :], 2147483647), axis=1)
-            best_j = tl.where(y_max > best, j_max, best_j)  # strictly: a tie keeps the earlier index
-            best = tl.maximum(best, y_max)
-            nan_j = tl.minimum(nan_j, tl.min(tl.where(y != y, cols[None, :], 2147483647), axis=1))
-            e = tl.exp(y - m_shift[:, None])
-            alpha = tl.exp(m - m_shift)
-            # where() before the products: no -inf * 0 (a row of -inf so far, masked or -inf lanes)
-            t_sum = (t_sum + tl.where(m == NEG_INF, 0, m - m_shift) * d) * alpha
-            t_sum += tl.sum(e * tl.where(e > 0, y - m_shift[:, None], 0), axis=1)
-            d = d * alpha + tl.sum(e, axis=1)
-        else:
-            d = d * tl.exp(m - m_shift) + tl.sum(tl.exp(y - m_shift[:, None]), axis=1)
-        m = m_new
+            cols = offs[None, :]
+            ok = cols < n_classes
+            x_ptrs = x_rows[:, None] + cols
+            q_ptrs = t_rows[:, None] + cols
+        m, d, sum_w, sum_wy, sum_wq, best, best_j, nan_j, t_sum = _ce_loop1_step(
+            x_ptrs, q_ptrs, weight_ptr + cols, cols, ok, kept, softcap, inv_cap, smoothing, eps_r,
+            m, d, sum_w, sum_wy, sum_wq, best, best_j, nan_j, t_sum,
+            PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, STATS,
+        )  # fmt: skip
     # lse = m + log_d; the two parts stay apart where a sum of them would round away p_t - 1 when p_t ~ 1
     m = tl.where(kept, m, 0)
     log_d = tl.log(tl.where(kept, d, 1))  # 0 for ignored rows, not log(0)
@@ -245,6 +371,8 @@ def _cross_entropy_kernel(
     if PROB_TARGET:
         loss = sum_wq * lse - sum_wy
         coef = sum_wq
+        target_col = tl.zeros([ROWS], dtype=tl.int32)  # unused
+        w_t = zero  # unused
     else:
         # the target's logit and weight: read after loop 1, so that they are not live across it, and
         # before loop 2 overwrites the row (in-place gradient)
@@ -257,6 +385,7 @@ def _cross_entropy_kernel(
         else:
             w_t = zero + 1
         w_t = tl.where(valid, w_t, NAN)
+        target_col = target_safe.to(tl.int32)
         loss = (1 - smoothing) * w_t * ((m - y_t) + log_d)
         coef = (1 - smoothing) * w_t
         if HAS_SMOOTHING:
@@ -286,41 +415,30 @@ def _cross_entropy_kernel(
             scale = _scalar(scale_hi, scale_lo, zero)
         coef = scale * coef
         g_rows = grad_ptr + rows.to(tl.int64) * stride_grad
+        if PEEL:
+            _ce_grad_step(
+                x_rows[:, None] + e_cols, t_rows[:, None] + e_cols, weight_ptr + e_cols, g_rows[:, None] + e_cols,
+                e_cols, e_ok, kept, row_mask, softcap, inv_cap, smoothing, eps_r, coef, scale, m, log_d, target_col, w_t,
+                PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+            )  # fmt: skip
         for start in range(0, n_classes, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            col_mask = cols < n_classes
-            mask = kept[:, None] & col_mask[None, :]
-            x = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
-            if HAS_SOFTCAP:
-                th = _tanh(x * inv_cap[:, None])
-                y = softcap[:, None] * th
+            offs = start + tl.arange(0, BLOCK)
+            if PEEL:
+                cols = head[:, None] + offs[None, :]
+                ok = offs[None, :] < body[:, None]
+                x_ptrs = logits_ptr + x_body[:, None] + offs[None, :]
+                q_ptrs = target_ptr + t_body[:, None] + offs[None, :]
+                g_ptrs = grad_ptr + g_body[:, None] + offs[None, :]
             else:
-                y = x
-            g = coef[:, None] * tl.exp((y - m[:, None]) - log_d[:, None])
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + cols[None, :], mask=col_mask[None, :], other=0).to(acc_dtype)
-            if PROB_TARGET:
-                q = tl.load(t_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
-                q = (1 - smoothing[:, None]) * q + eps_r[:, None]
-                if HAS_WEIGHT:
-                    q = q * w
-                g -= scale[:, None] * q
-            else:
-                if HAS_SMOOTHING:
-                    if HAS_WEIGHT:
-                        g -= (scale * eps_r)[:, None] * w
-                    else:
-                        g -= (scale * eps_r)[:, None]
-                hit = cols[None, :] == target_safe.to(tl.int32)[:, None]  # a bad row is NaN whatever it hits
-                g = tl.where(hit, g - (scale * (1 - smoothing) * w_t)[:, None], g)
-            if HAS_SOFTCAP:
-                g = g * (1 - th * th)
-            g = tl.where(kept[:, None], g, 0)
-            tl.store(
-                g_rows[:, None] + cols[None, :],
-                g.to(grad_ptr.dtype.element_ty),
-                mask=row_mask[:, None] & col_mask[None, :],
-            )
+                cols = offs[None, :]
+                ok = cols < n_classes
+                x_ptrs = x_rows[:, None] + cols
+                q_ptrs = t_rows[:, None] + cols
+                g_ptrs = g_rows[:, None] + cols
+            _ce_grad_step(
+                x_ptrs, q_ptrs, weight_ptr + cols, g_ptrs, cols, ok, kept, row_mask, softcap, inv_cap, smoothing,
+                eps_r, coef, scale, m, log_d, target_col, w_t, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+            )  # fmt: skip
 
 
 def cross_entropy(
@@ -349,18 +467,20 @@ def cross_entropy(
         return loss, lse
     block, rows, num_warps = _launch_config(n_classes, logits.element_size())
     grid = (triton.cdiv(n_rows, rows),)
+    stride_grad = grad.stride(0) if grad is not None else 0
     with _device_ctx(logits):
         _cross_entropy_kernel[grid](
             logits, target, weight if weight is not None else loss, grad_scale if scale_is_ptr else loss,
             grad if grad is not None else loss, loss, lse, *(stats if stats is not None else (loss, loss)),
-            logits.stride(0), target.stride(0), grad.stride(0) if grad is not None else 0,
-            1 if scale_is_ptr and grad_scale.numel() > 1 else 0,
+            logits.stride(0), target.stride(0), stride_grad, 1 if scale_is_ptr and grad_scale.numel() > 1 else 0,
+            target.stride(0) - logits.stride(0), stride_grad - logits.stride(0),
             n_rows, n_classes, int(ignore_index),
             *_split(label_smoothing), *_split(z_loss), *_split(softcap or 1.0),
             *_split(1.0 if grad_scale is None or scale_is_ptr else float(grad_scale)),
             PROB_TARGET=prob, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0,
             HAS_Z_LOSS=z_loss > 0, HAS_SOFTCAP=bool(softcap), WANT_GRAD=grad is not None,
-            SCALE_IS_PTR=scale_is_ptr, STATS=stats is not None, ROWS=rows, BLOCK=block, num_warps=num_warps,
+            SCALE_IS_PTR=scale_is_ptr, STATS=stats is not None, ROWS=rows, BLOCK=block,
+            PEEL=_peel(logits, n_classes), num_warps=num_warps,
         )  # fmt: skip
     return loss, lse
 
