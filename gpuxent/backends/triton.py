@@ -489,36 +489,71 @@ def cross_entropy(
 
 
 @triton.jit
+def _softmax_max_sum(x_ptrs, mask, m, d):
+    """One chunk of the softmax's first loop: the running max and sum of exp, updated."""
+    x = tl.load(x_ptrs, mask=mask, other=NEG_INF).to(m.dtype)
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    m_shift = tl.where(m_new == NEG_INF, 0, m_new)
+    d = d * tl.exp(m - m_shift) + tl.sum(tl.exp(x - m_shift[:, None]), axis=1)
+    return m_new, d
+
+
+@triton.jit
+def _softmax_out(x_ptrs, o_ptrs, mask, m, log_d, LOG: tl.constexpr):
+    """One chunk of the softmax's second loop: reads x, writes the (log-)softmax."""
+    x = tl.load(x_ptrs, mask=mask, other=0).to(m.dtype)
+    y = (x - m[:, None]) - log_d[:, None]  # not x - (m + log d): m + log d rounds at the scale of m
+    if not LOG:
+        y = tl.exp(y)
+    tl.store(o_ptrs, y, mask=mask)
+
+
+@triton.jit
 def _softmax_kernel(
     x_ptr, out_ptr,
     stride_x, stride_out,
-    n_rows, n_classes,
-    LOG: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    n_rows, n_classes, shift_out,
+    LOG: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr,
 ):  # fmt: skip
     acc_dtype = out_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < n_rows
     x_rows = x_ptr + rows * stride_x
     o_rows = out_ptr + rows * stride_out
+    if PEEL:  # the aligned body of each row (see "aligned rows")
+        head, x_body, body = _row_peel(rows * stride_x, n_classes, PEEL)
+        o_body = x_body + rows * shift_out
+        e_cols, e_ok = _edge_cols(head, body, n_classes, PEEL)
+        e_mask = row_mask[:, None] & e_ok
     m = tl.full([ROWS], NEG_INF, dtype=acc_dtype)
     d = tl.zeros([ROWS], dtype=acc_dtype)
+    if PEEL:
+        m, d = _softmax_max_sum(x_rows[:, None] + e_cols, e_mask, m, d)
     for start in range(0, n_classes, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = row_mask[:, None] & (cols < n_classes)[None, :]
-        x = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(acc_dtype)
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        m_shift = tl.where(m_new == NEG_INF, 0, m_new)
-        d = d * tl.exp(m - m_shift) + tl.sum(tl.exp(x - m_shift[:, None]), axis=1)
-        m = m_new
+        offs = start + tl.arange(0, BLOCK)
+        if PEEL:
+            m, d = _softmax_max_sum(
+                x_ptr + x_body[:, None] + offs[None, :], row_mask[:, None] & (offs[None, :] < body[:, None]), m, d
+            )
+        else:
+            m, d = _softmax_max_sum(
+                x_rows[:, None] + offs[None, :], row_mask[:, None] & (offs < n_classes)[None, :], m, d
+            )
     log_d = tl.log(d)
+    if PEEL:
+        _softmax_out(x_rows[:, None] + e_cols, o_rows[:, None] + e_cols, e_mask, m, log_d, LOG)
     for start in range(0, n_classes, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = row_mask[:, None] & (cols < n_classes)[None, :]
-        x = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
-        y = (x - m[:, None]) - log_d[:, None]  # not x - (m + log d): m + log d rounds at the scale of m
-        if not LOG:
-            y = tl.exp(y)
-        tl.store(o_rows[:, None] + cols[None, :], y, mask=mask)
+        offs = start + tl.arange(0, BLOCK)
+        if PEEL:
+            _softmax_out(
+                x_ptr + x_body[:, None] + offs[None, :], out_ptr + o_body[:, None] + offs[None, :],
+                row_mask[:, None] & (offs[None, :] < body[:, None]), m, log_d, LOG,
+            )  # fmt: skip
+        else:
+            _softmax_out(
+                x_rows[:, None] + offs[None, :], o_rows[:, None] + offs[None, :],
+                row_mask[:, None] & (offs < n_classes)[None, :], m, log_d, LOG,
+            )  # fmt: skip
 
 
 def softmax(x, *, log):
@@ -531,8 +566,8 @@ def softmax(x, *, log):
     block, rows, num_warps = _launch_config(n_classes, x.element_size())
     with _device_ctx(x):
         _softmax_kernel[(triton.cdiv(n_rows, rows),)](
-            x, out, x.stride(0), out.stride(0), n_rows, n_classes,
-            LOG=log, ROWS=rows, BLOCK=block, num_warps=num_warps,
+            x, out, x.stride(0), out.stride(0), n_rows, n_classes, out.stride(0) - x.stride(0),
+            LOG=log, ROWS=rows, BLOCK=block, PEEL=_peel(x, n_classes), num_warps=num_warps,
         )  # fmt: skip
     return out
 
@@ -647,12 +682,45 @@ def binary_cross_entropy_with_logits(logits, target, weight, pos_weight, *, grad
 
 
 @triton.jit
+def _partials_step(
+    x_ptrs, q_ptrs, w_ptrs, col_ok, kept, softcap, inv_cap, m, d, a, b, c,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):  # fmt: skip
+    """One chunk of the row partials: the running max and sum of exp and the target / smoothing sums."""
+    acc_dtype = m.dtype
+    mask = kept[:, None] & col_ok
+    if HAS_SOFTCAP:
+        y = tl.load(x_ptrs, mask=mask, other=0).to(acc_dtype)
+        y = tl.where(mask, softcap[:, None] * _tanh(y * inv_cap[:, None]), NEG_INF)
+    else:
+        y = tl.load(x_ptrs, mask=mask, other=NEG_INF).to(acc_dtype)
+    if PROB_TARGET or SMOOTHING:
+        y_in = tl.where(mask, y, 0)
+        if HAS_WEIGHT:
+            w = tl.load(w_ptrs, mask=col_ok, other=0).to(acc_dtype)
+            wy = y_in * w
+        else:
+            wy = y_in
+        if SMOOTHING:
+            c += tl.sum(wy, axis=1)
+        if PROB_TARGET:
+            q = tl.load(q_ptrs, mask=mask, other=0).to(acc_dtype)
+            wq = q * w if HAS_WEIGHT else q
+            a += tl.sum(q * wy, axis=1)
+            b += tl.sum(wq, axis=1)
+    m_new = tl.maximum(m, tl.max(y, axis=1))
+    m_shift = tl.where(m_new == NEG_INF, 0, m_new)
+    d = d * tl.exp(m - m_shift) + tl.sum(tl.exp(y - m_shift[:, None]), axis=1)
+    return m_new, d, a, b, c
+
+
+@triton.jit
 def _row_partials_kernel(
     logits_ptr, target_ptr, weight_ptr, out_ptr,
     stride_logits, stride_target, stride_out,
-    n_rows, n_classes, ignore_index, class_offset, softcap_hi, softcap_lo,
+    n_rows, n_classes, ignore_index, class_offset, softcap_hi, softcap_lo, shift_target,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr,
 ):  # fmt: skip
     acc_dtype = out_ptr.dtype.element_ty
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -675,33 +743,30 @@ def _row_partials_kernel(
     a = zero  # sum_j w_j q_j y_j (probability targets)
     b = zero  # sum_j w_j q_j (probability targets)
     c = zero  # sum_j w_j y_j (label smoothing)
+    if PEEL:  # the aligned body of each row (see "aligned rows"), and the edge chunk first
+        head, x_body, body = _row_peel(rows.to(tl.int64) * stride_logits, n_classes, PEEL)
+        t_body = x_body + rows.to(tl.int64) * shift_target
+        e_cols, e_ok = _edge_cols(head, body, n_classes, PEEL)
+        m, d, a, b, c = _partials_step(
+            x_rows[:, None] + e_cols, t_rows[:, None] + e_cols, weight_ptr + e_cols, e_ok, kept, softcap, inv_cap,
+            m, d, a, b, c, PROB_TARGET, HAS_WEIGHT, SMOOTHING, HAS_SOFTCAP,
+        )  # fmt: skip
     for start in range(0, n_classes, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        col_mask = cols < n_classes
-        mask = kept[:, None] & col_mask[None, :]
-        if HAS_SOFTCAP:
-            y = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
-            y = tl.where(mask, softcap[:, None] * _tanh(y * inv_cap[:, None]), NEG_INF)
+        offs = start + tl.arange(0, BLOCK)
+        if PEEL:
+            cols = head[:, None] + offs[None, :]
+            ok = offs[None, :] < body[:, None]
+            x_ptrs = logits_ptr + x_body[:, None] + offs[None, :]
+            q_ptrs = target_ptr + t_body[:, None] + offs[None, :]
         else:
-            y = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(acc_dtype)
-        if PROB_TARGET or SMOOTHING:
-            y_in = tl.where(mask, y, 0)
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + cols[None, :], mask=col_mask[None, :], other=0).to(acc_dtype)
-                wy = y_in * w
-            else:
-                wy = y_in
-            if SMOOTHING:
-                c += tl.sum(wy, axis=1)
-            if PROB_TARGET:
-                q = tl.load(t_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
-                wq = q * w if HAS_WEIGHT else q
-                a += tl.sum(q * wy, axis=1)
-                b += tl.sum(wq, axis=1)
-        m_new = tl.maximum(m, tl.max(y, axis=1))
-        m_shift = tl.where(m_new == NEG_INF, 0, m_new)
-        d = d * tl.exp(m - m_shift) + tl.sum(tl.exp(y - m_shift[:, None]), axis=1)
-        m = m_new
+            cols = offs[None, :]
+            ok = cols < n_classes
+            x_ptrs = x_rows[:, None] + cols
+            q_ptrs = t_rows[:, None] + cols
+        m, d, a, b, c = _partials_step(
+            x_ptrs, q_ptrs, weight_ptr + cols, ok, kept, softcap, inv_cap, m, d, a, b, c,
+            PROB_TARGET, HAS_WEIGHT, SMOOTHING, HAS_SOFTCAP,
+        )  # fmt: skip
     if not PROB_TARGET:
         y_t = tl.load(x_rows + local, mask=hit, other=0).to(acc_dtype)
         if HAS_SOFTCAP:
@@ -739,9 +804,56 @@ def row_partials(logits, target, weight, *, ignore_index, softcap, class_offset,
             logits, target, weight if weight is not None else out, out,
             logits.stride(0), target.stride(0), out.stride(0),
             n_rows, n_classes, int(ignore_index), int(class_offset), *_split(softcap or 1.0),
+            target.stride(0) - logits.stride(0),
             PROB_TARGET=prob, HAS_WEIGHT=weight is not None, SMOOTHING=bool(smoothing), HAS_SOFTCAP=bool(softcap),
-            ROWS=rows, BLOCK=block, num_warps=num_warps,
+            ROWS=rows, BLOCK=block, PEEL=_peel(logits, n_classes), num_warps=num_warps,
         )  # fmt: skip
+
+
+@triton.jit
+def _backward_step(
+    x_ptrs, q_ptrs, w_ptrs, g_ptrs, cols, col_ok, kept, row_mask, softcap, inv_cap, smoothing, eps_r,
+    lse, a, scale, es, ey, local,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
+):  # fmt: skip
+    """One chunk of the gradient pass: reads the logits of columns ``cols`` and writes their gradient."""
+    acc_dtype = lse.dtype
+    mask = kept[:, None] & col_ok
+    x = tl.load(x_ptrs, mask=mask, other=0).to(acc_dtype)
+    if HAS_SOFTCAP:
+        th = _tanh(x * inv_cap[:, None])
+        y = softcap[:, None] * th
+    else:
+        y = x
+    p = tl.exp(y - lse[:, None])
+    g = a[:, None] * p
+    if HAS_ENTROPY:  # 0, not 0 * inf, where p = 0
+        g += tl.where(p > 0, es[:, None] * p * (ey[:, None] - y), 0)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptrs, mask=col_ok, other=0).to(acc_dtype)
+    if PROB_TARGET:
+        q = tl.load(q_ptrs, mask=mask, other=0).to(acc_dtype)
+        q = (1 - smoothing[:, None]) * q + eps_r[:, None]
+        if HAS_WEIGHT:
+            q = q * w
+        g -= scale[:, None] * q
+    else:
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                g -= (scale * eps_r)[:, None] * w
+            else:
+                g -= (scale * eps_r)[:, None]
+        hit = cols == local[:, None]
+        if HAS_WEIGHT:
+            w_hit = w
+        else:
+            w_hit = 1
+        g = tl.where(hit, g - (scale * (1 - smoothing))[:, None] * w_hit, g)
+    if HAS_SOFTCAP:
+        g = g * (1 - th * th)
+    g = tl.where(kept[:, None], g, 0)
+    tl.store(g_ptrs, g.to(g_ptrs.dtype.element_ty), mask=row_mask[:, None] & col_ok)
 
 
 @triton.jit
@@ -749,9 +861,9 @@ def _cross_entropy_backward_kernel(
     logits_ptr, target_ptr, weight_ptr, lse_ptr, coef_ptr, entropy_ptr, grad_scale_ptr, entropy_scale_ptr, grad_ptr,
     stride_logits, stride_target, stride_grad, stride_scale, stride_entropy_scale,
     n_rows, n_classes, ignore_index, class_offset,
-    eps_hi, eps_lo, eps_r_hi, eps_r_lo, softcap_hi, softcap_lo,
+    eps_hi, eps_lo, eps_r_hi, eps_r_lo, softcap_hi, softcap_lo, shift_target, shift_grad,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ENTROPY: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr,
 ):  # fmt: skip
     acc_dtype = lse_ptr.dtype.element_ty
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -766,6 +878,7 @@ def _cross_entropy_backward_kernel(
     g_rows = grad_ptr + rows.to(tl.int64) * stride_grad
     if PROB_TARGET:
         kept = row_mask
+        local = tl.zeros([ROWS], dtype=tl.int32)  # unused
     else:
         target = tl.load(t_rows, mask=row_mask, other=ignore_index)
         kept = row_mask & (target != ignore_index)
@@ -776,46 +889,37 @@ def _cross_entropy_backward_kernel(
     if HAS_ENTROPY:
         es = tl.load(entropy_scale_ptr + rows * stride_entropy_scale, mask=kept, other=0).to(acc_dtype)
         ey = lse - tl.load(entropy_ptr + rows, mask=kept, other=0).to(acc_dtype)  # E_p[y]
+    else:
+        es = zero  # unused
+        ey = zero
+    if PEEL:  # the aligned body of each row (see "aligned rows"), and the edge chunk first
+        head, x_body, body = _row_peel(rows.to(tl.int64) * stride_logits, n_classes, PEEL)
+        t_body = x_body + rows.to(tl.int64) * shift_target
+        g_body = x_body + rows.to(tl.int64) * shift_grad
+        e_cols, e_ok = _edge_cols(head, body, n_classes, PEEL)
+        _backward_step(
+            x_rows[:, None] + e_cols, t_rows[:, None] + e_cols, weight_ptr + e_cols, g_rows[:, None] + e_cols,
+            e_cols, e_ok, kept, row_mask, softcap, inv_cap, smoothing, eps_r, lse, a, scale, es, ey, local,
+            PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_ENTROPY,
+        )  # fmt: skip
     for start in range(0, n_classes, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        col_mask = cols < n_classes
-        mask = kept[:, None] & col_mask[None, :]
-        x = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
-        if HAS_SOFTCAP:
-            th = _tanh(x * inv_cap[:, None])
-            y = softcap[:, None] * th
+        offs = start + tl.arange(0, BLOCK)
+        if PEEL:
+            cols = head[:, None] + offs[None, :]
+            ok = offs[None, :] < body[:, None]
+            x_ptrs = logits_ptr + x_body[:, None] + offs[None, :]
+            q_ptrs = target_ptr + t_body[:, None] + offs[None, :]
+            g_ptrs = grad_ptr + g_body[:, None] + offs[None, :]
         else:
-            y = x
-        p = tl.exp(y - lse[:, None])
-        g = a[:, None] * p
-        if HAS_ENTROPY:  # 0, not 0 * inf, where p = 0
-            g += tl.where(p > 0, es[:, None] * p * (ey[:, None] - y), 0)
-        if HAS_WEIGHT:
-            w = tl.load(weight_ptr + cols[None, :], mask=col_mask[None, :], other=0).to(acc_dtype)
-        if PROB_TARGET:
-            q = tl.load(t_rows[:, None] + cols[None, :], mask=mask, other=0).to(acc_dtype)
-            q = (1 - smoothing[:, None]) * q + eps_r[:, None]
-            if HAS_WEIGHT:
-                q = q * w
-            g -= scale[:, None] * q
-        else:
-            if HAS_SMOOTHING:
-                if HAS_WEIGHT:
-                    g -= (scale * eps_r)[:, None] * w
-                else:
-                    g -= (scale * eps_r)[:, None]
-            hit = cols[None, :] == local[:, None]
-            if HAS_WEIGHT:
-                w_hit = w
-            else:
-                w_hit = 1
-            g = tl.where(hit, g - (scale * (1 - smoothing))[:, None] * w_hit, g)
-        if HAS_SOFTCAP:
-            g = g * (1 - th * th)
-        g = tl.where(kept[:, None], g, 0)
-        tl.store(
-            g_rows[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :]
-        )
+            cols = offs[None, :]
+            ok = cols < n_classes
+            x_ptrs = x_rows[:, None] + cols
+            q_ptrs = t_rows[:, None] + cols
+            g_ptrs = g_rows[:, None] + cols
+        _backward_step(
+            x_ptrs, q_ptrs, weight_ptr + cols, g_ptrs, cols, ok, kept, row_mask, softcap, inv_cap, smoothing, eps_r,
+            lse, a, scale, es, ey, local, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_ENTROPY,
+        )  # fmt: skip
 
 
 def cross_entropy_backward(
@@ -851,8 +955,10 @@ def cross_entropy_backward(
             logits.stride(0), target.stride(0), grad.stride(0), int(scales[0].numel() > 1),
             int(scales[1].numel() > 1), n_rows, n_local, int(ignore_index), int(class_offset),
             *_split(label_smoothing), *_split(label_smoothing / n_classes), *_split(softcap or 1.0),
+            target.stride(0) - logits.stride(0), grad.stride(0) - logits.stride(0),
             PROB_TARGET=prob, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0,
-            HAS_SOFTCAP=bool(softcap), HAS_ENTROPY=entropy is not None, ROWS=rows, BLOCK=block, num_warps=num_warps,
+            HAS_SOFTCAP=bool(softcap), HAS_ENTROPY=entropy is not None, ROWS=rows, BLOCK=block,
+            PEEL=_peel(logits, n_local), num_warps=num_warps,
         )  # fmt: skip
 
 
@@ -881,13 +987,78 @@ def _log_mixture(log_ps, log_pt, log_beta, log_1mbeta):
 
 
 @triton.jit
+def _distill_sums_step(
+    s_ptrs, t_ptrs, mask, inv_tau, m_s, m_t, d_s, d_t, cross, DIVERGENCE: tl.constexpr,
+):  # fmt: skip
+    """One chunk of loop 1: online (max, sum of exp) of S and T, and the cross term of kl / reverse_kl."""
+    acc_dtype = m_s.dtype
+    s = tl.load(s_ptrs, mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
+    t = tl.load(t_ptrs, mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
+    m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
+    m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
+    shift_s = tl.where(m_s_new == NEG_INF, 0, m_s_new)  # a row of -inf so far must not give -inf - -inf
+    shift_t = tl.where(m_t_new == NEG_INF, 0, m_t_new)
+    alpha_s = tl.exp(m_s - shift_s)
+    alpha_t = tl.exp(m_t - shift_t)
+    e_s = tl.exp(s - shift_s[:, None])
+    e_t = tl.exp(t - shift_t[:, None])
+    d_s = d_s * alpha_s + tl.sum(e_s, axis=1)
+    d_t = d_t * alpha_t + tl.sum(e_t, axis=1)
+    if DIVERGENCE == KL:  # a term whose weight is 0 is 0 (its difference may be -inf - -inf)
+        cross = cross * alpha_t + tl.sum(tl.where(e_t > 0, e_t * (t - s), 0), axis=1)
+    elif DIVERGENCE == REVERSE_KL:
+        cross = cross * alpha_s + tl.sum(tl.where(e_s > 0, e_s * (s - t), 0), axis=1)
+    return m_s_new, m_t_new, d_s, d_t, cross
+
+
+@triton.jit
+def _jsd_step(s_ptrs, t_ptrs, mask, inv_tau, m_s, m_t, log_ds, log_dt, log_beta, log_1mbeta, kl_t, kl_s):
+    """One chunk of jsd's loop 2: sum p_t (log p_t - log m) and K = sum p_s (log p_s - log m)."""
+    acc_dtype = m_s.dtype
+    s = tl.load(s_ptrs, mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
+    t = tl.load(t_ptrs, mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
+    log_ps = (s - m_s[:, None]) - log_ds[:, None]
+    log_pt = (t - m_t[:, None]) - log_dt[:, None]
+    p_s = tl.exp(log_ps)
+    p_t = tl.exp(log_pt)
+    log_m = _log_mixture(log_ps, log_pt, log_beta, log_1mbeta)
+    kl_t += tl.sum(tl.where(p_t > 0, p_t * (log_pt - log_m), 0), axis=1)
+    kl_s += tl.sum(tl.where(p_s > 0, p_s * (log_ps - log_m), 0), axis=1)
+    return kl_t, kl_s
+
+
+@triton.jit
+def _distill_grad_step(
+    s_ptrs, t_ptrs, g_ptrs, mask, store_mask, kept, no_softmax, inv_tau, m_s, m_t, log_ds, log_dt, log_beta,
+    log_1mbeta, mu, coef, DIVERGENCE: tl.constexpr,
+):  # fmt: skip
+    """One chunk of the last loop: reads both rows, writes the student's gradient."""
+    acc_dtype = m_s.dtype
+    s = tl.load(s_ptrs, mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
+    t = tl.load(t_ptrs, mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
+    log_ps = (s - m_s[:, None]) - log_ds[:, None]
+    p_s = tl.exp(log_ps)
+    if DIVERGENCE == KL:
+        g = p_s - tl.exp((t - m_t[:, None]) - log_dt[:, None])
+    elif DIVERGENCE == REVERSE_KL:
+        g = tl.where(p_s > 0, p_s * ((s - t) - mu[:, None]), 0)
+    else:
+        log_pt = (t - m_t[:, None]) - log_dt[:, None]
+        log_m = _log_mixture(log_ps, log_pt, log_beta, log_1mbeta)
+        g = tl.where(p_s > 0, p_s * ((log_ps - log_m) - mu[:, None]), 0)
+    g = tl.where(no_softmax[:, None], NAN, coef[:, None] * g)
+    g = tl.where(kept[:, None], g, 0)
+    tl.store(g_ptrs, g.to(g_ptrs.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
 def _distillation_kernel(
     student_ptr, teacher_ptr, target_ptr, grad_scale_ptr, grad_ptr, loss_ptr,
     stride_student, stride_teacher, stride_grad, stride_scale,
     n_rows, n_classes, ignore_index,
-    inv_tau_hi, inv_tau_lo, tau_hi, tau_lo, beta_hi, beta_lo, scale_hi, scale_lo,
+    inv_tau_hi, inv_tau_lo, tau_hi, tau_lo, beta_hi, beta_lo, scale_hi, scale_lo, shift_teacher, shift_grad,
     DIVERGENCE: tl.constexpr, HAS_TARGET: tl.constexpr, WANT_GRAD: tl.constexpr, SCALE_IS_PTR: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr,
 ):  # fmt: skip
     acc_dtype = loss_ptr.dtype.element_ty
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -903,6 +1074,11 @@ def _distillation_kernel(
         kept = row_mask
     s_rows = student_ptr + rows.to(tl.int64) * stride_student
     t_rows = teacher_ptr + rows.to(tl.int64) * stride_teacher
+    if PEEL:  # the aligned body of each row (see "aligned rows")
+        head, s_body, body = _row_peel(rows.to(tl.int64) * stride_student, n_classes, PEEL)
+        t_body = s_body + rows.to(tl.int64) * shift_teacher
+        e_cols, e_ok = _edge_cols(head, body, n_classes, PEEL)
+        e_mask = kept[:, None] & e_ok
 
     # loop 1: online (max, sum of exp) of S and T, and the cross term of kl / reverse_kl
     m_s = tl.full([ROWS], NEG_INF, dtype=acc_dtype)
@@ -910,27 +1086,23 @@ def _distillation_kernel(
     d_s = zero
     d_t = zero
     cross = zero
+    if PEEL:
+        m_s, m_t, d_s, d_t, cross = _distill_sums_step(
+            s_rows[:, None] + e_cols, t_rows[:, None] + e_cols, e_mask, inv_tau, m_s, m_t, d_s, d_t, cross,
+            DIVERGENCE,
+        )  # fmt: skip
     for start in range(0, n_classes, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = kept[:, None] & (cols < n_classes)[None, :]
-        s = tl.load(s_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
-        t = tl.load(t_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
-        m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
-        m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
-        shift_s = tl.where(m_s_new == NEG_INF, 0, m_s_new)  # a row of -inf so far must not give -inf - -inf
-        shift_t = tl.where(m_t_new == NEG_INF, 0, m_t_new)
-        alpha_s = tl.exp(m_s - shift_s)
-        alpha_t = tl.exp(m_t - shift_t)
-        e_s = tl.exp(s - shift_s[:, None])
-        e_t = tl.exp(t - shift_t[:, None])
-        d_s = d_s * alpha_s + tl.sum(e_s, axis=1)
-        d_t = d_t * alpha_t + tl.sum(e_t, axis=1)
-        if DIVERGENCE == KL:  # a term whose weight is 0 is 0 (its difference may be -inf - -inf)
-            cross = cross * alpha_t + tl.sum(tl.where(e_t > 0, e_t * (t - s), 0), axis=1)
-        elif DIVERGENCE == REVERSE_KL:
-            cross = cross * alpha_s + tl.sum(tl.where(e_s > 0, e_s * (s - t), 0), axis=1)
-        m_s = m_s_new
-        m_t = m_t_new
+        offs = start + tl.arange(0, BLOCK)
+        if PEEL:
+            m_s, m_t, d_s, d_t, cross = _distill_sums_step(
+                student_ptr + s_body[:, None] + offs[None, :], teacher_ptr + t_body[:, None] + offs[None, :],
+                kept[:, None] & (offs[None, :] < body[:, None]), inv_tau, m_s, m_t, d_s, d_t, cross, DIVERGENCE,
+            )  # fmt: skip
+        else:
+            m_s, m_t, d_s, d_t, cross = _distill_sums_step(
+                s_rows[:, None] + offs[None, :], t_rows[:, None] + offs[None, :],
+                kept[:, None] & (offs < n_classes)[None, :], inv_tau, m_s, m_t, d_s, d_t, cross, DIVERGENCE,
+            )  # fmt: skip
     m_s = tl.where(kept, m_s, 0)
     m_t = tl.where(kept, m_t, 0)
     log_ds = tl.log(tl.where(kept, d_s, 1))
@@ -950,18 +1122,25 @@ def _distillation_kernel(
     else:  # loop 2: sum p_t (log p_t - log m) and K = sum p_s (log p_s - log m)
         kl_t = zero
         kl_s = zero
+        if PEEL:
+            kl_t, kl_s = _jsd_step(
+                s_rows[:, None] + e_cols, t_rows[:, None] + e_cols, e_mask, inv_tau, m_s, m_t, log_ds, log_dt,
+                log_beta, log_1mbeta, kl_t, kl_s,
+            )  # fmt: skip
         for start in range(0, n_classes, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = kept[:, None] & (cols < n_classes)[None, :]
-            s = tl.load(s_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
-            t = tl.load(t_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
-            log_ps = (s - m_s[:, None]) - log_ds[:, None]
-            log_pt = (t - m_t[:, None]) - log_dt[:, None]
-            p_s = tl.exp(log_ps)
-            p_t = tl.exp(log_pt)
-            log_m = _log_mixture(log_ps, log_pt, log_beta, log_1mbeta)
-            kl_t += tl.sum(tl.where(p_t > 0, p_t * (log_pt - log_m), 0), axis=1)
-            kl_s += tl.sum(tl.where(p_s > 0, p_s * (log_ps - log_m), 0), axis=1)
+            offs = start + tl.arange(0, BLOCK)
+            if PEEL:
+                kl_t, kl_s = _jsd_step(
+                    student_ptr + s_body[:, None] + offs[None, :], teacher_ptr + t_body[:, None] + offs[None, :],
+                    kept[:, None] & (offs[None, :] < body[:, None]), inv_tau, m_s, m_t, log_ds, log_dt, log_beta,
+                    log_1mbeta, kl_t, kl_s,
+                )  # fmt: skip
+            else:
+                kl_t, kl_s = _jsd_step(
+                    s_rows[:, None] + offs[None, :], t_rows[:, None] + offs[None, :],
+                    kept[:, None] & (offs < n_classes)[None, :], inv_tau, m_s, m_t, log_ds, log_dt, log_beta,
+                    log_1mbeta, kl_t, kl_s,
+                )  # fmt: skip
         div = beta * kl_t + (1 - beta) * kl_s
         mu = kl_s
     div = tl.where(no_softmax, NAN, div)
@@ -977,29 +1156,29 @@ def _distillation_kernel(
         if DIVERGENCE == JSD:
             coef = coef * (1 - beta)
         g_rows = grad_ptr + rows.to(tl.int64) * stride_grad
+        if PEEL:
+            g_body = s_body + rows.to(tl.int64) * shift_grad
+            _distill_grad_step(
+                s_rows[:, None] + e_cols, t_rows[:, None] + e_cols, g_rows[:, None] + e_cols, e_mask,
+                row_mask[:, None] & e_ok, kept, no_softmax, inv_tau, m_s, m_t, log_ds, log_dt, log_beta, log_1mbeta,
+                mu, coef, DIVERGENCE,
+            )  # fmt: skip
         for start in range(0, n_classes, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            col_mask = cols < n_classes
-            mask = kept[:, None] & col_mask[None, :]
-            s = tl.load(s_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
-            t = tl.load(t_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
-            log_ps = (s - m_s[:, None]) - log_ds[:, None]
-            p_s = tl.exp(log_ps)
-            if DIVERGENCE == KL:
-                g = p_s - tl.exp((t - m_t[:, None]) - log_dt[:, None])
-            elif DIVERGENCE == REVERSE_KL:
-                g = tl.where(p_s > 0, p_s * ((s - t) - mu[:, None]), 0)
+            offs = start + tl.arange(0, BLOCK)
+            if PEEL:
+                ok = offs[None, :] < body[:, None]
+                _distill_grad_step(
+                    student_ptr + s_body[:, None] + offs[None, :], teacher_ptr + t_body[:, None] + offs[None, :],
+                    grad_ptr + g_body[:, None] + offs[None, :], kept[:, None] & ok, row_mask[:, None] & ok, kept,
+                    no_softmax, inv_tau, m_s, m_t, log_ds, log_dt, log_beta, log_1mbeta, mu, coef, DIVERGENCE,
+                )  # fmt: skip
             else:
-                log_pt = (t - m_t[:, None]) - log_dt[:, None]
-                log_m = _log_mixture(log_ps, log_pt, log_beta, log_1mbeta)
-                g = tl.where(p_s > 0, p_s * ((log_ps - log_m) - mu[:, None]), 0)
-            g = tl.where(no_softmax[:, None], NAN, coef[:, None] * g)
-            g = tl.where(kept[:, None], g, 0)
-            tl.store(
-                g_rows[:, None] + cols[None, :],
-                g.to(grad_ptr.dtype.element_ty),
-                mask=row_mask[:, None] & col_mask[None, :],
-            )
+                col_mask = offs < n_classes
+                _distill_grad_step(
+                    s_rows[:, None] + offs[None, :], t_rows[:, None] + offs[None, :], g_rows[:, None] + offs[None, :],
+                    kept[:, None] & col_mask[None, :], row_mask[:, None] & col_mask[None, :], kept, no_softmax,
+                    inv_tau, m_s, m_t, log_ds, log_dt, log_beta, log_1mbeta, mu, coef, DIVERGENCE,
+                )  # fmt: skip
 
 
 def distillation(student, teacher, target, *, divergence, beta, temperature, ignore_index, grad_scale, grad):
@@ -1030,7 +1209,8 @@ def distillation(student, teacher, target, *, divergence, beta, temperature, ign
             n_rows, n_classes, int(ignore_index),
             *_split(1 / temperature), *_split(temperature), *_split(beta),
             *_split(1.0 if grad_scale is None or scale_is_ptr else float(grad_scale)),
+            teacher.stride(0) - student.stride(0), (grad.stride(0) if grad is not None else 0) - student.stride(0),
             DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_TARGET=target is not None, WANT_GRAD=grad is not None,
-            SCALE_IS_PTR=scale_is_ptr, ROWS=rows, BLOCK=block, num_warps=num_warps,
+            SCALE_IS_PTR=scale_is_ptr, ROWS=rows, BLOCK=block, PEEL=_peel(student, n_classes), num_warps=num_warps,
         )  # fmt: skip
     return loss
