@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 
 import gpuxent as gx
-from gpuxent.backends import numba_cpu
+from gpuxent.backends.numba_cpu import runtime
 
 INTERPRETED = {"triton", "numba_cuda"}  # CPU interpreters of GPU kernels: slow, keep shapes tiny
 # numba_cpu takes its parallel path from 4096 elements here (2^18 in production), so that the torch
 # references stay cheap: one input below (a one-thread call) and one above, of 3 row tasks
-numba_cpu.PARALLEL_MIN_ELEMENTS = 1 << 12
+runtime.PARALLEL_MIN_ELEMENTS = 1 << 12
 SHAPES = {"numba_cpu": ((8, 100), (48, 300))}
 TINY = ((4, 33),)
 
@@ -184,8 +184,8 @@ def _check_ce_case(backend: str, case) -> None:
 
 def fork_from_threads(backend: str) -> None:
     """While 2 threads keep calling, the main thread forks a child and a pool that call too. Before
-    the parent's own first call, the children keep torch's thread count, so numba runs parallel
-    regions in them as in the threads.
+    the parent's own first call, the children keep torch's thread count, so gpuxent runs its
+    worker threads in them as in the threads.
 
     Only gpuxent computes on several threads (the references run on one torch thread, the
     comparisons in numpy): torch's own OpenMP pool, once used, hangs a forked child. The forks wait

@@ -354,18 +354,18 @@ def test_a_long_first_call_prints_one_notice(monkeypatch, capsys):
     what compiles, that it happens once and where the cache is; the same call again prints nothing."""
     import time
 
-    from gpuxent.backends import numba_cpu
+    from gpuxent.backends.numba_cpu import runtime
 
     def slow_kernel(*args):  # stands in for a compiling kernel
         time.sleep(0.3)
 
-    monkeypatch.setattr(numba_cpu, "_SEEN", set())
-    monkeypatch.setattr(numba_cpu, "COMPILE_NOTICE_S", 0.05)
+    monkeypatch.setattr(runtime, "_SEEN", set())
+    monkeypatch.setattr(runtime, "COMPILE_NOTICE_S", 0.05)
     arr = np.zeros(3, np.float32)
-    numba_cpu._launch(slow_kernel, 3, arr)
+    runtime.launch(slow_kernel, 3, 1, arr)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "compiling the numba_cpu slow_kernel for float32" in err
     assert "once" in err and "cached in" in err and "gpuxent warmup" in err
-    numba_cpu._launch(slow_kernel, 3, arr)
+    runtime.launch(slow_kernel, 3, 1, arr)
     time.sleep(0.1)
     assert capsys.readouterr().err == ""

@@ -1,9 +1,9 @@
 """gpuxent from several Python threads at once and in forked children (API.md, Semantics; issue 11),
-and the numba thread count following ``torch.get_num_threads()``.
+and the CPU kernels' thread count following ``torch.get_num_threads()``.
 
 Each scenario of ``concurrency_scenarios.py`` runs in a Python process of its own under a time limit:
-the failures it guards against kill the process (workqueue aborts on two threads in parallel regions
-at once, GNU OpenMP kills a forked child) or hang it, and must fail the test, not pytest.
+the failures it guards against kill the process or hang it (a forked child waiting on the parent's
+threads or locks), and must fail the test, not pytest.
 
 The threads scenario runs on numba_cpu and numba_cuda. The CUDA simulator is not thread-safe
 itself: during a launch it swaps the ``cuda`` global of the module that defines the kernel for its
@@ -13,14 +13,14 @@ patches ``triton.language`` and keeps the grid in global state: ``Did you forget
 @triton.jit``, ``x >= grid_dim[0]``), so triton is left out here; on a GPU no interpreter runs.
 """
 
-import importlib.metadata
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
-import numba as nb
 import numpy as np
 import pytest
 import torch
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import gpuxent as gx
 from gpuxent import backends
-from gpuxent.backends import numba_cpu
+from gpuxent.backends.numba_cpu import runtime
 
 SCENARIOS = Path(__file__).with_name("concurrency_scenarios.py")
 # A scenario takes a few seconds; the limit only catches a hang (a cold numba cache compiles first).
@@ -86,117 +86,99 @@ def test_fork_from_a_parent_using_threads():
     _run("fork_from_threads")
 
 
-def test_threading_layer_is_fork_and_thread_safe():
-    """tbb where the ``tbb`` wheel (a dependency on x86-64) is installed; else, on Linux, workqueue."""
-    assert numba_cpu.THREADING_LAYER == nb.threading_layer()
-    if os.environ.get("NUMBA_THREADING_LAYER"):
-        pytest.skip("the threading layer was chosen by NUMBA_THREADING_LAYER")
-    try:
-        importlib.metadata.version("tbb")
-    except importlib.metadata.PackageNotFoundError:
-        assert numba_cpu.THREADING_LAYER in (("workqueue",) if sys.platform == "linux" else ("omp", "workqueue"))
-    else:
-        assert numba_cpu.THREADING_LAYER == "tbb"
+def test_numbas_threading_layer_is_never_started():
+    """numba_cpu runs its kernels on threads of its own: numba's parallel layer (TBB or OpenMP, a second
+    pool fighting torch's for the cores, and GNU OpenMP kills forked children) never starts."""
+    code = (
+        "import torch, numba, gpuxent as gx\n"
+        "x = torch.randn(512, 1024, requires_grad=True); t = torch.randint(0, 1024, (512,))\n"
+        "gx.cross_entropy(x, t).backward(); gx.softmax(x.detach())\n"
+        "try:\n    numba.threading_layer()\nexcept ValueError:\n    print('not started')\n"
+        "else:\n    print('started')\n"
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(gx.__file__).parents[1]), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["not", "started"], proc.stdout
 
 
-@nb.njit(parallel=True)
-def _thread_probe(out):
-    """Each iteration records the thread count in effect and the thread that ran it."""
-    for i in nb.prange(out.shape[0]):
-        out[i, 0] = nb.get_num_threads()
-        out[i, 1] = nb.get_thread_id()
+def _probe(n_rows: int, n_classes: int) -> set:
+    """The threads that ran a launch of ``n_rows`` rows: each task sleeps (releasing the GIL) so that
+    every thread the launch asked for gets some."""
+    seen = np.full(n_rows, -1, np.int64)  # poisoned: a row that did not run shows -1
 
+    def rows(lo, hi, out):
+        time.sleep(0.002)
+        out[lo:hi] = threading.get_ident()
 
-def _probe(n_elements: int) -> np.ndarray:
-    out = np.full((4096, 2), -1, np.int64)  # poisoned: an iteration that did not run shows -1
-    numba_cpu._launch(_thread_probe, n_elements, out)
-    assert (out >= 0).all()
-    return out
+    runtime.launch(rows, n_rows, n_classes, seen)
+    assert (seen >= 0).all()
+    return set(seen.tolist())
 
 
 @pytest.fixture
 def torch_threads():
-    """Set torch's thread count inside a test; the caller's count and numba's are restored after."""
-    torch_before, numba_before = torch.get_num_threads(), nb.get_num_threads()
+    """Set torch's thread count inside a test; the caller's count is restored after."""
+    before = torch.get_num_threads()
     yield torch.set_num_threads
-    torch.set_num_threads(torch_before)
-    nb.set_num_threads(numba_before)
+    torch.set_num_threads(before)
 
 
-def test_torch_set_num_threads_governs_numba(torch_threads):
-    large = numba_cpu.PARALLEL_MIN_ELEMENTS
+def test_torch_set_num_threads_governs_the_cpu_kernels(torch_threads):
+    n_classes = 4096
+    n_rows = runtime.PARALLEL_MIN_ELEMENTS // n_classes  # 64 rows: 4 tasks of 16
     torch_threads(1)
-    out = _probe(large)
-    assert (out[:, 0] == 1).all() and (out[:, 1] == 0).all(), "torch.set_num_threads(1): one numba thread"
-    if nb.config.NUMBA_NUM_THREADS < 2:
+    assert _probe(n_rows, n_classes) == {threading.get_ident()}, "torch.set_num_threads(1): the caller only"
+    if runtime._CPUS < 2:
         pytest.skip("one CPU: no second thread to ask for")
     torch_threads(2)
-    assert (_probe(large)[:, 0] == 2).all(), "torch.set_num_threads(2): two numba threads"
-    assert (_probe(large - 1)[:, 0] == 1).all(), "a small input runs on one thread"
-    torch_threads(nb.config.NUMBA_NUM_THREADS + 3)
-    assert (_probe(large)[:, 0] == nb.config.NUMBA_NUM_THREADS).all(), "capped at numba's pool"
+    assert len(_probe(n_rows, n_classes)) == 2, "torch.set_num_threads(2): two threads"
+    assert _probe(n_rows - 1, n_classes) == {threading.get_ident()}, "a small input runs on the caller"
+    torch_threads(runtime._CPUS + 3)
+    assert len(_probe(4 * n_rows, n_classes)) <= runtime._CPUS, "capped at the CPUs"
 
 
-def test_the_caller_keeps_its_numba_thread_count(torch_threads):
-    torch_threads(1)
-    nb.set_num_threads(nb.config.NUMBA_NUM_THREADS)
-    _probe(numba_cpu.PARALLEL_MIN_ELEMENTS)
-    assert nb.get_num_threads() == nb.config.NUMBA_NUM_THREADS
+def test_a_workers_error_reaches_the_caller(torch_threads):
+    torch_threads(2)
+
+    def rows(lo, hi, out):
+        time.sleep(0.002)
+        if lo >= 32:
+            raise ZeroDivisionError(f"rows {lo}..{hi}")
+
+    with pytest.raises(ZeroDivisionError, match="rows"):
+        runtime.launch(rows, 64, 4096, np.zeros(1))
+
+
+def test_the_callers_thread_count_is_unchanged(torch_threads):
+    torch_threads(2)
+    x = torch.randn(64, 4096)
+    gx.cross_entropy(x, torch.randint(0, 4096, (64,)), backend="numba_cpu")
+    assert torch.get_num_threads() == 2
 
 
 @pytest.mark.parametrize("n_rows", [8, 64], ids=["small", "large"])
 def test_cross_entropy_runs_on_torchs_thread_count(torch_threads, monkeypatch, n_rows):
-    """The real kernel, through the public API: the thread count in effect when it starts."""
+    """The real kernel, through the public API: the thread count each launch chose."""
     seen = []
-    kernel = numba_cpu._ce_kernel
+    threads_for = runtime.threads_for
 
     def spy(*args):
-        seen.append(nb.get_num_threads())  # the calling thread's count: the one its parallel region gets
-        return kernel(*args)
+        seen.append(threads_for(*args))
+        return seen[-1]
 
-    monkeypatch.setattr(numba_cpu, "_ce_kernel", spy)
+    monkeypatch.setattr(runtime, "threads_for", spy)
     x = torch.randn(n_rows, 4096)  # 64 x 4096 = PARALLEL_MIN_ELEMENTS
     t = torch.randint(0, 4096, (n_rows,))
     expected_threads = []
-    for k in (1, min(2, nb.config.NUMBA_NUM_THREADS)):
+    for k in (1, min(2, runtime._CPUS)):
         torch_threads(k)
         loss, grad = gx.cross_entropy_and_grad(x, t, backend="numba_cpu")
-        expected_threads.append(k if n_rows * 4096 >= numba_cpu.PARALLEL_MIN_ELEMENTS else 1)
+        expected_threads.append(k if n_rows * 4096 >= runtime.PARALLEL_MIN_ELEMENTS else 1)
         x64 = x.double().requires_grad_()
         ref = F.cross_entropy(x64, t)
         ref.backward()
         torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-5, atol=2e-6)
         torch.testing.assert_close(grad.double(), x64.grad, rtol=2e-5, atol=2e-6)
     assert seen == expected_threads
-
-
-EXIT_SCRIPT = """
-import os, torch, gpuxent as gx
-from gpuxent.backends import numba_cpu as nc
-torch.set_num_threads(2)
-x = torch.randn(1024, 1024); t = torch.randint(0, 1024, (1024,))
-gx.cross_entropy(x, t)  # 1M elements: a parallel region, TBB's workers started
-threads = lambda: len(os.listdir("/proc/self/task"))
-before = threads()
-nc._join_tbb_workers()  # what runs at exit
-after = threads()
-loss = gx.cross_entropy(x, t)  # the pool starts again
-ref = torch.nn.functional.cross_entropy(x.double(), t)
-assert abs(float(loss) - float(ref)) < 1e-5, (float(loss), float(ref))
-print(before, after)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc/self/task")
-def test_tbb_workers_are_joined_at_exit():
-    """numba never shuts its TBB pool down, and workers still running while the C++ runtime tears down
-    aborted about one torchrun worker in five to ten ("terminate called without an active exception",
-    with gloo's threads alive too). The exit hook numba_cpu registers joins them; calls after it work."""
-    if numba_cpu.THREADING_LAYER != "tbb":
-        pytest.skip(f"the threading layer is {numba_cpu.THREADING_LAYER}, not tbb")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(gx.__file__).parents[1]), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT], capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    before, after = map(int, proc.stdout.split())
-    assert after < before, (before, after)
