@@ -4,8 +4,8 @@ The package, by concern:
 
     runtime        compilation, the worker threads (``launch``), output buffers, host arrays
     simd           the vectorizable scalar math: exp, tanh, log1p, half precision in registers
-    cross_entropy  the fused forward (+ gradient), the vocab-parallel partials and gradient pass
-    distillation   the fused kl / reverse_kl / jsd
+    xent           the fused cross-entropy forward (+ gradient), the vocab-parallel partials and gradient pass
+    distill        the fused kl / reverse_kl / jsd
     elementwise    softmax, log-softmax, the binary cross-entropies
 
 This module is the backend's one door: the functions of the contract in ``gpuxent.backends``, which
@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import cross_entropy as _ce
-from . import distillation as _distill
+from . import xent as _ce
+from . import distill as _distill
 from . import elementwise as _ew
 from .runtime import as_array, check_grad, compute_dtype, empty, grad_array, launch, row_factors, view
 

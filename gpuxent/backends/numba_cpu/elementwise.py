@@ -6,7 +6,7 @@ import functools
 
 import numpy as np
 
-from .cross_entropy import _ROW, _named, chunk_exps, chunk_max, chunk_scale, merge
+from .xent import _ROW, _named, chunk_exps, chunk_max, chunk_scale, merge
 from .runtime import CHUNK, kernel, strict
 from .simd import cast, widen
 

@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from .cross_entropy import _ROW, _named, chunk_max, chunk_scale, merge
+from .xent import _ROW, _named, chunk_max, chunk_scale, merge
 from .runtime import CHUNK, kernel, strict
 from .simd import cast, compute_buffer, exp_neg, log1p_unit, narrow, widen
 

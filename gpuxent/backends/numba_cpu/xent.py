@@ -47,7 +47,7 @@ merge, loss_and_coef, merge_entropy, entropy = map(
 # in-place gradient) are inlined by numba, so that LLVM sees one pointer where there is one.
 
 
-@kernel
+@nb.njit(fastmath=FASTMATH, inline="always")
 def softcap_chunk(x, softcap, y):
     inv = cast(x, 1 / softcap)
     cap = cast(x, softcap)
@@ -55,7 +55,7 @@ def softcap_chunk(x, softcap, y):
         y[j] = cap * tanh(widen(x[j]) * inv)
 
 
-@kernel
+@nb.njit(fastmath=FASTMATH, inline="always")
 def chunk_max(y):
     """Max of the chunk ignoring NaN; -inf when the chunk holds only -inf and NaN."""
     m = cast(y, -np.inf)
@@ -64,7 +64,7 @@ def chunk_max(y):
     return m
 
 
-@kernel
+@nb.njit(fastmath=FASTMATH, inline="always")
 def _chunk_max_nan(y):
     """``(chunk_max(y), whether the chunk holds a NaN)`` in one vectorized loop (no early exit)."""
     m = cast(y, -np.inf)
@@ -106,7 +106,7 @@ def chunk_exps(y, m, e, store):
     return np.float64(s)
 
 
-@kernel
+@nb.njit(fastmath=FASTMATH, inline="always")
 def chunk_target_sums(y, w, q, prob, keep, add):
     """(sum_c w_c q'_c y_c, sum_c w_c q'_c) with q' = keep q + add for probability targets;
     (sum_c w_c y_c, 0) for class targets (label smoothing)."""
