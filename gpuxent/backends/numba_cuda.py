@@ -1,28 +1,46 @@
 """CUDA backend: fused softmax-cross-entropy kernels written with ``numba.cuda.jit``.
 
 A group of ``threads_per_row`` threads (a power of two) owns one row; a block holds one group for
-long rows and several for short ones. Each thread walks its row with a stride of
-``threads_per_row`` and keeps a running ``(max, sum of exp(x - max))`` pair, merged with the other
-threads of its group by a tree reduction in shared memory (``syncthreads`` only: the CUDA simulator
-has no warp shuffles). The gradient pass of the same launch reads the row a second time and writes
-the gradient, so forward+backward reads the logits twice and writes the gradient once.
+long rows and several for short ones. Each thread walks its part of the row keeping a running
+``(max, sum of exp(x - max))`` pair (``rowmath.make_online``), merged with the other threads of its
+group by a tree reduction in shared memory (``syncthreads`` only: the CUDA simulator has no warp
+shuffles). The gradient pass of the same launch reads the row a second time and writes the
+gradient: forward is one pass over the logits, forward+backward two (as Triton's kernels).
 
-Byte model, forward+backward, class targets: read 2*N*r logits, write N*r gradient, read N targets,
-write N losses and N lse (probability targets: read N*r probabilities twice more). An ignored row is
-not read: its loss and gradient are 0.
-With ``stats`` (a kernel specialisation of its own: each row's argmax and entropy, from pass 1 and
-reduced with the (max, sum) pair) the same bytes plus 2N written.
+Memory: the kernels read and write the logits' own dtype (float64, float32, float16, bfloat16) and
+compute in registers, in the compute dtype (float32; float64 for float64). A row is walked in 64-bit
+words of an int64 view of the tensor's storage, one word per thread per step, consecutive threads
+on consecutive words: 4 half elements, 2 float32 or 1 float64 per load and per store. The elements
+of a row before its first 8-byte-aligned element and after its last whole word (rows whose byte
+offset is not a multiple of 8: odd r, slices) are read and written one by one ("edges"). numba has
+no bfloat16: it arrives as its bits (an int16 view); a bfloat16 is widened by shifting its bits into
+the top half of a float32's, a float16 decoded from its bits (a native float16 load at the edges),
+and the gradient is rounded once, to nearest even, as it is stored (NaN stays NaN). The gradient
+pass walks the gradient's words and takes the logits from the word of the same elements when the
+two rows start at the same offset within a word (the same tensor, in place, or two tensors laid
+out alike), else element by element. No copy is made around a launch.
 
-Arithmetic runs in the compute dtype (float32, float64 for float64 input): each dtype gets its own
-kernels whose constants carry that dtype, so no float64 literal silently widens float32 math.
-Row and element offsets are int64. Half inputs are widened to float32 by torch before the launch,
-and their gradient comes through a float32 scratch buffer (``_grad_out``).
+Byte model per element of (N, r) logits of e bytes (2 for half; c = the compute dtype's size),
+streams as (what, bytes, read/write):
+  cross_entropy forward:        (logits, e, r)
+  cross_entropy fwd+bwd:        (logits pass 1, e, r), (logits pass 2, e, r), (gradient, e, w): 1.5x
+                                the minimum 2e; probability targets add (probs, c, r) per pass
+  softmax:                      (x pass 1, e, r), (x pass 2, e, r), (out, c, w): out in the compute dtype
+  row_partials:                 (logits, e, r) [+ (probs, c, r)]
+  cross_entropy_backward:       (logits, e, r), (gradient, e, w) [+ (probs, c, r)]
+  distillation:                 per pass (student, e, r), (teacher, e, r): forward 1 pass (jsd 2),
+                                with the gradient 2 (jsd 3), plus (gradient, e, w)
+plus O(N) per row: targets read (8 bytes), losses and lse written (c each); ``stats`` adds 16 bytes
+per row written. An ignored row is not read: its loss and gradient are 0.
+
+Arithmetic runs in the compute dtype: each dtype gets its own kernels whose constants carry that
+dtype, so no float64 literal silently widens float32 math. Row and element offsets are int64.
 
 Data comes as torch tensors: on a GPU they become zero-copy device arrays
 (``__cuda_array_interface__``) and kernels run on PyTorch's current stream; under
-``NUMBA_ENABLE_CUDASIM=1`` the tensors live on the CPU and are copied into the simulator's arrays.
-Tensors on the other device (CPU data on a real GPU, CUDA data under the simulator) are moved there
-and the results moved back.
+``NUMBA_ENABLE_CUDASIM=1`` the tensors live on the CPU and the simulator's arrays wrap zero-copy
+numpy views of them (so the views of one storage alias, as on a GPU). Tensors on the other device
+(CPU data on a real GPU, CUDA data under the simulator) are moved there and the results moved back.
 """
 
 from __future__ import annotations
@@ -31,6 +49,7 @@ import contextlib
 import functools
 import math
 import threading
+from types import SimpleNamespace
 
 import numba
 import numpy as np
@@ -58,6 +77,10 @@ MIN_THREADS_PER_ROW = 1 if SIMULATOR else 32  # a warp
 THREADS_PER_BLOCK = 16 if SIMULATOR else 256  # target block size when several rows share a block
 ELEMENTS_PER_THREAD = 4  # a row of r classes gets about r / 4 threads, up to MAX_THREADS_PER_ROW
 MAX_BLOCKS = 4 if SIMULATOR else 16384  # more rows than that loop (grid-stride over rows)
+WORDS = True  # rows walked in 64-bit words (False: every element one by one; for tests)
+# The element kind of each dtype, and how many elements fill a 64-bit word.
+KINDS = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+PER_WORD = {"fp64": 1, "fp32": 2, "fp16": 4, "bf16": 4}
 
 
 def is_available() -> tuple[bool, str]:
@@ -82,54 +105,178 @@ def supports(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu")
 
 
-# --------------------------------------------------------------------------- kernels
+# --------------------------------------------------------------------------- elements and words
+
+
+def _kind(dtype: np.dtype, kind: str | None) -> str:
+    """The element kind of a kernel computing in ``dtype`` (None: elements of that dtype)."""
+    compute = "fp64" if dtype == np.float64 else "fp32"
+    kind = kind or compute
+    if kind not in PER_WORD or (kind == "fp64") != (compute == "fp64"):
+        raise ValueError(f"no {kind} elements for kernels computing in {dtype}")
+    return kind
 
 
 @functools.cache
-def _kernels(dtype: np.dtype, stats: bool = False):
-    """(cross-entropy, softmax, bce, bce-with-logits) kernels computing in ``dtype``; with ``stats``
-    the cross-entropy kernel also writes each row's argmax and entropy (a compile-time constant: the
-    kernels without it carry none of that code)."""
+def _codec(kind: str) -> SimpleNamespace:
+    """Device functions that move elements of ``kind`` between memory and registers (the compute
+    dtype). A kernel holds row ``i`` of an (N, r) tensor as ``el = elements[i]`` (bfloat16 as its int16
+    bits) and ``w = words[wb:]``, the int64 words of the tensor's storage from the row's first whole
+    word on, where element ``(i, j)`` of the tensor is element number ``off + i * rs + j`` of ``words``
+    (``off`` < 0: no words, every element one by one). A thread group walks a row in ``r - nb * (P - 1)``
+    chunks: chunk ``c < nb`` is word ``w[c]`` (columns ``h + c * P`` on), the others one edge element
+    each (the ``h`` leading columns, then those after the words):
+
+    ``load(el, j)`` / ``store(el, j, v)``: one element (the store rounds once, to nearest even);
+    ``get(word, q)``: element ``q`` of a word; ``put(acc, q, v)``: ``acc`` with ``v`` as its element ``q``;
+    ``span(off, rs, i, r)``: row ``i`` as ``(h, nb, wb)``; ``edge(e, h, nb)``: the column of edge element
+    ``e``. Column arithmetic is int32 (a row has fewer than 2**31 classes: ``_Rows`` checks it), word
+    numbers int64.
+    """
+    P = PER_WORD[kind]
+    BITS = 64 // P
+    MASK = (1 << BITS) - 1 if P > 1 else -1
+    TOP, FULL = 1 << (BITS - 1), 1 << BITS
+    int64, int32 = numba.int64, numba.int32
+    P32 = np.int32(P)
+    dev = cuda.jit(device=True)
+    TWO_M24 = np.float32(2.0**-24)
+
+    @dev
+    def bf16_value(b):
+        """float32 from the bits of a bfloat16 (its top half)."""
+        return np.uint32((b & 0xFFFF) << 16).view(np.float32)
+
+    @dev
+    def bf16_bits(v):
+        """The bits of float32 ``v`` rounded to the nearest bfloat16, ties to even; NaN stays a quiet NaN."""
+        u = np.int64(np.float32(v).view(np.uint32))
+        if v != v:
+            return (u >> 16) | 0x40
+        return (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+
+    @dev
+    def fp16_value(b):
+        """float32 from the bits of a float16 (exact: subnormals, infinities and NaN included)."""
+        e = (b >> 10) & 0x1F
+        m = b & 0x3FF
+        if e == 0:
+            v = np.float32(m) * TWO_M24
+        elif e == 0x1F:
+            v = np.uint32(0x7F800000 | (m << 13)).view(np.float32)
+        else:
+            v = np.uint32(((e + 112) << 23) | (m << 13)).view(np.float32)
+        return -v if b & 0x8000 else v
+
+    @dev
+    def fp16_bits(v):
+        """The bits of float32 ``v`` rounded to the nearest float16 (the conversion's own rounding)."""
+        return np.int64(np.float16(v).view(np.int16)) & 0xFFFF
+
+    @dev
+    def fp32_value(b):
+        return np.uint32(b).view(np.float32)
+
+    @dev
+    def fp32_bits(v):
+        return np.int64(np.float32(v).view(np.uint32))
+
+    if kind == "bf16":
+        value, to_bits = bf16_value, bf16_bits
+
+        @dev
+        def load(el, j):
+            return bf16_value(np.int64(el[j]))
+
+        @dev
+        def store(el, j, v):
+            b = bf16_bits(v)
+            el[j] = np.int16(b - 0x10000 if b >= 0x8000 else b)
+
+    elif kind == "fp16":
+        value, to_bits = fp16_value, fp16_bits
+
+        @dev
+        def load(el, j):
+            return np.float32(el[j])
+
+        @dev
+        def store(el, j, v):
+            el[j] = np.float16(v)
+
+    else:
+        value, to_bits = fp32_value, fp32_bits
+
+        @dev
+        def load(el, j):
+            return el[j]
+
+        @dev
+        def store(el, j, v):
+            el[j] = v
+
+    if P == 1:
+
+        @dev
+        def get(word, q):
+            return word.view(np.float64)
+
+        @dev
+        def put(acc, q, v):
+            return np.float64(v).view(np.int64)
+
+    else:
+
+        @dev
+        def get(word, q):
+            return value((word >> (BITS * q)) & MASK)
+
+        @dev
+        def put(acc, q, v):
+            b = to_bits(v)
+            if q == P - 1 and b >= TOP:  # the top element as a signed field: no int64 overflow
+                b -= FULL
+            return acc | (b << (BITS * q))
+
+    @dev
+    def span(off, rs, i, r):
+        if off < 0 or P == 1:  # float64: every element is a word already, read one by one
+            return int32(r), int32(0), int64(0)
+        start = off + i * rs
+        h = (P - start % P) % P
+        if h > r:
+            h = r
+        return int32(h), int32((r - h) // P), (start + h) // P
+
+    @dev
+    def edge(e, h, nb):
+        return e if e < h else e + nb * P32
+
+    return SimpleNamespace(
+        per_word=P, load=load, store=store, get=get, put=put, span=span, edge=edge, value=value, to_bits=to_bits
+    )
+
+
+@functools.cache
+def _group_reduce(dtype: np.dtype, stats: bool):
+    """The reduction over each row group of a block: (m, s) merged, the sums a, b, c added and, with
+    ``stats``, the statistics ``st = (t, best value, its index, first NaN index)``: ``t`` merged with
+    (m, s) by ``merge_entropy``, the argmax by (larger value, then lower index), the first NaN by the
+    lower index. ``sm`` is a (MAX_THREADS, 5) shared array, ``sm_st``/``sm_j`` (MAX_THREADS, 2) ones
+    (one slot each, unused, without ``stats``). Every thread of the block must call it (it holds
+    ``syncthreads``); the group's result comes back to all its threads."""
     STATS = stats
-    SM_STATS = MAX_THREADS if stats else 1  # the shared slots of the statistics (none without them)
-    BIG = numba.int64(2**62)  # an index past every class: "none yet"
-    f = dtype.type
-    ZERO, ONE, NEG_INF, NAN = f(0), f(1), f(-math.inf), f(math.nan)
-    int64 = numba.int64
-    # No builtin max/min in kernels: numba's varargs overload of them does not compile for CUDA.
-    acc_t = numba.from_dtype(dtype)  # the numba type of the accumulators and shared slots
-
-    @cuda.jit(device=True)
-    def push(m, s, y):
-        """Add y to the running pair (m, s = sum exp(x - m)); -inf adds nothing, NaN poisons s."""
-        if y > m:  # exp(y - y): 1, or NaN for y = +inf, which makes the row NaN as in PyTorch
-            return y, s * math.exp(m - y) + math.exp(y - y)
-        if y != NEG_INF:
-            s += math.exp(y - m)
-        return m, s
-
-    row = rowmath.make(f)  # the row math shared with numba_cpu
+    row = rowmath.make(dtype.type)
     merge = cuda.jit(device=True)(row.merge)
-    loss_and_coef = cuda.jit(device=True)(row.loss_and_coef)
-    merge_entropy = cuda.jit(device=True)(rowmath.make_entropy(f).merge_entropy)
-    entropy = cuda.jit(device=True)(rowmath.make_entropy(f).entropy)
-    bce = cuda.jit(device=True)(row.bce)
-    bce_logits = cuda.jit(device=True)(row.bce_logits)
+    merge_entropy = cuda.jit(device=True)(rowmath.make_entropy(dtype.type).merge_entropy)
 
     @cuda.jit(device=True)
-    def block_reduce(sm_m, sm_s, sm_a, sm_b, sm_st, sm_j, tid, lane, threads_per_row, m, s, a, b, st):
-        """Merge (m, s) and sum a, b over the ``threads_per_row`` threads of each row group; with
-        ``STATS`` also the statistics ``st = (t, best value, its index, first NaN index)``: ``t`` merged
-        with (m, s) by ``merge_entropy``, the argmax by (larger value, then lower index), the first NaN
-        by the lower index. (Without ``STATS``, ``sm_st``/``sm_j`` are unused one-slot arrays.)
-
-        Every thread of the block must call it (it holds ``syncthreads``); the group's result comes
-        back to all its threads.
-        """
-        sm_m[tid] = m
-        sm_s[tid] = s
-        sm_a[tid] = a
-        sm_b[tid] = b
+    def group_reduce(sm, sm_st, sm_j, tid, lane, threads_per_row, m, s, a, b, c, st):
+        sm[tid, 0] = m
+        sm[tid, 1] = s
+        sm[tid, 2] = a
+        sm[tid, 3] = b
+        sm[tid, 4] = c
         if STATS:
             sm_st[tid, 0] = st[0]
             sm_st[tid, 1] = st[1]
@@ -139,9 +286,9 @@ def _kernels(dtype: np.dtype, stats: bool = False):
         stride = threads_per_row // 2
         while stride > 0:
             if lane < stride:
+                o = tid + stride
                 if STATS:
-                    o = tid + stride
-                    t = merge_entropy(m, s, sm_st[tid, 0], sm_m[o], sm_s[o], sm_st[o, 0])
+                    t = merge_entropy(m, s, sm_st[tid, 0], sm[o, 0], sm[o, 1], sm_st[o, 0])
                     v, j = sm_st[tid, 1], sm_j[tid, 0]
                     if sm_st[o, 1] > v or (sm_st[o, 1] == v and sm_j[o, 0] < j):
                         v, j = sm_st[o, 1], sm_j[o, 0]
@@ -149,42 +296,132 @@ def _kernels(dtype: np.dtype, stats: bool = False):
                     sm_st[tid, 1] = v
                     sm_j[tid, 0] = j
                     sm_j[tid, 1] = sm_j[o, 1] if sm_j[o, 1] < sm_j[tid, 1] else sm_j[tid, 1]
-                m, s = merge(m, s, sm_m[tid + stride], sm_s[tid + stride])
-                a += sm_a[tid + stride]
-                b += sm_b[tid + stride]
-                sm_m[tid] = m
-                sm_s[tid] = s
-                sm_a[tid] = a
-                sm_b[tid] = b
+                m, s = merge(m, s, sm[o, 0], sm[o, 1])
+                a += sm[o, 2]
+                b += sm[o, 3]
+                c += sm[o, 4]
+                sm[tid, 0] = m
+                sm[tid, 1] = s
+                sm[tid, 2] = a
+                sm[tid, 3] = b
+                sm[tid, 4] = c
             cuda.syncthreads()
             stride //= 2
         first = tid - lane
-        m, s, a, b = sm_m[first], sm_s[first], sm_a[first], sm_b[first]
+        m, s, a, b, c = sm[first, 0], sm[first, 1], sm[first, 2], sm[first, 3], sm[first, 4]
         if STATS:
             st = (sm_st[first, 0], sm_st[first, 1], sm_j[first, 0], sm_j[first, 1])
         cuda.syncthreads()  # the slots are rewritten for the next row
-        return m, s, a, b, st
+        return m, s, a, b, c, st
+
+    return group_reduce
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@functools.cache
+def _kernels(dtype: np.dtype, stats: bool = False, kind: str | None = None):
+    """(cross-entropy, softmax, bce, bce-with-logits) kernels computing in ``dtype``, the first two on
+    logits of ``kind`` ("bf16", "fp16"; None: of ``dtype``); with ``stats`` the cross-entropy kernel
+    also writes each row's argmax and entropy (a compile-time constant: the kernels without it carry
+    none of that code)."""
+    STATS = stats
+    SM_STATS = MAX_THREADS if stats else 1  # the shared slots of the statistics (none without them)
+    BIG = numba.int64(2**62)  # an index past every class: "none yet"
+    f = dtype.type
+    ZERO, ONE, NEG_INF, NAN = f(0), f(1), f(-math.inf), f(math.nan)
+    int64, int32 = numba.int64, numba.int32
+    # No builtin max/min in kernels: numba's varargs overload of them does not compile for CUDA.
+    acc_t = numba.from_dtype(dtype)  # the numba type of the accumulators and shared slots
+    io = _codec(_kind(dtype, kind))  # the logits and the gradient
+    out_io = _codec(_kind(dtype, None))  # softmax's output, in the compute dtype
+    SAME = io is out_io  # softmax: the output's words can hold the input's elements
+    P, OUT_P = np.int32(io.per_word), np.int32(out_io.per_word)
+    WORDED, OUT_WORDED = P > 1, OUT_P > 1  # float64: every element is a word already (no word code)
+    load, store, get, put, span, edge = io.load, io.store, io.get, io.put, io.span, io.edge
+    out_store, out_put, out_span, out_edge = out_io.store, out_io.put, out_io.span, out_io.edge
+
+    row_math = rowmath.make(f)  # the row math shared with numba_cpu
+    push = cuda.jit(device=True)(rowmath.make_online(f).push)
+    loss_and_coef = cuda.jit(device=True)(row_math.loss_and_coef)
+    merge_entropy = cuda.jit(device=True)(rowmath.make_entropy(f).merge_entropy)
+    entropy = cuda.jit(device=True)(rowmath.make_entropy(f).entropy)
+    bce = cuda.jit(device=True)(row_math.bce)
+    bce_logits = cuda.jit(device=True)(row_math.bce_logits)
+    group_reduce = _group_reduce(dtype, stats)
 
     @cuda.jit(device=True)
     def log_sum(m, s):
         # s is 0 only for an all -inf row (no log(0): the simulator's math.log raises on it)
         return NEG_INF if s == ZERO else m + math.log(s)
 
+    @cuda.jit(device=True)
+    def ce_visit(j, y, m, s, a, b, st, q_row, weight, prob, has_weight, smoothing, keep, eps_r, softcap, inv_cap):
+        """Pass 1 on column ``j`` (logit ``y``): the (max, sum exp) pair and, for smoothing or
+        probability targets (``q_row``), the weighted sums a = sum_j w_j q'_j y_j and b = sum_j w_j q'_j
+        with q' = keep * q + eps_r (class targets: a = sum_j w_j y_j, b = sum_j w_j); with STATS the
+        statistics st = (t = sum exp(y - m) (y - m), the best value and its index, the first NaN's
+        index), whatever the order the columns come in."""
+        if softcap > ZERO:
+            y = softcap * math.tanh(y * inv_cap)
+        if STATS:
+            t_sum, best, best_j, nan_j = st
+            if y != NEG_INF:
+                t_sum = merge_entropy(m, s, t_sum, y, ONE, ZERO)
+            if y != y:
+                nan_j = j if j < nan_j else nan_j
+            elif y > best or (y == best and j < best_j):  # a tie: the lowest index
+                best, best_j = y, int64(j)
+            st = (t_sum, best, best_j, nan_j)
+        m, s = push(m, s, y)
+        w = weight[j] if has_weight else ONE
+        if prob:
+            wq = w * (keep * q_row[j] + eps_r)
+            a += wq * y
+            b += wq
+        elif smoothing > ZERO:
+            a += w * y
+            b += w
+        return m, s, a, b, st
+
+    @cuda.jit(device=True)
+    def ce_grad(j, y, t, a_p, sk, se, st_, m, log_s, finite, q_row, weight, prob, has_weight, smoothing, softcap,
+                inv_cap):  # fmt: skip
+        """Pass 2 on column ``j``: scale * (coef_p * p_j - w_j q'_j), times the softcap's tanh', with
+        ``a_p = scale * coef_p``, ``sk = scale * keep``, ``se = scale * eps_r`` and ``st_ = sk * w_t`` (the
+        target ``t``'s term). p_j = exp((y_j - m) - log s): no rounded lse of the size of m, so p_t - 1
+        stays accurate when p_t is close to 1."""
+        th = ZERO
+        if softcap > ZERO:
+            th = math.tanh(y * inv_cap)
+            y = softcap * th
+        g = ZERO if y == NEG_INF and finite else a_p * math.exp((y - m) - log_s)
+        w = weight[j] if has_weight else ONE
+        if prob:
+            g -= w * (sk * q_row[j] + se)
+        elif smoothing > ZERO:
+            g -= se * w
+        if j == t:
+            g -= st_
+        if softcap > ZERO:
+            g *= ONE - th * th
+        return g
+
     @cuda.jit
     def ce_kernel(
-        logits, target, probs, weight, grad_scale, grad, loss, lse, argmax, entropy_out,
+        logits, logits_words, logits_off, logits_stride, target, probs, weight, grad_scale,
+        grad, grad_words, grad_off, grad_stride, loss, lse, argmax, entropy_out,
         ignore_index, smoothing, eps_r, z_loss, softcap, prob, has_weight, want_grad, threads_per_row,
     ):  # fmt: skip
-        sm_m = cuda.shared.array(MAX_THREADS, acc_t)
-        sm_s = cuda.shared.array(MAX_THREADS, acc_t)
-        sm_a = cuda.shared.array(MAX_THREADS, acc_t)
-        sm_b = cuda.shared.array(MAX_THREADS, acc_t)
+        sm = cuda.shared.array((MAX_THREADS, 5), acc_t)
         sm_st = cuda.shared.array((SM_STATS, 2), acc_t)
         sm_j = cuda.shared.array((SM_STATS, 2), int64)
         n_rows = logits.shape[0]
         n_classes = logits.shape[1]
         tid = int64(cuda.threadIdx.x)
         lane = tid % threads_per_row
+        lane32, step, r32 = int32(lane), int32(threads_per_row), int32(n_classes)
         rows_per_block = int64(cuda.blockDim.x) // threads_per_row
         keep = ONE - smoothing
         inv_cap = ONE / softcap if softcap > ZERO else ZERO
@@ -195,148 +432,164 @@ def _kernels(dtype: np.dtype, stats: bool = False):
             row = base + tid // threads_per_row
             live = row < n_rows
             kept = live
-            t = int64(-1)
+            t = int32(-1)
             y_t = ZERO
             w_t = ZERO
+            x_row = logits[row if live else 0]
+            q_row = probs[row if live and prob else 0]
             if live and not prob:
-                t = int64(target[row])
-                kept = t != ignore_index
-                if kept and (t < 0 or t >= n_classes):  # never read out of bounds: a NaN row instead
-                    t = -1
+                t64 = int64(target[row])
+                kept = t64 != ignore_index
+                if kept and (t64 < 0 or t64 >= n_classes):  # never read out of bounds: a NaN row instead
                     y_t = NAN
                     w_t = NAN
                 elif kept:  # read before any thread overwrites the row (in-place gradient)
-                    y_t = logits[row, t]
+                    t = int32(t64)
+                    y_t = load(x_row, t)
                     if softcap > ZERO:
                         y_t = softcap * math.tanh(y_t * inv_cap)
                     w_t = weight[t] if has_weight else ONE
 
-            # pass 1: (max, sum exp) and, for smoothing or probability targets, the weighted sums
-            # a = sum_j w_j q'_j y_j and b = sum_j w_j q'_j, with q' = keep * q + eps_r
-            # (class targets: a = sum_j w_j y_j, b = sum_j w_j)
+            # pass 1: the row's words, then its edge elements
             m = NEG_INF
-            s = ZERO
-            a = ZERO
-            b = ZERO
-            # statistics: t = sum exp(y - m) (y - m), the best value and its first index, the first NaN
-            t_sum, best, best_j, nan_j = ZERO, NEG_INF, BIG, BIG
+            s = a = b = ZERO
+            st = (ZERO, NEG_INF, BIG, BIG)
+            h, nb, wb = span(logits_off, logits_stride, row, n_classes)
+            x_words = logits_words[wb:]
             if kept:
-                for j in range(lane, n_classes, threads_per_row):
-                    y = logits[row, j]
-                    if softcap > ZERO:
-                        y = softcap * math.tanh(y * inv_cap)
-                    if STATS:
-                        if y != NEG_INF:
-                            t_sum = merge_entropy(m, s, t_sum, y, ONE, ZERO)
-                        if y != y:
-                            nan_j = j if j < nan_j else nan_j
-                        elif y > best:  # this thread's j grow: a tie keeps the earlier index
-                            best, best_j = y, j
-                    m, s = push(m, s, y)
-                    w = weight[j] if has_weight else ONE
-                    if prob:
-                        wq = w * (keep * probs[row, j] + eps_r)
-                        a += wq * y
-                        b += wq
-                    elif smoothing > ZERO:
-                        a += w * y
-                        b += w
-            m, s, a, b, st = block_reduce(
-                sm_m, sm_s, sm_a, sm_b, sm_st, sm_j, tid, lane, threads_per_row, m, s, a, b,
-                (t_sum, best, best_j, nan_j),
-            )  # fmt: skip
+                for c in range(lane32, r32 - nb * (P - 1), step):
+                    if WORDED and c < nb:
+                        word = x_words[c]
+                        for q in range(P):
+                            m, s, a, b, st = ce_visit(
+                                h + c * P + q, get(word, q), m, s, a, b, st, q_row, weight, prob, has_weight,
+                                smoothing, keep, eps_r, softcap, inv_cap,
+                            )  # fmt: skip
+                    else:
+                        j = edge(c - nb, h, nb)
+                        m, s, a, b, st = ce_visit(
+                            j, load(x_row, j), m, s, a, b, st, q_row, weight, prob, has_weight, smoothing, keep,
+                            eps_r, softcap, inv_cap,
+                        )  # fmt: skip
+            m, s, a, b, _, st = group_reduce(sm, sm_st, sm_j, tid, lane, threads_per_row, m, s, a, b, ZERO, st)
             if not live:
                 base += int64(cuda.gridDim.x) * rows_per_block
                 continue
             # s > 0 unless the row's softmax is NaN in torch: s = 0 for a row of -inf, NaN for a row
             # holding NaN or +inf. There torch's loss is NaN and its gradient NaN on the whole row.
-            # An ignored row counts for nothing: loss and gradient 0 (torch's gradient is NaN there
-            # too when the row's softmax is, an artefact of multiplying it by 0).
+            # An ignored row counts for nothing: loss, lse and gradient 0 (torch's gradient is NaN there
+            # too when the row's softmax is, an artefact of multiplying it by 0); its gradient comes
+            # from pass 2 with every factor 0, its logits not read.
             finite = s > ZERO
-            if not kept:
-                if lane == 0:
-                    loss[row] = ZERO
-                    lse[row] = ZERO
-                    if STATS:
-                        argmax[row] = 0
-                        entropy_out[row] = ZERO
-                if want_grad:
-                    for j in range(lane, n_classes, threads_per_row):
-                        grad[row, j] = ZERO
-                base += int64(cuda.gridDim.x) * rows_per_block
-                continue
-
-            lse_row = log_sum(m, s)
-            log_s = math.log(s) if finite else NAN  # (no log(0): the simulator's math.log raises on it)
-            # d loss / d y_j = coef_p * p_j - (target mass)_j
-            loss_row, coef_p = loss_and_coef(m, log_s, y_t, w_t, a, b, prob, keep, eps_r, smoothing, z_loss)
-            if not finite:
-                loss_row = NAN
+            lse_row = loss_row = coef_p = log_s = ZERO
+            if kept:
+                lse_row = log_sum(m, s)
+                log_s = math.log(s) if finite else NAN  # (no log(0): the simulator's math.log raises on it)
+                # d loss / d y_j = coef_p * p_j - (target mass)_j
+                loss_row, coef_p = loss_and_coef(m, log_s, y_t, w_t, a, b, prob, keep, eps_r, smoothing, z_loss)
+                if not finite:
+                    loss_row = NAN
+            else:
+                m = ZERO
             if lane == 0:
                 loss[row] = loss_row
                 lse[row] = lse_row
-                if STATS:  # torch.argmax: the first NaN, else the first max; 0 for a row of -inf
+                if STATS:  # torch.argmax: the first NaN, else the first max; 0 for a row of -inf (or ignored)
                     argmax[row] = st[3] if st[3] < BIG else (st[2] if st[2] < BIG else 0)
-                    entropy_out[row] = entropy(log_s, s, st[0]) if finite else NAN
+                    entropy_out[row] = ZERO if not kept else (entropy(log_s, s, st[0]) if finite else NAN)
 
-            # pass 2: the gradient, scale * (coef_p * p_j - w_j q'_j), times the softcap's tanh'
+            # pass 2: the gradient's words, each from the logits' word of the same columns (the host gives
+            # the gradient no words where the two are not laid out alike), then its edge elements
             if want_grad:
-                scale = grad_scale[row] if per_row_scale else grad_scale[0]
+                scale = ZERO
+                if kept:
+                    scale = grad_scale[row] if per_row_scale else grad_scale[0]
                 a_p = scale * coef_p
-                # p_j = exp((y_j - m) - log s): no rounded lse of the size of m, so p_t - 1 stays
-                # accurate when p_t is close to 1
-                for j in range(lane, n_classes, threads_per_row):
-                    y = logits[row, j]
-                    th = ZERO
-                    if softcap > ZERO:
-                        th = math.tanh(y * inv_cap)
-                        y = softcap * th
-                    g = ZERO if y == NEG_INF and finite else a_p * math.exp((y - m) - log_s)
-                    w = weight[j] if has_weight else ONE
-                    if prob:
-                        g -= scale * w * (keep * probs[row, j] + eps_r)
-                    elif smoothing > ZERO:
-                        g -= scale * eps_r * w
-                    if j == t:
-                        g -= scale * keep * w_t
-                    if softcap > ZERO:
-                        g *= ONE - th * th
-                    grad[row, j] = g
+                sk = scale * keep
+                se = scale * eps_r
+                st_ = sk * w_t
+                h, nb, wb = span(grad_off, grad_stride, row, n_classes)
+                g_words = grad_words[wb:]
+                g_row = grad[row]
+                x_words = logits_words[span(logits_off, logits_stride, row, n_classes)[2] :]
+                for c in range(lane32, r32 - nb * (P - 1), step):
+                    if WORDED and c < nb:
+                        word = x_words[c] if kept else int64(0)
+                        acc = int64(0)
+                        for q in range(P):
+                            g = ce_grad(
+                                h + c * P + q, get(word, q), t, a_p, sk, se, st_, m, log_s, finite, q_row, weight,
+                                prob, has_weight, smoothing, softcap, inv_cap,
+                            )  # fmt: skip
+                            acc = put(acc, q, g)
+                        g_words[c] = acc
+                    else:
+                        j = edge(c - nb, h, nb)
+                        g = ce_grad(
+                            j, load(x_row, j) if kept else ZERO, t, a_p, sk, se, st_, m, log_s, finite, q_row,
+                            weight, prob, has_weight, smoothing, softcap, inv_cap,
+                        )  # fmt: skip
+                        store(g_row, j, g)
             base += int64(cuda.gridDim.x) * rows_per_block
 
+    @cuda.jit(device=True)
+    def softmax_value(y, m, log_s, finite, log):
+        if log:
+            return (y - m) - log_s  # no rounded lse of the size of m
+        return ZERO if y == NEG_INF and finite else math.exp((y - m) - log_s)
+
     @cuda.jit
-    def softmax_kernel(x, out, log, threads_per_row):
-        sm_m = cuda.shared.array(MAX_THREADS, acc_t)
-        sm_s = cuda.shared.array(MAX_THREADS, acc_t)
-        sm_a = cuda.shared.array(MAX_THREADS, acc_t)
-        sm_b = cuda.shared.array(MAX_THREADS, acc_t)
+    def softmax_kernel(x, x_words, x_off, x_stride, out, out_words, out_off, out_stride, log, threads_per_row):
+        sm = cuda.shared.array((MAX_THREADS, 5), acc_t)
+        sm_st = cuda.shared.array((SM_STATS, 2), acc_t)
+        sm_j = cuda.shared.array((SM_STATS, 2), int64)
         n_rows = x.shape[0]
         n_classes = x.shape[1]
         tid = int64(cuda.threadIdx.x)
         lane = tid % threads_per_row
+        lane32, step, r32 = int32(lane), int32(threads_per_row), int32(n_classes)
         rows_per_block = int64(cuda.blockDim.x) // threads_per_row
         base = int64(cuda.blockIdx.x) * rows_per_block
         while base < n_rows:
             row = base + tid // threads_per_row
             live = row < n_rows
+            x_row = x[row if live else 0]
             m = NEG_INF
             s = ZERO
+            h, nb, wb = span(x_off, x_stride, row, n_classes)
+            xw = x_words[wb:]
             if live:
-                for j in range(lane, n_classes, threads_per_row):
-                    m, s = push(m, s, x[row, j])
-            m, s, _, _, _ = block_reduce(
-                sm_m, sm_s, sm_a, sm_b, sm_m, sm_m, tid, lane, threads_per_row, m, s, ZERO, ZERO,
-                (ZERO, ZERO, int64(0), int64(0)),
-            )  # fmt: skip
+                for c in range(lane32, r32 - nb * (P - 1), step):
+                    if WORDED and c < nb:
+                        word = xw[c]
+                        for q in range(P):
+                            m, s = push(m, s, get(word, q))
+                    else:
+                        m, s = push(m, s, load(x_row, edge(c - nb, h, nb)))
+            m, s, _, _, _, _ = group_reduce(
+                sm, sm_st, sm_j, tid, lane, threads_per_row, m, s, ZERO, ZERO, ZERO, (ZERO, NEG_INF, BIG, BIG)
+            )
             if live:
                 finite = s > ZERO  # else NaN, as in torch: a row of -inf (s = 0), or holding NaN or +inf
                 log_s = math.log(s) if finite else NAN
-                for j in range(lane, n_classes, threads_per_row):
-                    y = x[row, j]
-                    if log:
-                        out[row, j] = (y - m) - log_s  # no rounded lse of the size of m
+                # pass 2 in the output's words; the input from its own word of the same columns where it
+                # holds them (a float input laid out as the output), else one by one
+                hx = h
+                h, nb, wb = out_span(out_off, out_stride, row, n_classes)
+                same = SAME and hx == h
+                o_words = out_words[wb:]
+                o_row = out[row]
+                for c in range(lane32, r32 - nb * (OUT_P - 1), step):
+                    if OUT_WORDED and c < nb:
+                        word = xw[c] if same else int64(0)
+                        acc = int64(0)
+                        for q in range(OUT_P):
+                            y = get(word, q) if same else load(x_row, h + c * OUT_P + q)
+                            acc = out_put(acc, q, softmax_value(y, m, log_s, finite, log))
+                        o_words[c] = acc
                     else:
-                        out[row, j] = ZERO if y == NEG_INF and finite else math.exp((y - m) - log_s)
+                        j = out_edge(c - nb, h, nb)
+                        out_store(o_row, j, softmax_value(load(x_row, j), m, log_s, finite, log))
             base += int64(cuda.gridDim.x) * rows_per_block
 
     @cuda.jit
@@ -386,31 +639,75 @@ def _kernel_device() -> str:
     return "cpu" if SIMULATOR else "cuda"
 
 
+if SIMULATOR:  # the simulator's device array: a wrapper of a numpy array, which it does not copy
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _SimulatorArray
+
+
+class _Rows:
+    """How a kernel sees an (N, r) tensor: ``el``, its elements (bfloat16 as its int16 bits);
+    ``words``, an int64 view of its whole storage; ``off``, the number of element ``(0, 0)`` counted
+    in elements from the start of ``words`` (-1: no words: the storage is not 8-byte aligned, the
+    classes are not adjacent, or ``WORDS`` is off; every element is then read one by one); and
+    ``stride``, its row stride in elements."""
+
+    def __init__(self, t: torch.Tensor):
+        if t.shape[1] >= 2**31:
+            raise ValueError(f"numba_cuda: rows of {t.shape[1]} classes; the kernels take fewer than 2**31")
+        self.el = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+        self.per_word = PER_WORD[KINDS[t.dtype]]
+        self.n_rows = t.shape[0]
+        self.words, self.off, self.stride = torch.zeros(1, dtype=torch.int64, device=t.device), -1, int(t.stride(0))
+        if WORDS and t.numel() and (t.stride(1) == 1 or t.shape[1] == 1):
+            storage = t.untyped_storage()
+            if storage.data_ptr() % 8 == 0 and storage.nbytes() >= 8:
+                self.words = torch.empty(0, dtype=torch.int64, device=t.device)
+                self.words.set_(storage, 0, (storage.nbytes() // 8,), (1,))
+                self.off = int(t.storage_offset())
+
+    def alike(self, other: _Rows) -> bool:
+        """Whether every row of both starts at the same element of a word (so that a word of one
+        holds the same columns as the other's): both have words, of as many elements, and their
+        offsets (and row strides, for several rows) agree modulo that number."""
+        p = self.per_word
+        return (
+            self.off >= 0 and other.off >= 0 and p == other.per_word and (self.off - other.off) % p == 0
+            and (self.n_rows <= 1 or (self.stride - other.stride) % p == 0)
+        )  # fmt: skip
+
+    def without_words(self) -> _Rows:
+        self.off = -1
+        return self
+
+
+def _rows_alike(first: torch.Tensor, *others: torch.Tensor) -> list[_Rows]:
+    """The layouts of ``first`` and ``others``, each of the others with words only where it is laid
+    out like ``first`` (the kernels walk both in the same words)."""
+    lead = _Rows(first)
+    return [lead] + [r if lead.alike(r) else r.without_words() for r in map(_Rows, others)]
+
+
 class _Launch:
     """Kernel arguments made from torch tensors, and the launch on the right device and stream.
 
-    On a GPU a tensor becomes a zero-copy device array. The simulator copies numpy arguments into
-    its own arrays anyway (and back after the launch, once per argument, which would break an
-    aliased in-place gradient), so there each tensor is copied once here, one array per buffer, and
-    ``write_back`` copies the outputs back.
+    Every tensor becomes a zero-copy array: on a GPU a device array (``__cuda_array_interface__``),
+    under the simulator its wrapper of a numpy view of the CPU tensor (a numpy array given to a
+    simulated kernel would be copied in and out, once per argument, which breaks aliased views:
+    an in-place gradient, or a tensor's elements and its storage's words).
     """
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._arrays: dict[tuple, object] = {}
-
-    def _key(self, t: torch.Tensor) -> tuple:
-        return t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype
 
     def __call__(self, t: torch.Tensor):
-        key = self._key(t)
-        if key not in self._arrays:
-            if SIMULATOR:
-                self._arrays[key] = cuda.to_device(np.ascontiguousarray(t.detach().numpy()))
-            else:
-                with cuda.gpus[self.device.index or 0]:
-                    self._arrays[key] = cuda.as_cuda_array(t.detach(), sync=False)
-        return self._arrays[key]
+        t = t.detach()
+        if SIMULATOR:
+            return _SimulatorArray(t.numpy())
+        with cuda.gpus[self.device.index or 0]:
+            return cuda.as_cuda_array(t, sync=False)
+
+    def rows(self, layout: _Rows) -> tuple:
+        """The four kernel arguments of an (N, r) tensor (see :class:`_Rows`)."""
+        return self(layout.el), self(layout.words), layout.off, layout.stride
 
     def launch(self, kernel, grid: int, block: int, *args) -> None:
         if SIMULATOR:
@@ -419,10 +716,6 @@ class _Launch:
         with cuda.gpus[self.device.index or 0]:
             stream = cuda.external_stream(torch.cuda.current_stream(self.device).cuda_stream)
             kernel[grid, block, stream](*args)
-
-    def write_back(self, t: torch.Tensor) -> None:
-        if SIMULATOR:
-            t.copy_(torch.from_numpy(self._arrays[self._key(t)].copy_to_host()).view(t.shape))
 
 
 # During a launch the simulator swaps this module's ``cuda`` global for its fake module, which
@@ -433,7 +726,7 @@ _SIMULATOR_LOCK = threading.Lock() if SIMULATOR else contextlib.nullcontext()
 def _moved(fn):
     """Run ``fn`` on the kernels' device: input tensors elsewhere are moved there, results moved back.
 
-    ``grad`` stays where it is: ``_grad_out`` writes it from the kernels' device.
+    ``grad`` stays where it is: ``_grad_out`` / ``_row_grad`` write it from the kernels' device.
     """
     here = torch.device(_kernel_device())
 
@@ -457,20 +750,45 @@ def _compute(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     return t.detach() if t.dtype == dt else t.detach().to(dt)
 
 
+def _rows_of(t: torch.Tensor) -> torch.Tensor:
+    """An (N, r) kernel input in one of the four dtypes the kernels read, as it is where it can be."""
+    t = t.detach()
+    if t.dtype not in KINDS:
+        t = t.to(compute_dtype(t.dtype))
+    return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
+
+
+@contextlib.contextmanager
+def _row_grad(grad: torch.Tensor | None, like: torch.Tensor):
+    """The (N, r) buffer a row kernel writes the gradient into, in ``like``'s (the logits') dtype:
+    ``grad`` itself when it is on the kernels' device, of that dtype, with adjacent classes (in place:
+    the logits themselves); else a buffer there, copied into ``grad`` after the launch. None: no
+    gradient (a one-element stand-in of that dtype, never written)."""
+    if grad is None:
+        yield torch.zeros((1, 1), dtype=like.dtype, device=like.device)
+        return
+    direct = (
+        grad.device == like.device and grad.dtype == like.dtype and grad.dim() == 2
+        and (grad.stride(1) == 1 or grad.shape[1] <= 1)
+    )  # fmt: skip
+    g = grad if direct else torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    yield g
+    if not direct:
+        grad.copy_(g.view(grad.shape))
+
+
 @contextlib.contextmanager
 def _grad_out(args: _Launch, grad: torch.Tensor | None, shape, dt: torch.dtype):
-    """The buffer a kernel writes the gradient into, the one place that decides it: ``grad`` itself
-    when it is contiguous, in the compute dtype and on the kernels' device; else a compute-dtype
-    scratch buffer there, copied into ``grad`` after the launch (rounded once to a half dtype, or
-    moved to ``grad``'s device). An in-place gradient of half logits is that case too: the kernel
-    reads the widened copy of the logits and writes the scratch buffer."""
+    """The buffer an elementwise (BCE) kernel writes the gradient into: ``grad`` itself when it is
+    contiguous, in the compute dtype and on the kernels' device; else a compute-dtype scratch buffer
+    there, copied into ``grad`` after the launch (rounded once to a half dtype, or moved to ``grad``'s
+    device)."""
     if grad is None:
         yield torch.zeros((1,) * len(shape), dtype=dt, device=args.device)  # never written
         return
     direct = grad.device == args.device and grad.dtype == dt and grad.is_contiguous()
     g = grad.view(shape) if direct else torch.empty(shape, dtype=dt, device=args.device)
     yield g
-    args.write_back(g)
     if not direct:
         grad.copy_(g.view(grad.shape))
 
@@ -481,7 +799,8 @@ def _row_scale(grad_scale, n_rows: int, dt: torch.dtype, device: torch.device) -
         return torch.full((1,), 1.0 if grad_scale is None else float(grad_scale), dtype=dt, device=device)
     if grad_scale.numel() not in (1, n_rows):
         raise ValueError(f"grad_scale: {grad_scale.numel()} elements for {n_rows} rows; give 1 or {n_rows}")
-    return grad_scale.detach().reshape(-1).to(device=device, dtype=dt)  # stays on the device: no host sync
+    # stays on the device (no host sync); dense: an expanded (stride-0) factor becomes N of them
+    return grad_scale.detach().reshape(-1).to(device=device, dtype=dt).contiguous()
 
 
 # --------------------------------------------------------------------------- the contract
@@ -498,7 +817,7 @@ def cross_entropy(
     f = np_dt.type
     dev = logits.device
     n_rows, n_classes = logits.shape
-    x = _compute(logits, dt)  # half input: widened copy (numba has no bfloat16)
+    x = _rows_of(logits)  # read in its own dtype
     prob = target.is_floating_point()
     loss = torch.empty(n_rows, dtype=dt, device=dev)
     lse = torch.empty(n_rows, dtype=dt, device=dev)
@@ -512,19 +831,15 @@ def cross_entropy(
     tpr, rows_per_block = _row_layout(n_classes)
     args = _Launch(dev)
     stats_out = stats if stats is not None else (t, dummy_f)  # never written without stats
-    with _grad_out(args, grad, (n_rows, n_classes), dt) as g:
+    with _row_grad(grad, x) as g:
+        xr, gr = _rows_alike(x, g)
         args.launch(
-            _kernels(np_dt, stats is not None)[0], _grid(n_rows, rows_per_block), tpr * rows_per_block,
-            args(x), args(t), args(q), args(w), args(scale), args(g), args(loss), args(lse),
-            args(stats_out[0]), args(stats_out[1]),
+            _kernels(np_dt, stats is not None, KINDS[x.dtype])[0], _grid(n_rows, rows_per_block),
+            tpr * rows_per_block, *args.rows(xr), args(t), args(q), args(w), args(scale), *args.rows(gr),
+            args(loss), args(lse), args(stats_out[0]), args(stats_out[1]),
             int(ignore_index), f(label_smoothing), f(label_smoothing / n_classes), f(z_loss), f(softcap or 0.0),
             bool(prob), weight is not None, grad is not None, tpr,
         )  # fmt: skip
-    args.write_back(loss)
-    args.write_back(lse)
-    if stats is not None:
-        args.write_back(stats[0])
-        args.write_back(stats[1])
     return loss, lse
 
 
@@ -533,7 +848,7 @@ def softmax(x, *, log):
     """Row softmax (or log-softmax) of a (N, r) tensor, returned in the compute dtype."""
     dt = compute_dtype(x.dtype)
     np_dt = _np_dtype(dt)
-    a = _compute(x, dt)
+    a = _rows_of(x)
     out = torch.empty(a.shape, dtype=dt, device=a.device)
     n_rows, n_classes = a.shape
     if n_rows == 0:
@@ -541,9 +856,9 @@ def softmax(x, *, log):
     tpr, rows_per_block = _row_layout(n_classes)
     args = _Launch(a.device)
     args.launch(
-        _kernels(np_dt)[1], _grid(n_rows, rows_per_block), tpr * rows_per_block, args(a), args(out), bool(log), tpr
-    )
-    args.write_back(out)
+        _kernels(np_dt, False, KINDS[a.dtype])[1], _grid(n_rows, rows_per_block), tpr * rows_per_block,
+        *args.rows(_Rows(a)), *args.rows(_Rows(out)), bool(log), tpr,
+    )  # fmt: skip
     return out
 
 
@@ -569,7 +884,6 @@ def _elementwise(kernel_index, x, inputs, grad):
             _kernels(np_dt)[kernel_index], _grid(n, block), block,
             *[args(v) for v in flat], args(loss), args(g), *flags[1:], grad is not None,
         )  # fmt: skip
-    args.write_back(loss)
     return loss
 
 
@@ -592,55 +906,47 @@ def binary_cross_entropy_with_logits(logits, target, weight, pos_weight, *, grad
 
 
 @functools.cache
-def _vocab_parallel_kernels(dtype: np.dtype):
-    """(row partials, gradient pass) kernels computing in ``dtype``."""
+def _vocab_parallel_kernels(dtype: np.dtype, kind: str | None = None):
+    """(row partials, gradient pass) kernels computing in ``dtype`` on logits of ``kind`` (as ``_kernels``)."""
     f = dtype.type
     ZERO, ONE, NEG_INF = f(0), f(1), f(-math.inf)
-    int64 = numba.int64
+    int64, int32 = numba.int64, numba.int32
     acc_t = numba.from_dtype(dtype)
-    row = rowmath.make(f)
-    merge = cuda.jit(device=True)(row.merge)
+    io = _codec(_kind(dtype, kind))
+    P = np.int32(io.per_word)
+    WORDED = P > 1  # float64: every element is a word already (no word code)
+    load, store, get, put, span, edge = io.load, io.store, io.get, io.put, io.span, io.edge
+    push = cuda.jit(device=True)(rowmath.make_online(f).push)
+    group_reduce = _group_reduce(dtype, False)
 
     @cuda.jit(device=True)
-    def push(m, s, y):  # as in ``_kernels``
-        if y > m:
-            return y, s * math.exp(m - y) + math.exp(y - y)
-        if y != NEG_INF:
-            s += math.exp(y - m)
-        return m, s
-
-    @cuda.jit(device=True)
-    def group_reduce(sm_m, sm_s, sm_a, tid, lane, threads_per_row, m, s, a):
-        """Merge (m, s) and sum a over each row group (every thread of the block calls it)."""
-        sm_m[tid] = m
-        sm_s[tid] = s
-        sm_a[tid] = a
-        cuda.syncthreads()
-        stride = threads_per_row // 2
-        while stride > 0:
-            if lane < stride:
-                m, s = merge(m, s, sm_m[tid + stride], sm_s[tid + stride])
-                a += sm_a[tid + stride]
-                sm_m[tid] = m
-                sm_s[tid] = s
-                sm_a[tid] = a
-            cuda.syncthreads()
-            stride //= 2
-        first = tid - lane
-        m, s, a = sm_m[first], sm_s[first], sm_a[first]
-        cuda.syncthreads()
-        return m, s, a
+    def partials_visit(j, y, m, s, a, b, c, q_row, weight, prob, has_weight, smoothing, softcap, inv_cap):
+        """(m, s) of the soft-capped logits; probability targets: a = sum w q y, b = sum w q; c = sum w y."""
+        if softcap > ZERO:
+            y = softcap * math.tanh(y * inv_cap)
+        m, s = push(m, s, y)
+        w = weight[j] if has_weight else ONE
+        if prob:
+            wq = w * q_row[j]
+            a += wq * y
+            b += wq
+        if smoothing:
+            c += w * y
+        return m, s, a, b, c
 
     @cuda.jit
-    def partials_kernel(logits, target, probs, weight, out, ignore_index, class_offset, softcap, prob, has_weight,
-                        smoothing, threads_per_row):  # fmt: skip
-        sm_m = cuda.shared.array(MAX_THREADS, acc_t)
-        sm_s = cuda.shared.array(MAX_THREADS, acc_t)
-        sm_a = cuda.shared.array(MAX_THREADS, acc_t)
+    def partials_kernel(
+        logits, logits_words, logits_off, logits_stride, target, probs, weight, out,
+        ignore_index, class_offset, softcap, prob, has_weight, smoothing, threads_per_row,
+    ):  # fmt: skip
+        sm = cuda.shared.array((MAX_THREADS, 5), acc_t)
+        sm_st = cuda.shared.array((1, 2), acc_t)
+        sm_j = cuda.shared.array((1, 2), int64)
         n_rows = logits.shape[0]
         n_classes = logits.shape[1]
         tid = int64(cuda.threadIdx.x)
         lane = tid % threads_per_row
+        lane32, step, r32 = int32(lane), int32(threads_per_row), int32(n_classes)
         rows_per_block = int64(cuda.blockDim.x) // threads_per_row
         inv_cap = ONE / softcap if softcap > ZERO else ZERO
         base = int64(cuda.blockIdx.x) * rows_per_block
@@ -652,28 +958,34 @@ def _vocab_parallel_kernels(dtype: np.dtype):
             if live and not prob:
                 t = int64(target[i])
                 kept = t != ignore_index
+            x_row = logits[i if live else 0]
+            q_row = probs[i if live and prob else 0]
             m = NEG_INF
             s = a = b = c = ZERO
+            h, nb, wb = span(logits_off, logits_stride, i, n_classes)
+            x_words = logits_words[wb:]
             if kept:
-                for j in range(lane, n_classes, threads_per_row):
-                    y = logits[i, j]
-                    if softcap > ZERO:
-                        y = softcap * math.tanh(y * inv_cap)
-                    m, s = push(m, s, y)
-                    w = weight[j] if has_weight else ONE
-                    if prob:
-                        wq = w * probs[i, j]
-                        a += wq * y
-                        b += wq
-                    if smoothing:
-                        c += w * y
-            m, s, a = group_reduce(sm_m, sm_s, sm_a, tid, lane, threads_per_row, m, s, a)
-            _, _, b = group_reduce(sm_m, sm_s, sm_a, tid, lane, threads_per_row, NEG_INF, ZERO, b)
-            _, _, c = group_reduce(sm_m, sm_s, sm_a, tid, lane, threads_per_row, NEG_INF, ZERO, c)
+                for k in range(lane32, r32 - nb * (P - 1), step):
+                    if WORDED and k < nb:
+                        word = x_words[k]
+                        for q in range(P):
+                            m, s, a, b, c = partials_visit(
+                                h + k * P + q, get(word, q), m, s, a, b, c, q_row, weight, prob, has_weight,
+                                smoothing, softcap, inv_cap,
+                            )  # fmt: skip
+                    else:
+                        j = edge(k - nb, h, nb)
+                        m, s, a, b, c = partials_visit(
+                            j, load(x_row, j), m, s, a, b, c, q_row, weight, prob, has_weight, smoothing, softcap,
+                            inv_cap,
+                        )  # fmt: skip
+            m, s, a, b, c, _ = group_reduce(
+                sm, sm_st, sm_j, tid, lane, threads_per_row, m, s, a, b, c, (ZERO, ZERO, int64(0), int64(0))
+            )
             if live and lane == 0:
                 local = t - class_offset
                 if not prob and kept and 0 <= local < n_classes:
-                    y_t = logits[i, local]
+                    y_t = load(x_row, local)
                     if softcap > ZERO:
                         y_t = softcap * math.tanh(y_t * inv_cap)
                     w_t = weight[local] if has_weight else ONE
@@ -688,14 +1000,41 @@ def _vocab_parallel_kernels(dtype: np.dtype):
                 out[i, 4] = c
             base += int64(cuda.gridDim.x) * rows_per_block
 
+    @cuda.jit(device=True)
+    def backward_grad(j, y, local, a, scale, sk, se, lse_i, es, ey, q_row, weight, prob, has_weight, has_entropy,
+                      softcap, inv_cap):  # fmt: skip
+        """[scale (coef p_j - m_j) + es p_j ((lse - H) - y_j)] dy_j/dx_j, with ``a = scale * coef``,
+        ``sk = scale * keep``, ``se = scale * eps_r``."""
+        th = ZERO
+        if softcap > ZERO:
+            th = math.tanh(y * inv_cap)
+            y = softcap * th
+        p = math.exp(y - lse_i)
+        g = a * p
+        if has_entropy and p > ZERO:  # 0, not 0 * inf, where p = 0
+            g += es * p * (ey - y)
+        w = weight[j] if has_weight else ONE
+        if prob:
+            g -= w * (sk * q_row[j] + se)
+        else:
+            g -= se * w
+            if j == local:
+                g -= sk * w
+        if softcap > ZERO:
+            g *= ONE - th * th
+        return g
+
     @cuda.jit
-    def backward_kernel(logits, target, probs, weight, lse, coef, entropy, grad_scale, entropy_scale, grad,
-                        ignore_index, smoothing, eps_r, class_offset, softcap, prob, has_weight, has_entropy,
-                        threads_per_row):  # fmt: skip
+    def backward_kernel(
+        logits, logits_words, logits_off, logits_stride, target, probs, weight, lse, coef, entropy, grad_scale,
+        entropy_scale, grad, grad_words, grad_off, grad_stride, ignore_index, smoothing, eps_r, class_offset, softcap,
+        prob, has_weight, has_entropy, threads_per_row,
+    ):  # fmt: skip
         n_rows = logits.shape[0]
         n_classes = logits.shape[1]
         tid = int64(cuda.threadIdx.x)
         lane = tid % threads_per_row
+        lane32, step, r32 = int32(lane), int32(threads_per_row), int32(n_classes)
         rows_per_block = int64(cuda.blockDim.x) // threads_per_row
         inv_cap = ONE / softcap if softcap > ZERO else ZERO
         keep = ONE - smoothing
@@ -704,39 +1043,43 @@ def _vocab_parallel_kernels(dtype: np.dtype):
         i = int64(cuda.blockIdx.x) * rows_per_block + tid // threads_per_row
         while i < n_rows:  # no syncthreads here: rows loop independently
             t = int64(-1) if prob else int64(target[i])
-            if not prob and t == ignore_index:
-                for j in range(lane, n_classes, threads_per_row):
-                    grad[i, j] = ZERO
-            else:
-                local = t - class_offset
+            kept = prob or t != ignore_index
+            # an ignored row: not read, its gradient 0 from the same pass with every factor 0
+            local = int32(t - class_offset) if kept and 0 <= t - class_offset < n_classes else int32(-1)
+            scale = a = lse_i = es = ey = ZERO
+            if kept:
                 scale = grad_scale[i] if per_row else grad_scale[0]
                 a = scale * coef[i]
                 lse_i = lse[i]
-                es = ZERO
-                ey = ZERO
                 if has_entropy:
                     es = entropy_scale[i] if ent_per_row else entropy_scale[0]
                     ey = lse_i - entropy[i]
-                for j in range(lane, n_classes, threads_per_row):
-                    y = logits[i, j]
-                    th = ZERO
-                    if softcap > ZERO:
-                        th = math.tanh(y * inv_cap)
-                        y = softcap * th
-                    p = math.exp(y - lse_i)
-                    g = a * p
-                    if has_entropy and p > ZERO:  # 0, not 0 * inf, where p = 0
-                        g += es * p * (ey - y)
-                    w = weight[j] if has_weight else ONE
-                    if prob:
-                        g -= scale * w * (keep * probs[i, j] + eps_r)
-                    else:
-                        g -= scale * eps_r * w
-                        if j == local:
-                            g -= scale * keep * w
-                    if softcap > ZERO:
-                        g *= ONE - th * th
-                    grad[i, j] = g
+            sk = scale * keep
+            se = scale * eps_r
+            x_row = logits[i]
+            q_row = probs[i if prob else 0]
+            g_row = grad[i]
+            h, nb, wb = span(grad_off, grad_stride, i, n_classes)  # no words: not laid out as the logits
+            g_words = grad_words[wb:]
+            x_words = logits_words[span(logits_off, logits_stride, i, n_classes)[2] :]
+            for c in range(lane32, r32 - nb * (P - 1), step):
+                if WORDED and c < nb:
+                    word = x_words[c] if kept else int64(0)
+                    acc = int64(0)
+                    for q in range(P):
+                        g = backward_grad(
+                            h + c * P + q, get(word, q), local, a, scale, sk, se, lse_i, es, ey, q_row, weight, prob,
+                            has_weight, has_entropy, softcap, inv_cap,
+                        )  # fmt: skip
+                        acc = put(acc, q, g)
+                    g_words[c] = acc
+                else:
+                    j = edge(c - nb, h, nb)
+                    g = backward_grad(
+                        j, load(x_row, j) if kept else ZERO, local, a, scale, sk, se, lse_i, es, ey, q_row, weight,
+                        prob, has_weight, has_entropy, softcap, inv_cap,
+                    )  # fmt: skip
+                    store(g_row, j, g)
             i += int64(cuda.gridDim.x) * rows_per_block
 
     return partials_kernel, backward_kernel
@@ -751,7 +1094,7 @@ def row_partials(logits, target, weight, *, ignore_index, softcap, class_offset,
     n_rows, n_classes = logits.shape
     if n_rows == 0:
         return
-    x = _compute(logits, dt)
+    x = _rows_of(logits)
     prob = target.is_floating_point()
     dummy_f = torch.zeros(1, dtype=dt, device=dev)
     t = torch.zeros(1, dtype=torch.int64, device=dev) if prob else target.detach().to(torch.int64)
@@ -759,13 +1102,13 @@ def row_partials(logits, target, weight, *, ignore_index, softcap, class_offset,
     w = dummy_f if weight is None else _compute(weight, dt)
     tpr, rows_per_block = _row_layout(max(n_classes, 1))
     args = _Launch(dev)
-    o = out if out.device == dev and out.is_contiguous() else torch.empty(out.shape, dtype=dt, device=dev)
+    direct = out.device == dev and out.dtype == dt and out.is_contiguous()
+    o = out if direct else torch.empty(out.shape, dtype=dt, device=dev)
     args.launch(
-        _vocab_parallel_kernels(np_dt)[0], _grid(n_rows, rows_per_block), tpr * rows_per_block,
-        args(x), args(t), args(q), args(w), args(o), int(ignore_index), int(class_offset), np_dt.type(softcap or 0.0),
-        bool(prob), weight is not None, bool(smoothing), tpr,
+        _vocab_parallel_kernels(np_dt, KINDS[x.dtype])[0], _grid(n_rows, rows_per_block), tpr * rows_per_block,
+        *args.rows(_Rows(x)), args(t), args(q), args(w), args(o), int(ignore_index), int(class_offset),
+        np_dt.type(softcap or 0.0), bool(prob), weight is not None, bool(smoothing), tpr,
     )  # fmt: skip
-    args.write_back(o)
     if o is not out:
         out.copy_(o)
 
@@ -785,7 +1128,7 @@ def cross_entropy_backward(
         raise ValueError(f"grad: expected shape {tuple(logits.shape)}, got {tuple(grad.shape)}")
     if n_rows == 0 or n_local == 0:
         return
-    x = _compute(logits, dt)  # half input: widened copy; an in-place gradient goes through the scratch buffer
+    x = _rows_of(logits)  # read in its own dtype; an in-place gradient overwrites it word by word
     prob = target.is_floating_point()
     dummy_f = torch.zeros(1, dtype=dt, device=dev)
     t = torch.zeros(1, dtype=torch.int64, device=dev) if prob else target.detach().to(torch.int64)
@@ -795,66 +1138,73 @@ def cross_entropy_backward(
     es = _row_scale(entropy_scale, n_rows, dt, dev)
     tpr, rows_per_block = _row_layout(n_local)
     args = _Launch(dev)
-    with _grad_out(args, grad, (n_rows, n_local), dt) as g:
+    with _row_grad(grad, x) as g:
+        xr, gr = _rows_alike(x, g)
         args.launch(
-            _vocab_parallel_kernels(np_dt)[1], _grid(n_rows, rows_per_block), tpr * rows_per_block,
-            args(x), args(t), args(q), args(w), args(_compute(lse, dt)), args(_compute(coef, dt)), args(ent),
-            args(_row_scale(grad_scale, n_rows, dt, dev)), args(es), args(g), int(ignore_index), f(label_smoothing),
-            f(label_smoothing / n_classes), int(class_offset), f(softcap or 0.0), bool(prob), weight is not None,
-            entropy is not None, tpr,
+            _vocab_parallel_kernels(np_dt, KINDS[x.dtype])[1], _grid(n_rows, rows_per_block), tpr * rows_per_block,
+            *args.rows(xr), args(t), args(q), args(w), args(_compute(lse, dt)), args(_compute(coef, dt)), args(ent),
+            args(_row_scale(grad_scale, n_rows, dt, dev)), args(es), *args.rows(gr), int(ignore_index),
+            f(label_smoothing), f(label_smoothing / n_classes), int(class_offset), f(softcap or 0.0), bool(prob),
+            weight is not None, entropy is not None, tpr,
         )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- distillation
 # Per row, S = student / tau, T = teacher / tau (formulas: ``backends/numba_cpu.py``, distillation).
-# Pass 1: each thread keeps online (max, sum of exp) of S and T over its strided elements and, for kl /
+# Pass 1: each thread keeps online (max, sum of exp) of S and T over its elements and, for kl /
 # reverse_kl, the cross term sum exp(lead - max) (lead - other), merged like the sum
 # (``rowmath.merge_cross``), then across the row's threads in shared memory. jsd: pass 2 reads both rows
 # again for log m and sums the loss and K = KL(p_s || m). Last pass: reads them again, writes the gradient.
-# Byte model, forward+backward: read 2*N*r logits per pass (2 passes, jsd 3), write N*r gradient, read N
-# targets, write N losses.
+# Both rows are walked in the student's words (the teacher's word of the same elements where it holds
+# them, else its elements one by one), the gradient pass in the gradient's.
+# Byte model: per pass (student, e, r) and (teacher, e, r); forward 1 pass (jsd 2), forward+backward 2
+# (jsd 3), plus (gradient, e, w); per row the target read and the loss written.
 
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
 
 
 @functools.cache
-def _distillation_kernel(dtype: np.dtype):
-    """The distillation kernel computing in ``dtype``."""
+def _distillation_kernel(dtype: np.dtype, kind: str | None = None):
+    """The distillation kernel computing in ``dtype`` on logits of ``kind`` (as ``_kernels``)."""
     f = dtype.type
     ZERO, NEG_INF, NAN = f(0), f(-math.inf), f(math.nan)
     KL, REVERSE_KL = 0, 1
-    int64 = numba.int64
+    int64, int32 = numba.int64, numba.int32
     acc_t = numba.from_dtype(dtype)
+    io = _codec(_kind(dtype, kind))
+    P = np.int32(io.per_word)
+    WORDED = P > 1  # float64: every element is a word already (no word code)
+    load, store, get, put, span, edge = io.load, io.store, io.get, io.put, io.span, io.edge
     row = rowmath.make(f)
     merge = cuda.jit(device=True)(row.merge)
     merge_cross = cuda.jit(device=True)(row.merge_cross)
     kl_from_sums = cuda.jit(device=True)(row.kl_from_sums)
 
     @cuda.jit(device=True)
-    def row_reduce(sm_m1, sm_s1, sm_c1, sm_m2, sm_s2, tid, lane, threads_per_row, m1, s1, c1, m2, s2):
+    def row_reduce(sm, tid, lane, threads_per_row, m1, s1, c1, m2, s2):
         """``merge_cross`` (m1, s1, c1) and ``merge`` (m2, s2) over each row group's threads (every
         thread of the block calls it); the group's result comes back to all its threads."""
-        sm_m1[tid] = m1
-        sm_s1[tid] = s1
-        sm_c1[tid] = c1
-        sm_m2[tid] = m2
-        sm_s2[tid] = s2
+        sm[tid, 0] = m1
+        sm[tid, 1] = s1
+        sm[tid, 2] = c1
+        sm[tid, 3] = m2
+        sm[tid, 4] = s2
         cuda.syncthreads()
         stride = threads_per_row // 2
         while stride > 0:
             if lane < stride:
                 o = tid + stride
-                m1, s1, c1 = merge_cross(m1, s1, c1, sm_m1[o], sm_s1[o], sm_c1[o])
-                m2, s2 = merge(m2, s2, sm_m2[o], sm_s2[o])
-                sm_m1[tid] = m1
-                sm_s1[tid] = s1
-                sm_c1[tid] = c1
-                sm_m2[tid] = m2
-                sm_s2[tid] = s2
+                m1, s1, c1 = merge_cross(m1, s1, c1, sm[o, 0], sm[o, 1], sm[o, 2])
+                m2, s2 = merge(m2, s2, sm[o, 3], sm[o, 4])
+                sm[tid, 0] = m1
+                sm[tid, 1] = s1
+                sm[tid, 2] = c1
+                sm[tid, 3] = m2
+                sm[tid, 4] = s2
             cuda.syncthreads()
             stride //= 2
         first = tid - lane
-        m1, s1, c1, m2, s2 = sm_m1[first], sm_s1[first], sm_c1[first], sm_m2[first], sm_s2[first]
+        m1, s1, c1, m2, s2 = sm[first, 0], sm[first, 1], sm[first, 2], sm[first, 3], sm[first, 4]
         cuda.syncthreads()  # the slots are rewritten for the next row
         return m1, s1, c1, m2, s2
 
@@ -873,20 +1223,64 @@ def _distillation_kernel(dtype: np.dtype):
     def log_of(s):
         return math.log(s) if s > ZERO else (NEG_INF if s == ZERO else NAN)  # the simulator raises on log(0)
 
+    @cuda.jit(device=True)
+    def visit_sums(s, t, m1, s1, c1, m2, s2, lead_is_teacher, divergence):
+        """Pass 1 on one element (S = s, T = t): (m1, s1, c1) of the lead row, (m2, s2) of the other."""
+        lead = t if lead_is_teacher else s
+        other = s if lead_is_teacher else t
+        if lead != NEG_INF:  # exp(lead - lead): 1, or NaN for +inf (a NaN row, as torch)
+            cross = lead - other if divergence != 2 else ZERO
+            m1, s1, c1 = merge_cross(m1, s1, c1, lead, math.exp(lead - lead), cross)
+        if other != NEG_INF:
+            m2, s2 = merge(m2, s2, other, math.exp(other - other))
+        return m1, s1, c1, m2, s2
+
+    @cuda.jit(device=True)
+    def visit_jsd(s, t, kl_t, kl_s, m_s, log_ss, m_t, log_st, log_beta, log_1mbeta):
+        """jsd pass 2 on one element: sum p_t (log p_t - log m) and K = sum p_s (log p_s - log m)."""
+        log_ps = (s - m_s) - log_ss
+        log_pt = (t - m_t) - log_st
+        log_m = log_mixture(log_ps, log_pt, log_beta, log_1mbeta)
+        p_s = math.exp(log_ps)
+        p_t = math.exp(log_pt)
+        if p_t > ZERO:
+            kl_t += p_t * (log_pt - log_m)
+        if p_s > ZERO:
+            kl_s += p_s * (log_ps - log_m)
+        return kl_t, kl_s
+
+    @cuda.jit(device=True)
+    def grad_at(s, t, kept, finite, divergence, m_s, log_ss, m_t, log_st, mu, coef, log_beta, log_1mbeta):
+        """The gradient scale * tau * d div / d S on one element (``coef`` = scale * tau (* (1 - beta)))."""
+        g = ZERO
+        if kept and not finite:
+            g = NAN
+        elif kept:
+            log_ps = (s - m_s) - log_ss
+            p_s = math.exp(log_ps)
+            if divergence == KL:
+                g = p_s - math.exp((t - m_t) - log_st)
+            elif p_s > ZERO:
+                if divergence == REVERSE_KL:
+                    r = s - t
+                else:
+                    r = log_ps - log_mixture(log_ps, (t - m_t) - log_st, log_beta, log_1mbeta)
+                g = p_s * (r - mu)
+            g *= coef
+        return g
+
     @cuda.jit
     def kernel(
-        student, teacher, target, grad_scale, grad, loss,
+        student, student_words, student_off, student_stride, teacher, teacher_words, teacher_off, teacher_stride,
+        target, grad_scale, grad, grad_words, grad_off, grad_stride, loss,
         has_target, ignore_index, divergence, inv_tau, tau, beta, log_beta, log_1mbeta, want_grad, threads_per_row,
     ):  # fmt: skip
-        sm_m1 = cuda.shared.array(MAX_THREADS, acc_t)
-        sm_s1 = cuda.shared.array(MAX_THREADS, acc_t)
-        sm_c1 = cuda.shared.array(MAX_THREADS, acc_t)
-        sm_m2 = cuda.shared.array(MAX_THREADS, acc_t)
-        sm_s2 = cuda.shared.array(MAX_THREADS, acc_t)
+        sm = cuda.shared.array((MAX_THREADS, 5), acc_t)
         n_rows = student.shape[0]
         n_classes = student.shape[1]
         tid = int64(cuda.threadIdx.x)
         lane = tid % threads_per_row
+        lane32, step, r32 = int32(lane), int32(threads_per_row), int32(n_classes)
         rows_per_block = int64(cuda.blockDim.x) // threads_per_row
         per_row_scale = grad_scale.shape[0] > 1
         lead_is_teacher = divergence == KL
@@ -898,26 +1292,35 @@ def _distillation_kernel(dtype: np.dtype):
             kept = live
             if live and has_target:
                 kept = target[row] != ignore_index
+            s_row = student[row if live else 0]
+            t_row = teacher[row if live else 0]
+            # the host gives words to both rows (and the gradient) only where they are laid out alike
+            h, nb, wb = span(student_off, student_stride, row, n_classes)
+            s_words = student_words[wb:]
+            t_words = teacher_words[span(teacher_off, teacher_stride, row, n_classes)[2] :]
+            n_chunks = r32 - nb * (P - 1)  # the words, then the edge elements
             # pass 1: (m1, s1, c1) of the lead row (the teacher for kl), (m2, s2) of the other
             m1 = NEG_INF
-            s1 = ZERO
-            c1 = ZERO
+            s1 = c1 = ZERO
             m2 = NEG_INF
             s2 = ZERO
             if kept:
-                for j in range(lane, n_classes, threads_per_row):
-                    s = student[row, j] * inv_tau
-                    t = teacher[row, j] * inv_tau
-                    lead = t if lead_is_teacher else s
-                    other = s if lead_is_teacher else t
-                    if lead != NEG_INF:  # exp(lead - lead): 1, or NaN for +inf (a NaN row, as torch)
-                        cross = lead - other if divergence != 2 else ZERO
-                        m1, s1, c1 = merge_cross(m1, s1, c1, lead, math.exp(lead - lead), cross)
-                    if other != NEG_INF:
-                        m2, s2 = merge(m2, s2, other, math.exp(other - other))
-            m1, s1, c1, m2, s2 = row_reduce(
-                sm_m1, sm_s1, sm_c1, sm_m2, sm_s2, tid, lane, threads_per_row, m1, s1, c1, m2, s2
-            )
+                for c in range(lane32, n_chunks, step):
+                    if WORDED and c < nb:
+                        ws = s_words[c]
+                        wt = t_words[c]
+                        for q in range(P):
+                            m1, s1, c1, m2, s2 = visit_sums(
+                                get(ws, q) * inv_tau, get(wt, q) * inv_tau, m1, s1, c1, m2, s2, lead_is_teacher,
+                                divergence,
+                            )  # fmt: skip
+                    else:
+                        j = edge(c - nb, h, nb)
+                        m1, s1, c1, m2, s2 = visit_sums(
+                            load(s_row, j) * inv_tau, load(t_row, j) * inv_tau, m1, s1, c1, m2, s2, lead_is_teacher,
+                            divergence,
+                        )  # fmt: skip
+            m1, s1, c1, m2, s2 = row_reduce(sm, tid, lane, threads_per_row, m1, s1, c1, m2, s2)
             m_s, sum_s, m_t, sum_t = (m2, s2, m1, s1) if lead_is_teacher else (m1, s1, m2, s2)
             log_ss = log_of(sum_s)
             log_st = log_of(sum_t)
@@ -935,19 +1338,22 @@ def _distillation_kernel(dtype: np.dtype):
                 kl_t = ZERO
                 kl_s = ZERO
                 if finite:
-                    for j in range(lane, n_classes, threads_per_row):
-                        log_ps = (student[row, j] * inv_tau - m_s) - log_ss
-                        log_pt = (teacher[row, j] * inv_tau - m_t) - log_st
-                        log_m = log_mixture(log_ps, log_pt, log_beta, log_1mbeta)
-                        p_s = math.exp(log_ps)
-                        p_t = math.exp(log_pt)
-                        if p_t > ZERO:
-                            kl_t += p_t * (log_pt - log_m)
-                        if p_s > ZERO:
-                            kl_s += p_s * (log_ps - log_m)
-                _, kl_t, kl_s, _, _ = row_reduce(
-                    sm_m1, sm_s1, sm_c1, sm_m2, sm_s2, tid, lane, threads_per_row, NEG_INF, kl_t, kl_s, NEG_INF, ZERO
-                )
+                    for c in range(lane32, n_chunks, step):
+                        if WORDED and c < nb:
+                            ws = s_words[c]
+                            wt = t_words[c]
+                            for q in range(P):
+                                kl_t, kl_s = visit_jsd(
+                                    get(ws, q) * inv_tau, get(wt, q) * inv_tau, kl_t, kl_s, m_s, log_ss, m_t, log_st,
+                                    log_beta, log_1mbeta,
+                                )  # fmt: skip
+                        else:
+                            j = edge(c - nb, h, nb)
+                            kl_t, kl_s = visit_jsd(
+                                load(s_row, j) * inv_tau, load(t_row, j) * inv_tau, kl_t, kl_s, m_s, log_ss, m_t,
+                                log_st, log_beta, log_1mbeta,
+                            )  # fmt: skip
+                _, kl_t, kl_s, _, _ = row_reduce(sm, tid, lane, threads_per_row, NEG_INF, kl_t, kl_s, NEG_INF, ZERO)
                 if finite:
                     div = beta * kl_t + (f(1) - beta) * kl_s
                     mu = kl_s
@@ -956,29 +1362,36 @@ def _distillation_kernel(dtype: np.dtype):
                 continue
             if lane == 0:
                 loss[row] = tau * tau * div if kept else ZERO
-            if want_grad:  # last pass: grad = scale * tau * d div / d S
+            if want_grad:  # last pass: grad = scale * tau * d div / d S, in the gradient's words
                 coef = (grad_scale[row] if per_row_scale else grad_scale[0]) * tau
                 if divergence == 2:
                     coef *= f(1) - beta
-                for j in range(lane, n_classes, threads_per_row):
-                    g = ZERO
-                    if kept and not finite:
-                        g = NAN
-                    elif kept:
-                        s = student[row, j] * inv_tau
-                        t = teacher[row, j] * inv_tau
-                        log_ps = (s - m_s) - log_ss
-                        p_s = math.exp(log_ps)
-                        if divergence == KL:
-                            g = p_s - math.exp((t - m_t) - log_st)
-                        elif p_s > ZERO:
-                            if divergence == REVERSE_KL:
-                                r = s - t
-                            else:
-                                r = log_ps - log_mixture(log_ps, (t - m_t) - log_st, log_beta, log_1mbeta)
-                            g = p_s * (r - mu)
-                        g *= coef
-                    grad[row, j] = g
+                h, nb, wb = span(grad_off, grad_stride, row, n_classes)
+                g_words = grad_words[wb:]
+                g_row = grad[row]
+                for c in range(lane32, r32 - nb * (P - 1), step):
+                    if WORDED and c < nb:
+                        ws = s_words[c] if kept else int64(0)  # a left-out row is not read
+                        wt = t_words[c] if kept else int64(0)
+                        acc = int64(0)
+                        for q in range(P):
+                            g = grad_at(
+                                get(ws, q) * inv_tau, get(wt, q) * inv_tau, kept, finite, divergence, m_s, log_ss,
+                                m_t, log_st, mu, coef, log_beta, log_1mbeta,
+                            )  # fmt: skip
+                            acc = put(acc, q, g)
+                        g_words[c] = acc
+                    else:
+                        j = edge(c - nb, h, nb)
+                        sv = tv = ZERO
+                        if kept:
+                            sv = load(s_row, j)
+                            tv = load(t_row, j)
+                        g = grad_at(
+                            sv * inv_tau, tv * inv_tau, kept, finite, divergence, m_s, log_ss, m_t, log_st, mu, coef,
+                            log_beta, log_1mbeta,
+                        )  # fmt: skip
+                        store(g_row, j, g)
             base += int64(cuda.gridDim.x) * rows_per_block
 
     return kernel
@@ -998,16 +1411,18 @@ def distillation(student, teacher, target, *, divergence, beta, temperature, ign
     tg = torch.zeros(1, dtype=torch.int64, device=dev) if target is None else target.detach().to(torch.int64)
     scale = _row_scale(grad_scale, n_rows, dt, dev)
     jsd = divergence == "jsd"
-    # named, not temporaries: _Launch keys its arrays by data pointer, which a freed temporary hands on
-    s, t = _compute(student, dt), _compute(teacher, dt)
+    s = _rows_of(student)  # both read in the student's dtype
+    t = _rows_of(teacher if teacher.dtype == s.dtype else teacher.to(s.dtype))
     tpr, rows_per_block = _row_layout(n_classes)
     args = _Launch(dev)
-    with _grad_out(args, grad, (n_rows, n_classes), dt) as g:
+    with _row_grad(grad, s) as g:
+        rows = _rows_alike(s, t, g) if grad is not None else _rows_alike(s, t) + [_Rows(g)]
+        if any(r.off < 0 for r in rows):  # the three rows walked in the same words, or all one by one
+            rows = [r.without_words() for r in rows]
         args.launch(
-            _distillation_kernel(np_dt), _grid(n_rows, rows_per_block), tpr * rows_per_block,
-            args(s), args(t), args(tg), args(scale), args(g), args(loss),
+            _distillation_kernel(np_dt, KINDS[s.dtype]), _grid(n_rows, rows_per_block), tpr * rows_per_block,
+            *args.rows(rows[0]), *args.rows(rows[1]), args(tg), args(scale), *args.rows(rows[2]), args(loss),
             target is not None, int(ignore_index), DIVERGENCE_CODES[divergence], f(1 / temperature), f(temperature),
             f(beta), f(math.log(beta) if jsd else 0.0), f(math.log1p(-beta) if jsd else 0.0), grad is not None, tpr,
         )  # fmt: skip
-    args.write_back(loss)
     return loss

@@ -121,3 +121,22 @@ def make_entropy(f) -> SimpleNamespace:
         return log_s - t / s
 
     return SimpleNamespace(merge_entropy=merge_entropy, entropy=entropy)
+
+
+# ---- the online (max, sum of exp) pair, one element at a time (the GPU kernels' per-thread walk)
+
+
+def make_online(f) -> SimpleNamespace:
+    """The running-pair update with constants of type ``f`` (as :func:`make`)."""
+    neg_inf = f(-math.inf)
+
+    def push(m, s, y):
+        """Add one element ``y`` to the running pair ``(m, s = sum exp(x - m))``: -inf adds nothing, a NaN
+        poisons ``s``, and ``+inf`` makes it NaN (``exp(inf - inf)``), a NaN row as in PyTorch."""
+        if y > m:
+            return y, s * math.exp(m - y) + math.exp(y - y)
+        if y != neg_inf:
+            s += math.exp(y - m)
+        return m, s
+
+    return SimpleNamespace(push=push)
