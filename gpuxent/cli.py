@@ -138,7 +138,8 @@ def _warmup(args) -> int:
 
     from gpuxent.warmup import warmup
 
-    seconds = warmup(tuple(getattr(torch, d) for d in args.dtype), log=lambda line: print(line, flush=True))
+    dtypes = tuple(getattr(torch, d) for d in args.dtype)
+    seconds = warmup(dtypes, jobs=args.jobs, log=lambda line: print(line, flush=True))
     print(f"warm: every kernel variant is in numba's cache ({seconds:.1f} s)")
     return 0
 
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", nargs="+", choices=["float32", "float64", "bfloat16", "float16"],
                    default=["float32", "float64", "bfloat16", "float16"], help="the dtypes to compile for")  # fmt: skip
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="dtypes compiled at once, one process each")
     p.set_defaults(func=_warmup)
     parser.commands = dict(sub.choices)
     for command in parser.commands.values():
