@@ -17,6 +17,7 @@ in torch ops, which autograd differentiates again.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Optional
@@ -27,7 +28,7 @@ from torch.autograd import forward_ad
 
 from . import backends
 from .backends import compute_dtype
-from .checks import denominator, distill_denominator, mean_scale, reduce_rows
+from .checks import denominator, distill_denominator, host_scale, host_sum, mean_scale, reduce_rows
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -103,10 +104,11 @@ def cross_entropy_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, lse, grad)`` per row of (N, r) logits; ``grad`` (the logits' dtype, from the backend's
     allocator) is ``grad_scale * d loss_i / d logits_i``, or an empty tensor unless ``want_grad``."""
+    module = backends.module(backend)
     grad = backends.empty(backend, logits.shape, logits.dtype, logits.device) if want_grad else logits.new_empty(0)
-    loss, lse = _cross_entropy(
-        logits, target, weight, grad_scale, grad if want_grad else None, ignore_index, label_smoothing, z_loss,
-        softcap, backend,
+    loss, lse = module.cross_entropy(  # called here, not through a helper: one frame from the op to the backend
+        logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        softcap=softcap, grad_scale=_dense(grad_scale), grad=grad if want_grad else None,
     )  # fmt: skip
     return loss, lse, grad
 
@@ -124,9 +126,10 @@ def cross_entropy_rows_(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, lse)`` per row, the gradient written over the logits (in place)."""
-    return _cross_entropy(
-        logits, target, weight, grad_scale, logits, ignore_index, label_smoothing, z_loss, softcap, backend
-    )
+    return backends.module(backend).cross_entropy(
+        logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        softcap=softcap, grad_scale=_dense(grad_scale), grad=logits,
+    )  # fmt: skip
 
 
 @registered_op("gpuxent::softmax_rows", mutates_args=())
@@ -320,38 +323,76 @@ def cross_entropy_grad_formula(x, target, weight, is_prob, opts, row_scale, want
     return g.to(x.dtype), g_target
 
 
+_TRACED = object()
+"""The ``ctx`` of a Function body called as a functorch-aware ``forward``: torch.compile, ``torch.func``,
+forward AD. The body then calls its ops through their dispatch; any other ``ctx`` (None: an eager call
+without autograd; a ctx: an eager call with autograd) means plain tensors, and it calls their Python
+bodies directly (:class:`RegisteredOp`)."""
+
+
+def _cross_entropy_body(ctx, logits, target, weight, is_prob, opts, backend, want_grad, inplace, denom=None):
+    """:class:`CrossEntropy`'s forward. ``denom``: the mean's denominator read on the host by
+    ``prepare_cross_entropy`` (None: computed here)."""
+    eager = ctx is not _TRACED
+    dt = compute_dtype(logits.dtype)
+    ii, reduction, eps, z, cap = opts
+    scale = grad_scale = None
+    if reduction == "mean":
+        if denom is not None and eager:
+            grad_scale = host_scale(denom, dt)  # a float: no tensor op for the scale
+        else:
+            scale = mean_scale(denominator(target, weight, is_prob, ii, logits.shape[0], dt))
+            grad_scale = scale.reshape(1)
+    if inplace:
+        if eager:
+            loss_rows, _ = cross_entropy_rows_.impl(logits, target, weight, grad_scale, ii, eps, z, cap, backend)
+            torch.autograd.graph.increment_version(logits)
+        else:
+            loss_rows, _ = cross_entropy_rows_(logits, target, weight, grad_scale, ii, eps, z, cap, backend)
+        grad = logits.new_empty(0)  # the gradient is the logits: setup_context takes it from there
+    else:
+        loss_rows, _, grad = (cross_entropy_rows.impl if eager else cross_entropy_rows)(
+            logits, target, weight, grad_scale, ii, eps, z, cap, backend, want_grad
+        )
+    if reduction == "none":
+        loss = loss_rows
+    elif not eager:
+        loss = loss_rows.sum() * scale if scale is not None else loss_rows.sum()
+    elif scale is None and loss_rows.is_cpu:  # a plain CPU vector: numpy sums it, as host_sum does
+        a = loss_rows.numpy()
+        total = a.sum() if grad_scale is None else a.sum() * a.dtype.type(grad_scale)
+        loss = torch.full((), float(total), dtype=dt)
+    else:
+        loss = host_sum(loss_rows, grad_scale if scale is None else scale)
+    if scale is None:
+        scale = torch.full((), 1.0 if grad_scale is None else grad_scale, dtype=dt, device=logits.device)
+    output = loss, grad, scale
+    if eager and ctx is not None:
+        CrossEntropy.setup_context(
+            ctx, (logits, target, weight, is_prob, opts, backend, want_grad, inplace), output, forward_ad=False
+        )
+    return output
+
+
 class CrossEntropy(torch.autograd.Function):
     """Fused cross-entropy of (N, r) logits, reduced; outputs ``(loss, grad, 1/denominator)``.
 
     ``grad`` is the forward's gradient for a unit ``grad_output`` (empty unless ``want_grad``; the
-    logits themselves when ``inplace``).
+    logits themselves when ``inplace``). Arguments: ``(logits, target, weight, is_prob, opts, backend,
+    want_grad, inplace[, denom])``.
     """
 
     generate_vmap_rule = True
+    body = staticmethod(_cross_entropy_body)
 
     @staticmethod
-    def forward(logits, target, weight, is_prob, opts, backend, want_grad, inplace):
-        n_rows = logits.shape[0]
-        dt = compute_dtype(logits.dtype)
-        ii, eps, z, cap = opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap
-        denom = scale = None
-        if opts.reduction == "mean":
-            denom = denominator(target, weight, is_prob, ii, n_rows, dt)
-            scale = mean_scale(denom)
-        grad_scale = None if scale is None else scale.reshape(1)
-        if inplace:
-            loss_rows, _ = cross_entropy_rows_(logits, target, weight, grad_scale, ii, eps, z, cap, backend)
-            grad = logits.new_empty(0)  # the gradient is the logits: setup_context takes it from there
-        else:
-            loss_rows, _, grad = cross_entropy_rows(
-                logits, target, weight, grad_scale, ii, eps, z, cap, backend, want_grad
-            )
-        loss = loss_rows.sum() * scale if scale is not None else reduce_rows(loss_rows, opts.reduction, None, (n_rows,))
-        return loss, grad, torch.ones((), dtype=dt, device=logits.device) if scale is None else scale
+    def forward(*args):
+        return _cross_entropy_body(_TRACED, *args)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        logits, target, weight, is_prob, opts, backend, want_grad, inplace = inputs
+    def setup_context(ctx, inputs, output, forward_ad=True):
+        """``forward_ad=False``: an eager call (no forward-mode AD level was open), which saves nothing for a jvp."""
+        logits, target, weight, is_prob, opts, backend, want_grad, inplace = inputs[:8]
         _, grad, scale = output
         ctx.mark_non_differentiable(grad, scale)
         ctx.set_materialize_grads(False)  # no (N, r) zeros for the gradient output, which gets no gradient
@@ -360,7 +401,7 @@ class CrossEntropy(torch.autograd.Function):
         base = logits if logits._base is None else logits._base
         ctx.copy_grad = inplace and base.is_leaf
         ctx.save_for_backward(logits, target, weight, logits if inplace else grad, scale)
-        if not inplace:
+        if not inplace and forward_ad:
             ctx.save_for_forward(logits, target, weight, grad, scale)
 
     @staticmethod
@@ -384,7 +425,7 @@ class CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad, _scale, *_stats):  # _stats: CrossEntropyStats's outputs, no gradient
         if grad_loss is None:  # the loss took no part in what was differentiated (grads not materialised)
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
         logits, target, weight, grad, scale = ctx.saved_tensors
         opts = ctx.opts
         n_rows = logits.shape[0]
@@ -398,7 +439,7 @@ class CrossEntropy(torch.autograd.Function):
                     "call without inplace_grad=True"
                 )
             g, g_target = cross_entropy_grad_formula(logits, target, weight, ctx.is_prob, opts, row_scale, want_target)
-            return g, g_target, None, None, None, None, None, None
+            return g, g_target, None, None, None, None, None, None, None
         g = None
         if ctx.needs_input_grad[0]:
             if grad.dtype in HALF and not ctx.inplace and not _is_one(grad_loss):
@@ -412,7 +453,7 @@ class CrossEntropy(torch.autograd.Function):
         g_target = None
         if want_target:
             g_target = cross_entropy_grad_formula(logits, target, weight, True, opts, row_scale, True)[1]
-        return g, g_target, None, None, None, None, None, None
+        return g, g_target, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- binary cross-entropy
@@ -535,40 +576,68 @@ class Softmax(torch.autograd.Function):
         return out * (grad_out - (grad_out * out).sum(-1, keepdim=True)), None, None
 
 
-def _applier(fn: type[torch.autograd.Function]):
-    """``fn.apply``, at the cost each case needs.
+class _Applier:
+    """``fn.apply``, at the cost each case needs; :meth:`route` picks the callable, ``__call__`` calls it.
 
     - Under torch.compile, the same Function less its forward-mode rule: dynamo cannot trace a
       Function with a custom jvp (``torch.func.jvp`` and ``jacfwd`` are eager-only anyway).
-    - An eager call (:func:`eager`) that needs no gradient: ``fn.forward`` alone.
+    - An eager call (:func:`eager` on every tensor) that needs no gradient: the forward alone.
     - An eager call that does: the same forward, setup and backward as a ctx-style Function, which
       autograd applies in ~8 us where a functorch-aware one takes ~25 us.
     - Otherwise (``torch.func`` transforms, forward AD): ``fn.apply``.
+
+    A Function with a ``body(ctx, *args)`` (its forward with the setup folded in, see ``_TRACED``) is
+    called with no frame of this class's between the caller and the body: the caller calls what
+    :meth:`route` returns.
     """
-    traceable = type(fn.__name__, (fn,), {"jvp": torch.autograd.Function.jvp})
 
-    class Eager(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            output = fn.forward(*args)
-            fn.setup_context(ctx, args, output)
-            return output
+    def __init__(self, fn: type[torch.autograd.Function]):
+        self.fn = fn
+        self.traceable = type(fn.__name__, (fn,), {"jvp": torch.autograd.Function.jvp})
+        body = fn.__dict__.get("body")  # its own: a subclass with its own forward has none
+        if body is not None:
+            eager_fn = type(fn.__name__, (torch.autograd.Function,), {
+                "forward": staticmethod(body), "backward": staticmethod(fn.backward)
+            })  # fmt: skip
+            self.plain = functools.partial(body, None)
+        else:
 
-        backward = staticmethod(fn.backward)
+            class eager_fn(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, *args):
+                    output = fn.forward(*args)
+                    fn.setup_context(ctx, args, output)
+                    return output
 
-    Eager.__name__ = fn.__name__
+                backward = staticmethod(fn.backward)
 
-    def apply(*args):
+            eager_fn.__name__ = fn.__name__
+            self.plain = fn.forward
+        # torch._C._FunctionBase.apply itself: Function.apply's Python part (functorch and signature
+        # checks) is for what route() already sent elsewhere
+        self.eager_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, eager_fn)
+
+    def route(self, *tensors):
+        """The callable for a call on ``tensors`` (its tensor arguments; None allowed)."""
         if torch.compiler.is_compiling():
-            return traceable.apply(*args)
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if not all(map(eager, tensors)):
-            return fn.apply(*args)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return Eager.apply(*args)
-        return fn.forward(*args)
+            return self.traceable.apply
+        if forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+            return self.fn.apply
+        grad = False
+        for t in tensors:
+            if t is None:
+                continue
+            if type(t) is not torch.Tensor or torch._C._functorch.is_functorch_wrapped_tensor(t):
+                return self.fn.apply
+            grad = grad or t.requires_grad
+        return self.eager_apply if grad and torch.is_grad_enabled() else self.plain
 
-    return apply
+    def __call__(self, *args):
+        return self.route(*(a for a in args if isinstance(a, torch.Tensor)))(*args)
+
+
+def _applier(fn: type[torch.autograd.Function]) -> _Applier:
+    return _Applier(fn)
 
 
 cross_entropy = _applier(CrossEntropy)
@@ -959,7 +1028,12 @@ class CrossEntropyStats(CrossEntropy):
             loss_rows, lse, grad, argmax, entropy = cross_entropy_stats_rows(
                 logits, target, weight, grad_scale, ii, eps, z, cap, backend, want_grad
             )
-        loss = loss_rows.sum() * scale if scale is not None else reduce_rows(loss_rows, opts.reduction, None, (n_rows,))
+        if opts.reduction == "none":
+            loss = loss_rows
+        else:  # as CrossEntropy's: bit for bit the same loss
+            loss = host_sum(loss_rows, scale) if not torch.compiler.is_compiling() else (
+                loss_rows.sum() * scale if scale is not None else loss_rows.sum()
+            )  # fmt: skip
         scale = torch.ones((), dtype=dt, device=logits.device) if scale is None else scale
         return loss, grad, scale, lse, argmax, entropy
 

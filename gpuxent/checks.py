@@ -80,6 +80,10 @@ def host_value(t: torch.Tensor) -> torch.Tensor | None:
 def host_array(t: torch.Tensor) -> np.ndarray | None:
     """``t``'s values as a numpy view where value checks may read them and numpy can (a plain CPU
     tensor, see :func:`host_value`): a few us for what costs several torch ops; None elsewhere."""
+    if torch.compiler.is_compiling():
+        return None
+    if type(t) is torch.Tensor and t.is_cpu and not torch._C._are_functorch_transforms_active():
+        return t.detach().numpy()  # the common case: a plain CPU tensor outside torch.func, one check each
     plain = host_value(t)
     if plain is None or plain.device.type != "cpu" or torch._C._functorch.is_functorch_wrapped_tensor(plain):
         return None
@@ -127,8 +131,18 @@ class CEOptions(NamedTuple):
     softcap: float  # 0.0: none
 
 
+_DEFAULT_OPTIONS = {r: CEOptions(-100, r, 0.0, 0.0, 0.0) for r in REDUCTIONS}
+
+
 def check_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> CEOptions:
     """The scalar keywords of every cross-entropy entry point."""
+    if (  # the defaults, as Python values: a few type checks, not the ABC isinstance of each
+        type(ignore_index) is int and ignore_index == -100 and type(reduction) is str and softcap is None
+        and type(label_smoothing) is float and label_smoothing == 0.0 and type(z_loss) is float and z_loss == 0.0
+    ):  # fmt: skip
+        opts = _DEFAULT_OPTIONS.get(reduction)
+        if opts is not None:
+            return opts
     reduction = check_reduction(reduction)
     eps = _real(label_smoothing, "label_smoothing")
     if not 0.0 <= eps <= 1.0:
@@ -201,10 +215,13 @@ class CEProblem(NamedTuple):
     is_prob: bool
     opts: CEOptions
     batch_shape: torch.Size
+    denom: float | None = None  # the mean's denominator, read on the host where that is allowed; else None
 
 
 def check_target(target: torch.Tensor, batch_shape, n_classes: int, opts: CEOptions, what: str = "the logits'") -> bool:
     """Shape and dtype of a cross-entropy target; returns whether it holds probabilities."""
+    if target.shape == batch_shape and target.dtype in _INTS:  # the common case: class indices
+        return False
     full = (*batch_shape, n_classes)
     if target.dtype == torch.bool or target.dtype.is_complex or target.dtype == torch.uint64:
         raise TypeError(f"target: expected int64 class indices or float probabilities, got {target.dtype}")
@@ -242,51 +259,116 @@ def check_class_weight(ref: torch.Tensor, weight, n_classes: int, name: str = "w
         raise ValueError(f"{name}: expected shape ({n_classes},), one weight per class, got {tuple(weight.shape)}")
 
 
-def flat_target(target: torch.Tensor, is_prob: bool, n_classes: int, opts: CEOptions, dtype) -> torch.Tensor:
-    """The target flattened to rows, checked: probabilities in ``dtype``; class indices as int64
-    inside ``[0, r)`` or equal to ``ignore_index`` (checked on the host where that is allowed)."""
+def _scan_py(t, n_classes, ignore_index, w, weighted):
+    """One pass over class indices: ``(found, the first bad index, the kept rows' summed weight)``."""
+    found = False
+    bad = 0
+    kept = 0.0
+    for i in range(t.shape[0]):
+        v = t[i]
+        if v == ignore_index:
+            continue
+        if v < 0 or v >= n_classes:
+            if not found:
+                found = True
+                bad = v
+            continue
+        kept += w[v] if weighted else 1.0
+    return found, bad, kept
+
+
+_SCAN = []  # [the compiled scan, or None where numba cannot compile it]
+
+
+def _scan_numpy(t, n_classes, ignore_index, w, weighted):
+    kept = t != ignore_index
+    bad = kept & ((t < 0) | (t >= n_classes))
+    if bad.any():
+        return True, int(t[bad][0]), 0.0
+    if not weighted:
+        return False, 0, float(np.count_nonzero(kept))
+    return False, 0, float(w[t[kept]].sum(dtype=np.float64))
+
+
+def scan_targets(a: np.ndarray, n_classes: int, ignore_index: int, w: np.ndarray | None):
+    """``(first bad class index or None, the mean's denominator)`` of host class indices ``a``: the range
+    check and the summed weight of the kept rows in one pass (numba, compiled once and cached; numpy
+    where numba is missing)."""
+    if not _SCAN:
+        try:
+            import numba
+
+            _SCAN.append(numba.njit(nogil=True, cache=True)(_scan_py))
+        except Exception:  # noqa: BLE001 - numba missing or broken: numpy does it in a few ops
+            _SCAN.append(None)
+    scan = _SCAN[0] or _scan_numpy
+    weighted = w is not None
+    found, bad, kept = scan(a, n_classes, ignore_index, w if weighted else _NO_WEIGHT, weighted)
+    return (int(bad) if found else None), kept
+
+
+_NO_WEIGHT = np.zeros(1, np.float64)
+
+
+def flat_target(target: torch.Tensor, is_prob: bool, n_classes: int, opts: CEOptions, dtype, weight=None):
+    """``(target, denominator)``: the target flattened to rows, checked: probabilities in ``dtype``; class
+    indices as int64 inside ``[0, r)`` or equal to ``ignore_index`` (checked on the host where that is
+    allowed); and the mean's denominator (rows, or the kept rows' summed class weight) as a float where
+    the host may read it, else None."""
     if is_prob:
-        return target.reshape(-1, n_classes).to(dtype)
-    t = target.reshape(-1).long()
-    plain = host_value(t) if t.numel() else None
-    if plain is None:
-        return t
-    a = host_array(plain)
+        t = target.reshape(-1, n_classes)
+        host = not torch.compiler.is_compiling() and type(t) is torch.Tensor and t.is_cpu
+        host = host and not torch._C._are_functorch_transforms_active()
+        return (t if t.dtype == dtype else t.to(dtype)), (float(t.shape[0]) if host else None)
+    t = target if target.dim() == 1 else target.reshape(-1)
+    if t.dtype != torch.int64:
+        t = t.long()
+    if not t.numel():
+        return t, 0.0 if t.is_cpu and host_array(t) is not None else None
+    a = host_array(t)
+    w = None
+    if a is not None and weight is not None:
+        w = host_array(weight)
+        if w is None:
+            a = None
     if a is not None:
-        if 0 <= a.min() and a.max() < n_classes:
-            return t
-        bad = (a != opts.ignore_index) & ((a < 0) | (a >= n_classes))
-        v = int(a[bad][0]) if bad.any() else None
+        v, denom = scan_targets(a, n_classes, opts.ignore_index, w)
     else:
+        denom = None
+        plain = host_value(t)
+        if plain is None:
+            return t, None
         bad = (plain != opts.ignore_index) & ((plain < 0) | (plain >= n_classes))
         v = plain[bad][0].item() if bool(bad.any()) else None
     if v is not None:
         raise ValueError(
             f"target: class index {v} is outside [0, {n_classes}) and is not ignore_index={opts.ignore_index}"
         )
-    return t
+    return t, denom
 
 
 def prepare_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
     """Checked, flattened arguments of a cross-entropy call (:class:`CEProblem`)."""
-    check_float(logits, "logits")
+    if logits.dtype not in FLOAT_DTYPES:
+        check_float(logits, "logits")
     if logits.dim() == 0:
         raise ValueError("logits: expected shape (..., r) with the classes on the last axis, got a scalar")
     n_classes = logits.shape[-1]
     if n_classes == 0:
         raise ValueError("logits: the class axis is empty (r = 0)")
     opts = check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    check_device(logits, target, "target")
+    if target.device != logits.device:
+        check_device(logits, target, "target")
     batch_shape = logits.shape[:-1]
     is_prob = check_target(target, batch_shape, n_classes, opts)
     check_class_weight(logits, weight, n_classes)
-    x = logits.reshape(-1, n_classes)
+    x = logits if logits.dim() == 2 else logits.reshape(-1, n_classes)
     if x.stride(-1) != 1 and n_classes > 1:
         x = x.contiguous()
     dt = compute_dtype(logits.dtype)
-    t = flat_target(target, is_prob, n_classes, opts, dt)
     w = None if weight is None else weight.detach().to(dt).contiguous()
-    return CEProblem(x, t, w, is_prob, opts, batch_shape)
+    t, denom = flat_target(target, is_prob, n_classes, opts, dt, w)
+    return CEProblem(x, t, w, is_prob, opts, batch_shape, denom)
 
 
 # --------------------------------------------------------------------------- reductions
@@ -294,12 +376,15 @@ def prepare_cross_entropy(logits, target, weight, ignore_index, reduction, label
 
 def denominator(t: torch.Tensor, w: torch.Tensor | None, is_prob: bool, ignore_index: int, n_rows: int, dt):
     """The mean's denominator, as a device tensor (no host sync): rows for probability targets,
-    else the summed class weight of the kept rows."""
+    else the summed class weight of the kept rows (on the host, as ``prepare_cross_entropy`` sums it,
+    where the host may read the targets)."""
     if is_prob:
         return torch.full((), float(n_rows), dtype=dt, device=t.device)
-    a = host_array(t) if w is None else None
-    if a is not None:  # numpy: one op, not three
-        return torch.tensor(float(np.count_nonzero(a != ignore_index)), dtype=dt)
+    a = host_array(t)
+    wa = None if w is None or a is None else host_array(w)
+    if a is not None and (w is None or wa is not None):
+        n_classes = INT64_MAX if w is None else w.shape[0]
+        return torch.tensor(scan_targets(a, n_classes, ignore_index, wa)[1], dtype=dt)
     kept = t != ignore_index
     if w is None:
         return kept.sum().to(dt)
@@ -316,14 +401,57 @@ def mean_scale(denom: torch.Tensor) -> torch.Tensor:
     return torch.where(denom == 0, math.nan, 1.0 / denom)
 
 
+def host_scale(denom: float, dt: torch.dtype) -> float:
+    """:func:`mean_scale` of a host denominator, as a float of the compute dtype ``dt``."""
+    if dt == torch.float64:
+        return 1.0 / denom if denom else math.nan
+    d = float(np.float32(denom))  # as the float32 tensor that mean_scale reads
+    return float(np.float32(1.0 / d)) if d else math.nan
+
+
+class _HostSum(torch.autograd.Function):
+    """The sum of a plain CPU vector in numpy (one call, not a torch reduction's dispatch), differentiable."""
+
+    @staticmethod
+    def forward(ctx, rows):
+        ctx.n = rows.shape[0]
+        a = rows.detach().numpy()
+        return torch.full((), float(a.sum()), dtype=rows.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.expand(ctx.n)
+
+
+def host_sum(rows: torch.Tensor, scale=None) -> torch.Tensor:
+    """``rows.sum()`` (times ``scale``, a float or a 0-d tensor) of a 1-D tensor; in numpy for a plain CPU
+    tensor (bit for bit the same whichever path asks), in torch ops elsewhere."""
+    plain = (
+        not torch.compiler.is_compiling() and type(rows) is torch.Tensor and rows.is_cpu
+        and not torch._C._are_functorch_transforms_active()
+    )  # fmt: skip
+    a = rows.detach().numpy() if plain else None
+    if a is None or (rows.requires_grad and torch.is_grad_enabled()):
+        total = _HostSum.apply(rows) if a is not None else rows.sum()
+        if scale is None:
+            return total
+        return total * (scale if isinstance(scale, torch.Tensor) else torch.tensor(scale, dtype=rows.dtype, device=rows.device))
+    total = a.sum()
+    if scale is not None:
+        total = total * a.dtype.type(scale if not isinstance(scale, torch.Tensor) else scale.item())
+    return torch.full((), float(total), dtype=rows.dtype)
+
+
 def reduce_rows(loss_rows: torch.Tensor, reduction: str, denom, batch_shape) -> torch.Tensor:
-    """Per-row losses reduced: reshaped to the batch shape, summed, or summed over ``denom`` (NaN
-    where ``denom`` is 0, as in torch)."""
+    """Per-row losses reduced: reshaped to the batch shape, summed, or summed over ``denom`` (a device
+    tensor or a host float; NaN where it is 0, as in torch)."""
     if reduction == "none":
         return loss_rows.reshape(batch_shape)
     if reduction == "sum":
-        return loss_rows.sum()
-    return loss_rows.sum() * mean_scale(denom)  # as the kernels' gradients scale: bit for bit the same mean
+        return host_sum(loss_rows)
+    # as the kernels' gradients scale: bit for bit the same mean
+    scale = host_scale(denom, loss_rows.dtype) if isinstance(denom, float) else mean_scale(denom)
+    return host_sum(loss_rows, scale)
 
 
 # --------------------------------------------------------------------------- distillation

@@ -41,25 +41,32 @@ Array = Union[np.ndarray, torch.Tensor]
 # --------------------------------------------------------------------------- cross-entropy
 
 
-def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, backend,
-                   want_grad: bool, inplace: bool):  # fmt: skip
-    """``(as_numpy, logits, loss, grad)``: the checked call through :class:`CrossEntropy`."""
+def _cross_entropy_args(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, backend,
+                        want_grad, inplace: bool):  # fmt: skip
+    """``(as_numpy, logits, batch_shape, args)``: the checked arguments of :class:`CrossEntropy`
+    (``want_grad``: None to decide from the inputs). It returns before the call, so that the public
+    function calls the autograd Function itself: public function, Function, op, backend."""
     as_numpy = not isinstance(logits, torch.Tensor)
-    x = to_tensor(logits, "logits")
-    t = to_tensor(target, "target")
+    x = logits if not as_numpy else to_tensor(logits, "logits")
+    t = target if isinstance(target, torch.Tensor) else to_tensor(target, "target")
     w = None if weight is None else to_tensor(weight, "weight")
     p = prepare_cross_entropy(x, t, w, ignore_index, reduction, label_smoothing, z_loss, softcap)
     name = backends.select(x.device, backend)
-    if not isinstance(inplace, bool):
-        raise TypeError(f"inplace_grad: expected a bool, got {type(inplace).__name__}")
+    if inplace is not False:
+        if not isinstance(inplace, bool):
+            raise TypeError(f"inplace_grad: expected a bool, got {type(inplace).__name__}")
+    if want_grad is None:
+        want_grad = torch.is_grad_enabled() and (x.requires_grad or (t.requires_grad and t.is_floating_point()))
     inplace = inplace and want_grad
     if inplace and not x.is_contiguous():  # then p.logits is a view of x
         raise ValueError("inplace_grad: needs contiguous logits to write the gradient into")
-    loss, grad, _ = autograd.cross_entropy(p.logits, p.target, p.weight, p.is_prob, p.opts, name, want_grad, inplace)
-    if p.opts.reduction == "none":
-        loss = loss.reshape(p.batch_shape)
-    grad = (p.logits if inplace else grad).view(x.shape) if want_grad else None
-    return as_numpy, x, loss, grad
+    args = (p.logits, p.target, p.weight, p.is_prob, p.opts, name, want_grad, inplace, p.denom)
+    return as_numpy, x, p.batch_shape, args
+
+
+def _unit(temperature) -> bool:
+    """Whether ``temperature`` is the number 1 (then it costs nothing)."""
+    return isinstance(temperature, numbers.Real) and temperature == 1
 
 
 def _temperature_logits(x: torch.Tensor, temperature, softcap):
@@ -123,9 +130,9 @@ def cross_entropy(
         ``reduction="none"``; float32 for half inputs. Differentiable (second order and
         ``torch.func`` included) in the logits, and in probability targets.
     """
-    if type(logits).__name__ == "DTensor":  # a torch.distributed.tensor.DTensor: gpuxent/dtensor.py
+    if type(logits) is not torch.Tensor and type(logits).__name__ == "DTensor":  # gpuxent/dtensor.py
         return __import__("gpuxent.dtensor").dtensor.cross_entropy(**locals())
-    if not (isinstance(temperature, numbers.Real) and temperature == 1):
+    if not (type(temperature) is float and temperature == 1.0) and not _unit(temperature):
         as_numpy = not isinstance(logits, torch.Tensor)
         y, cap = _temperature_logits(to_tensor(logits, "logits"), temperature, softcap)
         loss = cross_entropy(
@@ -133,16 +140,13 @@ def cross_entropy(
             inplace_grad=inplace_grad and y.requires_grad,
         )  # fmt: skip
         return out(loss, as_numpy)
-    x = logits if isinstance(logits, torch.Tensor) else None
-    t = target if isinstance(target, torch.Tensor) else None
-    want_grad = torch.is_grad_enabled() and (
-        (x is not None and x.requires_grad) or (t is not None and t.requires_grad and t.is_floating_point())
-    )
-    as_numpy, _, loss, _ = _cross_entropy(
-        logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, backend, want_grad,
-        inplace_grad,
+    as_numpy, _, batch_shape, args = _cross_entropy_args(
+        logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, backend, None, inplace_grad
     )  # fmt: skip
-    return out(loss, as_numpy)
+    loss = autograd.cross_entropy.route(args[0], args[1], args[2])(*args)[0]
+    if args[4].reduction == "none":
+        loss = loss.reshape(batch_shape)
+    return loss if not as_numpy else out(loss, True)
 
 
 def cross_entropy_and_grad(
@@ -166,7 +170,7 @@ def cross_entropy_and_grad(
     returned as a view of the logits' buffer. ``temperature`` as in :func:`cross_entropy` (then the
     gradient of the scaled copy is carried back to the logits by autograd).
     """
-    if not (isinstance(temperature, numbers.Real) and temperature == 1):
+    if not (type(temperature) is float and temperature == 1.0) and not _unit(temperature):
         as_numpy = not isinstance(logits, torch.Tensor)
         x = to_tensor(logits, "logits")
         check_bool(inplace_grad, "inplace_grad")
@@ -179,11 +183,14 @@ def cross_entropy_and_grad(
             (grad,) = torch.autograd.grad(loss.sum(), x_)
         grad = x.copy_(grad) if inplace_grad else grad
         return out(loss.detach(), as_numpy), out(grad, as_numpy)
+    as_numpy, x, batch_shape, args = _cross_entropy_args(
+        logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, backend, True, inplace_grad
+    )  # fmt: skip
     with torch.no_grad():
-        as_numpy, _, loss, grad = _cross_entropy(
-            logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, backend, True,
-            inplace_grad,
-        )  # fmt: skip
+        loss, grad, _ = autograd.cross_entropy.route(args[0], args[1], args[2])(*args)
+    if args[4].reduction == "none":
+        loss = loss.reshape(batch_shape)
+    grad = (args[0] if args[7] else grad).view(x.shape)
     return out(loss, as_numpy), out(grad, as_numpy)
 
 

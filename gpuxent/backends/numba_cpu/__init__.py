@@ -44,12 +44,32 @@ def supports(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+_NO_INDEX = np.zeros(1, np.int64)
+_NO_PROBS = {np.float32: np.zeros((1, 0), np.float32), np.float64: np.zeros((1, 0), np.float64)}
+_NO_STATS = {dt: (np.zeros(0, np.int64), np.zeros(0, dt)) for dt in (np.float32, np.float64)}
+_ONES: dict = {}  # (r, dtype) -> ones, never written: the class weights of a call that gives none
+
+
+def _ones(n_classes: int, dt) -> np.ndarray:
+    w = _ONES.get((n_classes, dt))
+    if w is None:
+        w = np.ones(n_classes, dt)  # writeable: numba types a read-only array as another signature
+        if len(_ONES) < 64:
+            _ONES[(n_classes, dt)] = w
+    return w
+
+
 def _targets(logits: torch.Tensor, target: torch.Tensor, weight, dt):
     """(prob, class indices, probabilities, class weights) as the kernels read them."""
     prob = target.is_floating_point()
-    t = np.zeros(1, np.int64) if prob else as_array(target, np.int64)
-    q = as_array(target, dt) if prob else np.zeros((1, 0), dt)
-    w = np.ones(logits.shape[1], dt) if weight is None else as_array(weight, dt)
+    if prob:
+        t, q = _NO_INDEX, as_array(target, dt)
+    else:
+        t = target.detach().numpy() if target.dtype == torch.int64 else as_array(target, np.int64)
+        if not t.flags.c_contiguous:
+            t = np.ascontiguousarray(t)
+        q = _NO_PROBS[dt]
+    w = _ones(logits.shape[1], dt) if weight is None else as_array(weight, dt)
     return prob, t, q, w
 
 
@@ -65,12 +85,12 @@ def cross_entropy(
     inplace, g = grad_array(grad, logits, x)
     loss = np.empty(n_rows, dt)
     lse = np.empty(n_rows, dt)
-    argmax, ent = (np.zeros(0, np.int64), np.zeros(0, dt)) if stats is None else (o.numpy() for o in stats)
+    argmax, ent = _NO_STATS[dt] if stats is None else (o.numpy() for o in stats)
     rows = _ce.rows(prob, bool(softcap), stats is not None, grad is not None, inplace)
+    sum_w = float(n_classes) if weight is None else float(w.sum(dtype=np.float64))
     launch(
-        rows, n_rows, n_classes, x, t, q, w, float(w.sum(dtype=np.float64)), int(ignore_index),
-        float(label_smoothing), float(z_loss), float(softcap or 0.0), row_factors(grad_scale, n_rows), g,
-        loss, lse, argmax, ent,
+        rows, n_rows, n_classes, x, t, q, w, sum_w, int(ignore_index), float(label_smoothing), float(z_loss),
+        float(softcap or 0.0), row_factors(grad_scale, n_rows), g, loss, lse, argmax, ent,
     )  # fmt: skip
     return torch.from_numpy(loss), torch.from_numpy(lse)
 
