@@ -354,7 +354,7 @@ def _cross_entropy_kernel(
             q_ptrs = target_ptr + t_body[:, None] + offs[None, :]
         else:
             cols = offs[None, :]
-            ok = cols < n_classes
+            ok = (offs < n_classes)[None, :]
             x_ptrs = x_rows[:, None] + cols
             q_ptrs = t_rows[:, None] + cols
         m, d, sum_w, sum_wy, sum_wq, best, best_j, nan_j, t_sum = _ce_loop1_step(
@@ -760,7 +760,7 @@ def _row_partials_kernel(
             q_ptrs = target_ptr + t_body[:, None] + offs[None, :]
         else:
             cols = offs[None, :]
-            ok = cols < n_classes
+            ok = (offs < n_classes)[None, :]
             x_ptrs = x_rows[:, None] + cols
             q_ptrs = t_rows[:, None] + cols
         m, d, a, b, c = _partials_step(
@@ -912,7 +912,7 @@ def _cross_entropy_backward_kernel(
             g_ptrs = grad_ptr + g_body[:, None] + offs[None, :]
         else:
             cols = offs[None, :]
-            ok = cols < n_classes
+            ok = (offs < n_classes)[None, :]
             x_ptrs = x_rows[:, None] + cols
             q_ptrs = t_rows[:, None] + cols
             g_ptrs = g_rows[:, None] + cols
@@ -972,8 +972,24 @@ def cross_entropy_backward(
 # Byte model, forward+backward: read 2*N*r logits per loop (2 loops, jsd 3; the rereads of a row
 # mostly hit L2 for r up to a few 10^4), write N*r gradient, read N targets, write N losses.
 
-KL, REVERSE_KL, JSD = 0, 1, 2
-DIVERGENCE_CODES = {"kl": KL, "reverse_kl": REVERSE_KL, "jsd": JSD}
+# jsd (the log of a mixture per element, in loops 2 and 3) spills at 16 warps of 8 values a thread, where
+# ptxas keeps a thread under 64 registers: it runs at most 8 warps, each thread holding one 16-byte access
+# of the input per step (4 float32, 8 half or 2 float64 values: still 128-bit loads and stores).
+JSD_MAX_WARPS = 8
+
+
+def _jsd_config(block: int, rows: int, num_warps: int, element_size: int) -> tuple[int, int, int]:
+    """``(BLOCK, ROWS, num_warps)`` of a jsd launch from the common ones (``_launch_config``)."""
+    num_warps = min(num_warps, JSD_MAX_WARPS)
+    per_program = ALIGN_BYTES // element_size * 32 * num_warps
+    if rows > 1:
+        rows = max(1, min(rows, per_program // block))
+    else:
+        block = max(1, min(block, per_program))
+    return block, rows, num_warps
+# constexpr globals: the kernel's helpers compare DIVERGENCE with them (a helper may read no other global)
+KL, REVERSE_KL, JSD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
 
 
 @triton.jit
@@ -1046,7 +1062,8 @@ def _distill_grad_step(
         log_pt = (t - m_t[:, None]) - log_dt[:, None]
         log_m = _log_mixture(log_ps, log_pt, log_beta, log_1mbeta)
         g = tl.where(p_s > 0, p_s * ((log_ps - log_m) - mu[:, None]), 0)
-    g = tl.where(no_softmax[:, None], NAN, coef[:, None] * g)
+    # float("nan"), not the global NAN: the JIT checks that a helper sees a global's value unchanged, NaN != NaN
+    g = tl.where(no_softmax[:, None], float("nan"), coef[:, None] * g)
     g = tl.where(kept[:, None], g, 0)
     tl.store(g_ptrs, g.to(g_ptrs.dtype.element_ty), mask=store_mask)
 
@@ -1200,6 +1217,8 @@ def distillation(student, teacher, target, *, divergence, beta, temperature, ign
     if target is not None:
         target = target.contiguous()
     block, rows, num_warps = _launch_config(n_classes, student.element_size())
+    if divergence == "jsd":
+        block, rows, num_warps = _jsd_config(block, rows, num_warps, student.element_size())
     with _device_ctx(student):
         _distillation_kernel[(triton.cdiv(n_rows, rows),)](
             student, teacher, target if target is not None else loss, grad_scale if scale_is_ptr else loss,
