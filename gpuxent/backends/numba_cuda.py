@@ -10,15 +10,18 @@ gradient: forward is one pass over the logits, forward+backward two (as Triton's
 Memory: the kernels read and write the logits' own dtype (float64, float32, float16, bfloat16) and
 compute in registers, in the compute dtype (float32; float64 for float64). A row is walked in 64-bit
 words of an int64 view of the tensor's storage, one word per thread per step, consecutive threads
-on consecutive words: 4 half elements, 2 float32 or 1 float64 per load and per store. The elements
-of a row before its first 8-byte-aligned element and after its last whole word (rows whose byte
-offset is not a multiple of 8: odd r, slices) are read and written one by one ("edges"). numba has
-no bfloat16: it arrives as its bits (an int16 view); a bfloat16 is widened by shifting its bits into
+on consecutive words: 4 half elements or 2 float32 per load and per store (a float64 is a word
+already: read one by one). The elements of a row before its first 8-byte-aligned element and after
+its last whole word (rows whose byte offset is not a multiple of 8: odd r, slices), at most 3 + 3,
+are read and written one by one ("edges"), in the same loop, after the words. numba has no
+bfloat16: it arrives as its bits (an int16 view); a bfloat16 is widened by shifting its bits into
 the top half of a float32's, a float16 decoded from its bits (a native float16 load at the edges),
 and the gradient is rounded once, to nearest even, as it is stored (NaN stays NaN). The gradient
-pass walks the gradient's words and takes the logits from the word of the same elements when the
-two rows start at the same offset within a word (the same tensor, in place, or two tensors laid
-out alike), else element by element. No copy is made around a launch.
+pass walks the gradient's words, each from the logits' word of the same columns: the host gives
+the gradient words only where every row of both starts at the same offset within a word (in
+place, or a fresh gradient of contiguous logits), else the gradient is written element by element
+(``_Rows``). A storage that is not 8-byte aligned gets no words. No copy is made around a launch.
+Column arithmetic is int32 (fewer than 2**31 classes per row), row and word offsets int64.
 
 Byte model per element of (N, r) logits of e bytes (2 for half; c = the compute dtype's size),
 streams as (what, bytes, read/write):
@@ -34,7 +37,9 @@ plus O(N) per row: targets read (8 bytes), losses and lse written (c each); ``st
 per row written. An ignored row is not read: its loss and gradient are 0.
 
 Arithmetic runs in the compute dtype: each dtype gets its own kernels whose constants carry that
-dtype, so no float64 literal silently widens float32 math. Row and element offsets are int64.
+dtype, so no float64 literal silently widens float32 math; each element kind its own specialisation
+(``_kernels(dtype, stats, kind)``, ``_vocab_parallel_kernels(dtype, kind)``, ``_distillation_kernel(dtype,
+kind)``: kind "bf16" or "fp16" on float32 arithmetic, None for elements of the compute dtype).
 
 Data comes as torch tensors: on a GPU they become zero-copy device arrays
 (``__cuda_array_interface__``) and kernels run on PyTorch's current stream; under
@@ -1155,8 +1160,9 @@ def cross_entropy_backward(
 # reverse_kl, the cross term sum exp(lead - max) (lead - other), merged like the sum
 # (``rowmath.merge_cross``), then across the row's threads in shared memory. jsd: pass 2 reads both rows
 # again for log m and sums the loss and K = KL(p_s || m). Last pass: reads them again, writes the gradient.
-# Both rows are walked in the student's words (the teacher's word of the same elements where it holds
-# them, else its elements one by one), the gradient pass in the gradient's.
+# Both rows are walked in the student's words and the gradient pass in the gradient's, each word of one
+# holding the same columns as the others': the host gives words to all three only where they are laid out
+# alike, else all three are read and written element by element.
 # Byte model: per pass (student, e, r) and (teacher, e, r); forward 1 pass (jsd 2), forward+backward 2
 # (jsd 3), plus (gradient, e, w); per row the target read and the loss written.
 
