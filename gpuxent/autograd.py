@@ -431,7 +431,8 @@ class CrossEntropy(torch.autograd.Function):
         n_rows = logits.shape[0]
         dt = compute_dtype(logits.dtype)
         want_target = ctx.is_prob and ctx.needs_input_grad[1]
-        row_scale = _row_scale(grad_loss, opts.reduction, scale, n_rows, dt)
+        unit = not want_target and not torch.is_grad_enabled() and (grad.dtype not in HALF or _is_one(grad_loss))
+        row_scale = None if unit else _row_scale(grad_loss, opts.reduction, scale, n_rows, dt)  # not needed below
         if torch.is_grad_enabled():  # the backward is differentiated: the formula in torch ops
             if ctx.inplace:
                 raise RuntimeError(
