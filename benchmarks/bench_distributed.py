@@ -131,6 +131,8 @@ class MegatronCrossEntropy(torch.autograd.Function):
 # --------------------------------------------------------------------------- memory and time
 
 
+DTYPE = torch.float32  # the logits of every vocab-parallel step (the byte model reads its size)
+
 def _rss() -> tuple[int, int]:
     """(current, peak) resident bytes of this process."""
     with open("/proc/self/status") as f:
@@ -242,7 +244,7 @@ def _rank(rank, world, port, args, out_file):
         chunk = -(-r // world)  # torch.chunk's slices, as Shard(-1) places them
         lo, hi = min(rank * chunk, r), min((rank + 1) * chunk, r)
         target = torch.randint(0, r, (n,), generator=torch.Generator().manual_seed(0)).to(device)  # the same everywhere
-        full = torch.randn(n, r, generator=torch.Generator().manual_seed(1)) * 2
+        full = (torch.randn(n, r, generator=torch.Generator().manual_seed(1)) * 2).to(DTYPE)
         x = full[:, lo:hi].contiguous().to(device).requires_grad_()
         if rank != 0:
             full = None
@@ -414,7 +416,7 @@ def run(args) -> dict:
         for name, times in got["single"].items():
             rows[name] = dict(ms_rounds=times)
         single_inplace = got["single"]["gx.cross_entropy, 1 process, inplace_grad"]
-        nbytes = 2 * n * r * 4  # read the logits, write the gradient
+        nbytes = bench.bytes_moved(n, r, DTYPE.itemsize, "fwd+bwd")  # the project's byte model
         for name, row in rows.items():
             row.update(_spread(row["ms_rounds"]))
             row["ms"] = row["median"]
