@@ -1,10 +1,14 @@
-"""numba_cuda-specific tests: launch layouts, the kernel-level contract, in-place gradients, bad input.
+"""numba_cuda-specific tests: launch layouts, the kernel-level contract, in-place gradients, bad input,
+and every dtype in its own width.
 
 The shared suite runs every backend through the ``backend`` fixture; here the ``numba_cuda`` module is
 called directly, with its launch layout forced (threads per row, rows per block, blocks) so that the
-grid-stride loops, masked tails and multi-row blocks are all exercised. Without a GPU this runs in the
-CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set by conftest), where every thread is a Python thread:
-rows stay few and short.
+grid-stride loops, masked tails and multi-row blocks are all exercised. The kernels read and write
+bfloat16, float16, float32 and float64 as they are, in 64-bit words with the unaligned ends of each row
+one element at a time: the dtypes run in row layouts that start rows at every offset within a word, and
+the half codecs are checked bit for bit. Without a GPU this runs in the CUDA simulator
+(``NUMBA_ENABLE_CUDASIM=1``, set by conftest), where every thread is a Python thread: rows stay few and
+short.
 """
 
 import math
