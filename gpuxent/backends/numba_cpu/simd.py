@@ -93,13 +93,12 @@ _EXP_NEG32 = _make_exp_neg(np.dtype(np.float32), -87.0, 7)
 _EXP_NEG64 = _make_exp_neg(np.dtype(np.float64), -708.0, 12)
 
 
-@overload(exp_neg, fastmath=FASTMATH)
-def _exp_neg_overload(x):
-    if x == types.float32:
-        return _EXP_NEG32
-    if x == types.float64:
-        return _EXP_NEG64
-    return None
+def _per_float(impl32, impl64):
+    """An overload that picks the float32 or the float64 implementation by the argument's type."""
+    return lambda x: {types.float32: impl32, types.float64: impl64}.get(x)
+
+
+overload(exp_neg, fastmath=FASTMATH)(_per_float(_EXP_NEG32, _EXP_NEG64))
 
 
 @nb.njit(fastmath=FASTMATH, cache=True)
@@ -287,10 +286,4 @@ _LOG1P32 = _make_log1p_unit_poly(np.dtype(np.float32), 9)
 _LOG1P64 = _make_log1p_unit(np.dtype(np.float64), 11)
 
 
-@overload(log1p_unit, fastmath=FASTMATH)
-def _log1p_unit_overload(u):
-    if u == types.float32:
-        return _LOG1P32
-    if u == types.float64:
-        return _LOG1P64
-    return None
+overload(log1p_unit, fastmath=FASTMATH)(_per_float(_LOG1P32, _LOG1P64))
