@@ -263,6 +263,22 @@ def _codec(kind: str) -> SimpleNamespace:
 
 
 @functools.cache
+def _softcap(dtype: np.dtype):
+    """``cap(y, softcap, inv_cap) -> (softcap * tanh(y / softcap), the tanh)``: the soft-capped logit and
+    the tanh its derivative is made of (``1 - tanh**2``); ``y`` and 0 for ``softcap`` 0 (none)."""
+    ZERO = dtype.type(0)
+
+    @cuda.jit(device=True)
+    def cap(y, softcap, inv_cap):
+        if softcap > ZERO:
+            th = math.tanh(y * inv_cap)
+            return softcap * th, th
+        return y, ZERO
+
+    return cap
+
+
+@functools.cache
 def _group_reduce(dtype: np.dtype, stats: bool):
     """The reduction over each row group of a block: (m, s) merged, the sums a, b, c added and, with
     ``stats``, the statistics ``st = (t, best value, its index, first NaN index)``: ``t`` merged with
@@ -355,6 +371,7 @@ def _kernels(dtype: np.dtype, stats: bool = False, kind: str | None = None):
     bce = cuda.jit(device=True)(row_math.bce)
     bce_logits = cuda.jit(device=True)(row_math.bce_logits)
     group_reduce = _group_reduce(dtype, stats)
+    cap = _softcap(dtype)
 
     @cuda.jit(device=True)
     def log_sum(m, s):
@@ -368,8 +385,7 @@ def _kernels(dtype: np.dtype, stats: bool = False, kind: str | None = None):
         with q' = keep * q + eps_r (class targets: a = sum_j w_j y_j, b = sum_j w_j); with STATS the
         statistics st = (t = sum exp(y - m) (y - m), the best value and its index, the first NaN's
         index), whatever the order the columns come in."""
-        if softcap > ZERO:
-            y = softcap * math.tanh(y * inv_cap)
+        y = cap(y, softcap, inv_cap)[0]
         if STATS:
             t_sum, best, best_j, nan_j = st
             if y != NEG_INF:
@@ -397,10 +413,7 @@ def _kernels(dtype: np.dtype, stats: bool = False, kind: str | None = None):
         ``a_p = scale * coef_p``, ``sk = scale * keep``, ``se = scale * eps_r`` and ``st_ = sk * w_t`` (the
         target ``t``'s term). p_j = exp((y_j - m) - log s): no rounded lse of the size of m, so p_t - 1
         stays accurate when p_t is close to 1."""
-        th = ZERO
-        if softcap > ZERO:
-            th = math.tanh(y * inv_cap)
-            y = softcap * th
+        y, th = cap(y, softcap, inv_cap)
         g = ZERO if y == NEG_INF and finite else a_p * math.exp((y - m) - log_s)
         w = weight[j] if has_weight else ONE
         if prob:
@@ -450,9 +463,7 @@ def _kernels(dtype: np.dtype, stats: bool = False, kind: str | None = None):
                     w_t = NAN
                 elif kept:  # read before any thread overwrites the row (in-place gradient)
                     t = int32(t64)
-                    y_t = load(x_row, t)
-                    if softcap > ZERO:
-                        y_t = softcap * math.tanh(y_t * inv_cap)
+                    y_t = cap(load(x_row, t), softcap, inv_cap)[0]
                     w_t = weight[t] if has_weight else ONE
 
             # pass 1: the row's words, then its edge elements
@@ -923,12 +934,12 @@ def _vocab_parallel_kernels(dtype: np.dtype, kind: str | None = None):
     load, store, get, put, span, edge = io.load, io.store, io.get, io.put, io.span, io.edge
     push = cuda.jit(device=True)(rowmath.make_online(f).push)
     group_reduce = _group_reduce(dtype, False)
+    cap = _softcap(dtype)
 
     @cuda.jit(device=True)
     def partials_visit(j, y, m, s, a, b, c, q_row, weight, prob, has_weight, smoothing, softcap, inv_cap):
         """(m, s) of the soft-capped logits; probability targets: a = sum w q y, b = sum w q; c = sum w y."""
-        if softcap > ZERO:
-            y = softcap * math.tanh(y * inv_cap)
+        y = cap(y, softcap, inv_cap)[0]
         m, s = push(m, s, y)
         w = weight[j] if has_weight else ONE
         if prob:
@@ -990,9 +1001,7 @@ def _vocab_parallel_kernels(dtype: np.dtype, kind: str | None = None):
             if live and lane == 0:
                 local = t - class_offset
                 if not prob and kept and 0 <= local < n_classes:
-                    y_t = load(x_row, local)
-                    if softcap > ZERO:
-                        y_t = softcap * math.tanh(y_t * inv_cap)
+                    y_t = cap(load(x_row, local), softcap, inv_cap)[0]
                     w_t = weight[local] if has_weight else ONE
                     a = w_t * (y_t - m)
                     b = w_t
@@ -1010,10 +1019,7 @@ def _vocab_parallel_kernels(dtype: np.dtype, kind: str | None = None):
                       softcap, inv_cap):  # fmt: skip
         """[scale (coef p_j - m_j) + es p_j ((lse - H) - y_j)] dy_j/dx_j, with ``a = scale * coef``,
         ``sk = scale * keep``, ``se = scale * eps_r``."""
-        th = ZERO
-        if softcap > ZERO:
-            th = math.tanh(y * inv_cap)
-            y = softcap * th
+        y, th = cap(y, softcap, inv_cap)
         p = math.exp(y - lse_i)
         g = a * p
         if has_entropy and p > ZERO:  # 0, not 0 * inf, where p = 0
