@@ -81,14 +81,6 @@ def _dense(v):
     return v.contiguous() if isinstance(v, torch.Tensor) else v
 
 
-def _cross_entropy(logits, target, weight, grad_scale, grad, ignore_index, label_smoothing, z_loss, softcap, backend,
-                   stats=None):  # fmt: skip
-    return backends.module(backend).cross_entropy(
-        logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-        softcap=softcap, grad_scale=_dense(grad_scale), grad=grad, stats=stats,
-    )  # fmt: skip
-
-
 @registered_op("gpuxent::cross_entropy_rows", mutates_args=())
 def cross_entropy_rows(
     logits: torch.Tensor,
@@ -330,9 +322,11 @@ without autograd; a ctx: an eager call with autograd) means plain tensors, and i
 bodies directly (:class:`RegisteredOp`)."""
 
 
-def _cross_entropy_body(ctx, logits, target, weight, is_prob, opts, backend, want_grad, inplace, denom=None):
-    """:class:`CrossEntropy`'s forward. ``denom``: the mean's denominator read on the host by
-    ``prepare_cross_entropy`` (None: computed here)."""
+def _cross_entropy_body(ctx, logits, target, weight, is_prob, opts, backend, want_grad, inplace, denom=None,
+                        stats=False):  # fmt: skip
+    """:class:`CrossEntropy`'s forward (``stats``: :class:`CrossEntropyStats`'s, through the kernel with
+    statistics). ``denom``: the mean's denominator read on the host by ``prepare_cross_entropy`` (None:
+    computed here)."""
     eager = ctx is not _TRACED
     dt = compute_dtype(logits.dtype)
     ii, reduction, eps, z, cap = opts
@@ -344,16 +338,20 @@ def _cross_entropy_body(ctx, logits, target, weight, is_prob, opts, backend, wan
             scale = mean_scale(denominator(target, weight, is_prob, ii, logits.shape[0], dt))
             grad_scale = scale.reshape(1)
     if inplace:
+        op = cross_entropy_stats_rows_ if stats else cross_entropy_rows_
         if eager:
-            loss_rows, _ = cross_entropy_rows_.impl(logits, target, weight, grad_scale, ii, eps, z, cap, backend)
+            outs = op.impl(logits, target, weight, grad_scale, ii, eps, z, cap, backend)
             torch.autograd.graph.increment_version(logits)
         else:
-            loss_rows, _ = cross_entropy_rows_(logits, target, weight, grad_scale, ii, eps, z, cap, backend)
+            outs = op(logits, target, weight, grad_scale, ii, eps, z, cap, backend)
         grad = logits.new_empty(0)  # the gradient is the logits: setup_context takes it from there
+        extra = outs[1:]  # lse[, argmax, entropy]
     else:
-        loss_rows, _, grad = (cross_entropy_rows.impl if eager else cross_entropy_rows)(
-            logits, target, weight, grad_scale, ii, eps, z, cap, backend, want_grad
-        )
+        op = cross_entropy_stats_rows if stats else cross_entropy_rows
+        outs = (op.impl if eager else op)(logits, target, weight, grad_scale, ii, eps, z, cap, backend, want_grad)
+        grad = outs[2]
+        extra = (outs[1], *outs[3:])
+    loss_rows = outs[0]
     if reduction == "none":
         loss = loss_rows
     elif not eager:
@@ -366,7 +364,7 @@ def _cross_entropy_body(ctx, logits, target, weight, is_prob, opts, backend, wan
         loss = host_sum(loss_rows, grad_scale if scale is None else scale)
     if scale is None:
         scale = torch.full((), 1.0 if grad_scale is None else grad_scale, dtype=dt, device=logits.device)
-    output = loss, grad, scale
+    output = (loss, grad, scale, *extra) if stats else (loss, grad, scale)
     if eager and ctx is not None:
         CrossEntropy.setup_context(
             ctx, (logits, target, weight, is_prob, opts, backend, want_grad, inplace), output, forward_ad=False
@@ -393,8 +391,8 @@ class CrossEntropy(torch.autograd.Function):
     def setup_context(ctx, inputs, output, forward_ad=True):
         """``forward_ad=False``: an eager call (no forward-mode AD level was open), which saves nothing for a jvp."""
         logits, target, weight, is_prob, opts, backend, want_grad, inplace = inputs[:8]
-        _, grad, scale = output
-        ctx.mark_non_differentiable(grad, scale)
+        grad, scale = output[1], output[2]
+        ctx.mark_non_differentiable(*output[1:])  # the gradient, the scale (and the statistics)
         ctx.set_materialize_grads(False)  # no (N, r) zeros for the gradient output, which gets no gradient
         ctx.opts, ctx.is_prob, ctx.backend, ctx.inplace = opts, is_prob, backend, inplace
         # an in-place gradient of a leaf's logits must not become the leaf's .grad, aliasing the leaf
@@ -477,37 +475,50 @@ def bce_grad_formula(x, target, weight, pos_weight, with_logits):
     return g, gt
 
 
+def _bce_body(ctx, x, target, weight, pos_weight, with_logits, reduction, backend, want_grad):
+    """:class:`BinaryCrossEntropy`'s forward (see ``_TRACED`` for ``ctx``)."""
+    eager = ctx is not _TRACED
+    dt = compute_dtype(x.dtype)
+    loss, grad = (binary_cross_entropy_elements.impl if eager else binary_cross_entropy_elements)(
+        x, target if target.dtype == dt else target.to(dt), None if weight is None else weight.to(dt),
+        None if pos_weight is None else pos_weight.to(dt), with_logits, backend, want_grad,
+    )  # fmt: skip
+    if reduction == "none":
+        loss = loss.reshape(x.shape)
+    elif reduction == "sum":
+        loss = loss.sum()
+    else:
+        loss = loss.sum() / loss.numel() if loss.numel() else loss.sum() * math.nan
+        if want_grad and x.numel():
+            grad = grad / x.numel()
+    output = loss, grad
+    if eager and ctx is not None:
+        BinaryCrossEntropy.setup_context(
+            ctx, (x, target, weight, pos_weight, with_logits, reduction, backend, want_grad), output, False
+        )
+    return output
+
+
 class BinaryCrossEntropy(torch.autograd.Function):
     """Elementwise BCE (on probabilities, or on logits when ``with_logits``), reduced; outputs
     ``(loss, grad)``, the gradient of a unit ``grad_output`` in the compute dtype."""
 
     generate_vmap_rule = True
+    body = staticmethod(_bce_body)
 
     @staticmethod
-    def forward(x, target, weight, pos_weight, with_logits, reduction, backend, want_grad):
-        dt = compute_dtype(x.dtype)
-        loss, grad = binary_cross_entropy_elements(
-            x, target.to(dt), None if weight is None else weight.to(dt),
-            None if pos_weight is None else pos_weight.to(dt), with_logits, backend, want_grad,
-        )  # fmt: skip
-        if reduction == "none":
-            loss = loss.reshape(x.shape)
-        elif reduction == "sum":
-            loss = loss.sum()
-        else:
-            loss = loss.sum() / loss.numel() if loss.numel() else loss.sum() * math.nan
-            if want_grad and x.numel():
-                grad = grad / x.numel()
-        return loss, grad
+    def forward(*args):
+        return _bce_body(_TRACED, *args)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx, inputs, output, forward_ad=True):
         x, target, weight, pos_weight, with_logits, reduction, backend, want_grad = inputs
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)  # no zeros of the input's size for the gradient output
         ctx.with_logits, ctx.reduction = with_logits, reduction
         ctx.save_for_backward(x, target, weight, pos_weight, output[1])
-        ctx.save_for_forward(x, target, weight, pos_weight, output[1])
+        if forward_ad:
+            ctx.save_for_forward(x, target, weight, pos_weight, output[1])
 
     @staticmethod
     def jvp(ctx, x_t, target_t, *_):
@@ -546,15 +557,27 @@ class BinaryCrossEntropy(torch.autograd.Function):
 # --------------------------------------------------------------------------- softmax
 
 
+def _softmax_body(ctx, x, log, backend):
+    """:class:`Softmax`'s forward (see ``_TRACED`` for ``ctx``)."""
+    y = (softmax_rows.impl if ctx is not _TRACED else softmax_rows)(x, log, backend)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    if ctx is not None and ctx is not _TRACED:
+        ctx.log = log
+        ctx.save_for_backward(y)
+    return y
+
+
 class Softmax(torch.autograd.Function):
     """Row softmax / log-softmax of (N, r) ``x`` on the backend; the backward is torch ops on the
     output, so it is differentiable again."""
 
     generate_vmap_rule = True
+    body = staticmethod(_softmax_body)
 
     @staticmethod
-    def forward(x, log, backend):
-        return softmax_rows(x, log, backend).to(x.dtype)
+    def forward(*args):
+        return _softmax_body(_TRACED, *args)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -831,36 +854,54 @@ def distillation_grad_formula(student, teacher, target, opts, row_scale):
     return torch.where(kept, rs * tau * g, 0).to(student.dtype)
 
 
+def _distillation_body(ctx, student, teacher, target, opts, backend, want_grad):
+    """:class:`Distillation`'s forward (see ``_TRACED`` for ``ctx``)."""
+    eager = ctx is not _TRACED
+    n_rows, n_classes = student.shape
+    dt = compute_dtype(student.dtype)
+    denom = scale = grad_scale = None
+    if opts.reduction in ("batchmean", "mean"):
+        if eager and target is None:  # the denominator is known on the host: no tensor op for the scale
+            denom = float(n_rows) if opts.reduction == "batchmean" else float(n_rows) * n_classes
+            grad_scale = host_scale(denom, dt)
+        else:
+            denom = distill_denominator(target, opts, n_rows, n_classes, dt, student.device)
+            scale = mean_scale(denom)
+            grad_scale = scale.reshape(1)
+    loss_rows, grad = (distillation_rows.impl if eager else distillation_rows)(
+        student, teacher, target, grad_scale, opts.divergence, opts.beta, opts.temperature, opts.ignore_index,
+        backend, want_grad,
+    )  # fmt: skip
+    loss = reduce_rows(loss_rows, "mean" if denom is not None else opts.reduction, denom, (n_rows,))
+    if scale is None:
+        scale = torch.full((), 1.0 if grad_scale is None else grad_scale, dtype=dt, device=student.device)
+    output = loss, grad, scale
+    if eager and ctx is not None:
+        Distillation.setup_context(ctx, (student, teacher, target, opts, backend, want_grad), output, False)
+    return output
+
+
 class Distillation(torch.autograd.Function):
     """Fused distillation loss of (N, r) student logits against a teacher's, reduced; outputs
     ``(loss, grad, 1/denominator)``, ``grad`` the forward's gradient for a unit ``grad_output``."""
 
     generate_vmap_rule = True
+    body = staticmethod(_distillation_body)
 
     @staticmethod
-    def forward(student, teacher, target, opts, backend, want_grad):
-        n_rows, n_classes = student.shape
-        dt = compute_dtype(student.dtype)
-        denom = scale = None
-        if opts.reduction in ("batchmean", "mean"):
-            denom = distill_denominator(target, opts, n_rows, n_classes, dt, student.device)
-            scale = mean_scale(denom)
-        loss_rows, grad = distillation_rows(
-            student, teacher, target, None if scale is None else scale.reshape(1), opts.divergence, opts.beta,
-            opts.temperature, opts.ignore_index, backend, want_grad,
-        )  # fmt: skip
-        loss = reduce_rows(loss_rows, "mean" if denom is not None else opts.reduction, denom, (n_rows,))
-        return loss, grad, torch.ones((), dtype=dt, device=student.device) if scale is None else scale
+    def forward(*args):
+        return _distillation_body(_TRACED, *args)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx, inputs, output, forward_ad=True):
         student, teacher, target, opts, backend, want_grad = inputs
         _, grad, scale = output
         ctx.mark_non_differentiable(grad, scale)
         ctx.set_materialize_grads(False)  # else autograd fills an (N, r) zeros for the unused grad output
         ctx.opts, ctx.backend = opts, backend
         ctx.save_for_backward(student, teacher, target, grad, scale)
-        ctx.save_for_forward(student, teacher, target, grad, scale)
+        if forward_ad:
+            ctx.save_for_forward(student, teacher, target, grad, scale)
 
     @staticmethod
     def jvp(ctx, student_t, *_):
@@ -923,16 +964,6 @@ def _stats_outputs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _cross_entropy_stats(logits, target, weight, grad_scale, grad, ignore_index, label_smoothing, z_loss, softcap,
-                         backend):  # fmt: skip
-    argmax, entropy = _stats_outputs(logits)
-    loss, lse = _cross_entropy(
-        logits, target, weight, grad_scale, grad, ignore_index, label_smoothing, z_loss, softcap, backend,
-        (argmax, entropy),
-    )  # fmt: skip
-    return loss, lse, argmax, entropy
-
-
 @registered_op("gpuxent::cross_entropy_stats_rows", mutates_args=())
 def cross_entropy_stats_rows(
     logits: torch.Tensor,
@@ -949,11 +980,12 @@ def cross_entropy_stats_rows(
     """``(loss, lse, grad, argmax, entropy)`` per row: :func:`cross_entropy_rows` plus each row's argmax
     and entropy from the same pass (0 for ignored rows)."""
     grad = backends.empty(backend, logits.shape, logits.dtype, logits.device) if want_grad else logits.new_empty(0)
-    loss, lse, argmax, entropy = _cross_entropy_stats(
-        logits, target, weight, grad_scale, grad if want_grad else None, ignore_index, label_smoothing, z_loss,
-        softcap, backend,
+    stats = _stats_outputs(logits)
+    loss, lse = backends.module(backend).cross_entropy(  # one frame from the op to the backend
+        logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        softcap=softcap, grad_scale=_dense(grad_scale), grad=grad if want_grad else None, stats=stats,
     )  # fmt: skip
-    return loss, lse, grad, argmax, entropy
+    return loss, lse, grad, *stats
 
 
 @registered_op("gpuxent::cross_entropy_stats_rows_", mutates_args=("logits",))
@@ -969,9 +1001,12 @@ def cross_entropy_stats_rows_(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, lse, argmax, entropy)`` per row, the gradient written over the logits (in place)."""
-    return _cross_entropy_stats(
-        logits, target, weight, grad_scale, logits, ignore_index, label_smoothing, z_loss, softcap, backend
-    )
+    stats = _stats_outputs(logits)
+    loss, lse = backends.module(backend).cross_entropy(
+        logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        softcap=softcap, grad_scale=_dense(grad_scale), grad=logits, stats=stats,
+    )  # fmt: skip
+    return loss, lse, *stats
 
 
 @cross_entropy_stats_rows.register_fake
@@ -1008,44 +1043,30 @@ def stats_coef(target, weight, is_prob: bool, opts, lse: torch.Tensor, n_classes
 class CrossEntropyStats(CrossEntropy):
     """:class:`CrossEntropy` through the kernel with statistics: outputs ``(loss, grad, 1/denominator,
     lse, argmax, entropy)``, the last three per row and without gradient. The loss and its gradient
-    (computed in the forward, in place when asked) are exactly ``CrossEntropy``'s."""
+    (computed in the forward, in place when asked) are exactly ``CrossEntropy``'s: the same body."""
+
+    body = staticmethod(functools.partial(_cross_entropy_body, stats=True))
 
     @staticmethod
-    def forward(logits, target, weight, is_prob, opts, backend, want_grad, inplace):
-        n_rows = logits.shape[0]
-        dt = compute_dtype(logits.dtype)
-        ii, eps, z, cap = opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap
-        denom = scale = None
-        if opts.reduction == "mean":
-            denom = denominator(target, weight, is_prob, ii, n_rows, dt)
-            scale = mean_scale(denom)
-        grad_scale = None if scale is None else scale.reshape(1)
-        if inplace:
-            loss_rows, lse, argmax, entropy = cross_entropy_stats_rows_(
-                logits, target, weight, grad_scale, ii, eps, z, cap, backend
-            )
-            grad = logits.new_empty(0)
-        else:
-            loss_rows, lse, grad, argmax, entropy = cross_entropy_stats_rows(
-                logits, target, weight, grad_scale, ii, eps, z, cap, backend, want_grad
-            )
-        if opts.reduction == "none":
-            loss = loss_rows
-        else:  # as CrossEntropy's: bit for bit the same loss
-            loss = host_sum(loss_rows, scale) if not torch.compiler.is_compiling() else (
-                loss_rows.sum() * scale if scale is not None else loss_rows.sum()
-            )  # fmt: skip
-        scale = torch.ones((), dtype=dt, device=logits.device) if scale is None else scale
-        return loss, grad, scale, lse, argmax, entropy
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        CrossEntropy.setup_context(ctx, inputs, output[:3])
-        ctx.mark_non_differentiable(*output[1:])
+    def forward(*args):
+        return _cross_entropy_body(_TRACED, *args, stats=True)
 
     @staticmethod
     def jvp(ctx, *tangents):
         return *CrossEntropy.jvp(ctx, *tangents), None, None, None
+
+
+def _cross_entropy_entropy_body(ctx, logits, target, weight, is_prob, opts, backend):
+    """:class:`CrossEntropyWithEntropy`'s forward (see ``_TRACED`` for ``ctx``)."""
+    eager = ctx is not _TRACED
+    ii, _, eps, z, cap = opts
+    loss_rows, lse, _, argmax, entropy = (cross_entropy_stats_rows.impl if eager else cross_entropy_stats_rows)(
+        logits, target, weight, None, ii, eps, z, cap, backend, False
+    )
+    output = loss_rows, entropy, lse, argmax
+    if eager and ctx is not None:
+        CrossEntropyWithEntropy.setup_context(ctx, (logits, target, weight, is_prob, opts, backend), output, False)
+    return output
 
 
 class CrossEntropyWithEntropy(torch.autograd.Function):
@@ -1055,24 +1076,22 @@ class CrossEntropyWithEntropy(torch.autograd.Function):
     itself differentiated, the same formula in torch ops."""
 
     generate_vmap_rule = True
+    body = staticmethod(_cross_entropy_entropy_body)
 
     @staticmethod
-    def forward(logits, target, weight, is_prob, opts, backend):
-        ii, eps, z, cap = opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap
-        loss_rows, lse, _, argmax, entropy = cross_entropy_stats_rows(
-            logits, target, weight, None, ii, eps, z, cap, backend, False
-        )
-        return loss_rows, entropy, lse, argmax
+    def forward(*args):
+        return _cross_entropy_entropy_body(_TRACED, *args)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx, inputs, output, forward_ad=True):
         logits, target, weight, is_prob, opts, backend = inputs
         _, entropy, lse, argmax = output
         ctx.mark_non_differentiable(lse, argmax)
         ctx.set_materialize_grads(False)
         ctx.opts, ctx.is_prob, ctx.backend = opts, is_prob, backend
         ctx.save_for_backward(logits, target, weight, lse, entropy)
-        ctx.save_for_forward(logits, target, weight)
+        if forward_ad:
+            ctx.save_for_forward(logits, target, weight)
 
     @staticmethod
     def jvp(ctx, logits_t, target_t, *_):

@@ -26,6 +26,7 @@ from .checks import (
     check_reduction,
     check_temperature,
     denominator,
+    host_array,
     host_value,
     out,
     prepare_cross_entropy,
@@ -197,40 +198,63 @@ def cross_entropy_and_grad(
 # --------------------------------------------------------------------------- softmax
 
 
-def _softmax(x, axis, log: bool, backend, dim=None):
+def _softmax_args(x, axis, backend, dim):
+    """``(as_numpy, t, moved, axis, x2, backend name)``: the checked arguments of :class:`Softmax` (``x2``
+    the (N, r) rows; None when there is nothing to compute). It returns before the call, so that the
+    public function calls the autograd Function itself: public function, Function, op, backend."""
     if axis is not None and dim is not None:
         raise TypeError("softmax: got both axis and dim (dim is PyTorch's name for axis); give one")
     what = "axis" if dim is None else "dim"
     axis = -1 if axis is None and dim is None else (axis if dim is None else dim)
     as_numpy = not isinstance(x, torch.Tensor)
     t = to_tensor(x, "x")
-    check_float(t, "x")
+    if t.dtype not in FLOAT_DTYPES:
+        check_float(t, "x")
     if t.dim() == 0:
         raise ValueError("x: expected at least one axis, got a scalar")
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)) or not -t.dim() <= axis < t.dim():
+    if type(axis) is not int and (
+        isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer))
+    ):  # fmt: skip
+        raise ValueError(f"{what}: expected an int in [{-t.dim()}, {t.dim()}), got {axis!r}")
+    if not -t.dim() <= axis < t.dim():
         raise ValueError(f"{what}: expected an int in [{-t.dim()}, {t.dim()}), got {axis!r}")
     axis = int(axis)
     name = backends.select(t.device, backend)
-    moved = t.movedim(axis, -1)
+    moved = t if axis == -1 or axis == t.dim() - 1 else t.movedim(axis, -1)
     if moved.numel() == 0:
-        return out(torch.empty_like(t), as_numpy)
-    x2 = moved.reshape(-1, moved.shape[-1])
+        return as_numpy, t, moved, axis, None, name
+    x2 = moved if moved.dim() == 2 else moved.reshape(-1, moved.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    result = autograd.softmax(x2, log, name)
-    return out(result.reshape(moved.shape).movedim(-1, axis), as_numpy)
+    return as_numpy, t, moved, axis, x2, name
+
+
+def _softmax_result(y, as_numpy, t, moved, axis):
+    """The rows' result in the input's shape (and kind)."""
+    if y is None:
+        y = torch.empty_like(t)
+    else:
+        if y.shape != moved.shape:
+            y = y.reshape(moved.shape)
+        if moved is not t:
+            y = y.movedim(-1, axis)
+    return y if not as_numpy else out(y, True)
 
 
 def softmax(x: Array, axis: int | None = None, *, dim: int | None = None, backend: str | None = None) -> Array:
     """Softmax along ``axis`` (default: the last), numerically stable: ``exp(x - max) / sum``; rows sum to 1.
     ``dim`` is the same argument under PyTorch's name; giving both is a TypeError."""
-    return _softmax(x, axis, False, backend, dim)
+    as_numpy, t, moved, axis, x2, name = _softmax_args(x, axis, backend, dim)
+    y = None if x2 is None else autograd.softmax.route(x2)(x2, False, name)
+    return _softmax_result(y, as_numpy, t, moved, axis)
 
 
 def log_softmax(x: Array, axis: int | None = None, *, dim: int | None = None, backend: str | None = None) -> Array:
     """Log-softmax along ``axis`` (default: the last): ``(x - max) - log(sum(exp(x - max)))``, exact for large
     logits. ``dim`` is the same argument under PyTorch's name; giving both is a TypeError."""
-    return _softmax(x, axis, True, backend, dim)
+    as_numpy, t, moved, axis, x2, name = _softmax_args(x, axis, backend, dim)
+    y = None if x2 is None else autograd.softmax.route(x2)(x2, True, name)
+    return _softmax_result(y, as_numpy, t, moved, axis)
 
 
 # --------------------------------------------------------------------------- binary cross-entropy
@@ -247,8 +271,10 @@ def _broadcast(t: torch.Tensor | None, shape, name: str) -> torch.Tensor | None:
         ) from None
 
 
-def _binary_cross_entropy(x, target, weight, pos_weight, reduction, backend, with_logits: bool):
-    """Checks, then the call through :class:`BinaryCrossEntropy`."""
+def _bce_args(x, target, weight, pos_weight, reduction, backend, with_logits: bool):
+    """``(as_numpy, args)``: the checked arguments of :class:`BinaryCrossEntropy`. It returns before the
+    call, so that the public function calls the autograd Function itself: public function, Function,
+    op, backend."""
     name = "logits" if with_logits else "probs"
     as_numpy = not isinstance(x, torch.Tensor)
     x = to_tensor(x, name)
@@ -274,15 +300,21 @@ def _binary_cross_entropy(x, target, weight, pos_weight, reduction, backend, wit
             )
     w = _broadcast(weight, x.shape, "weight")
     pw = _broadcast(pos_weight, x.shape, "pos_weight")
-    plain = None if with_logits or not x.numel() else host_value(x)
-    if plain is not None:
-        bad = (plain < 0) | (plain > 1) | torch.isnan(plain)
-        if bool(bad.any()):
-            raise ValueError(f"probs: values must lie in [0, 1], found {plain[bad].flatten()[0].item()}")
+    if not with_logits and x.numel():
+        a = host_array(x) if x.dtype != torch.bfloat16 else None  # numpy has no bfloat16
+        if a is not None:  # numpy: one pass, not four torch ops
+            if not (a.min() >= 0 and a.max() <= 1):  # False for a NaN too
+                bad = (a < 0) | (a > 1) | np.isnan(a)
+                raise ValueError(f"probs: values must lie in [0, 1], found {a[bad].flatten()[0].item()}")
+        else:
+            plain = host_value(x)
+            if plain is not None:
+                bad = (plain < 0) | (plain > 1) | torch.isnan(plain)
+                if bool(bad.any()):
+                    raise ValueError(f"probs: values must lie in [0, 1], found {plain[bad].flatten()[0].item()}")
     name = backends.select(x.device, backend)
     want_grad = torch.is_grad_enabled() and (x.requires_grad or (target.requires_grad and target.is_floating_point()))
-    loss, _ = autograd.binary_cross_entropy(x, target, w, pw, with_logits, reduction, name, want_grad)
-    return out(loss, as_numpy)
+    return as_numpy, (x, target, w, pw, with_logits, reduction, name, want_grad)
 
 
 def binary_cross_entropy(
@@ -293,7 +325,9 @@ def binary_cross_entropy(
     ``probs`` must lie in [0, 1]; ``weight`` broadcasts against it. The sum over a data set is its
     negative log-likelihood. Differentiable in ``probs`` and in a float ``target``.
     """
-    return _binary_cross_entropy(probs, target, weight, None, reduction, backend, False)
+    as_numpy, args = _bce_args(probs, target, weight, None, reduction, backend, False)
+    loss = autograd.binary_cross_entropy.route(*args[:4])(*args)[0]
+    return loss if not as_numpy else out(loss, True)
 
 
 def binary_cross_entropy_with_logits(
@@ -307,7 +341,9 @@ def binary_cross_entropy_with_logits(
 ) -> Array:
     """Sigmoid + BCE, fused and stable for any logit; ``pos_weight`` scales the positive term and
     broadcasts along the last axis, as in PyTorch. Differentiable in ``logits`` and a float ``target``."""
-    return _binary_cross_entropy(logits, target, weight, pos_weight, reduction, backend, True)
+    as_numpy, args = _bce_args(logits, target, weight, pos_weight, reduction, backend, True)
+    loss = autograd.binary_cross_entropy.route(*args[:4])(*args)[0]
+    return loss if not as_numpy else out(loss, True)
 
 
 # --------------------------------------------------------------------------- predictions
@@ -377,10 +413,12 @@ def distillation_loss(
     p = prepare_distillation(s, t, tg, divergence, beta, temperature, ignore_index, reduction)
     name = backends.select(s.device, backend)
     want_grad = torch.is_grad_enabled() and s.requires_grad
-    loss, _, _ = autograd.distillation(p.student, p.teacher, p.target, p.opts, name, want_grad)
+    loss = autograd.distillation.route(p.student, p.teacher, p.target)(
+        p.student, p.teacher, p.target, p.opts, name, want_grad
+    )[0]
     if p.opts.reduction == "none":
         loss = loss.reshape(p.batch_shape)
-    return out(loss, as_numpy)
+    return loss if not as_numpy else out(loss, True)
 
 
 def available_backends() -> list[str]:
@@ -486,14 +524,18 @@ def cross_entropy_with_stats(
         raise ValueError("inplace_grad: needs contiguous logits to write the gradient into")
     opts = p.opts
     if want_entropy:
-        loss_rows, entropy_rows, lse, argmax = autograd.cross_entropy_with_entropy(
+        loss_rows, entropy_rows, lse, argmax = autograd.cross_entropy_with_entropy.route(p.logits, p.target, p.weight)(
             p.logits, p.target, p.weight, p.is_prob, opts, name
         )
-        denom = denominator(p.target, p.weight, p.is_prob, opts.ignore_index, loss_rows.shape[0], loss_rows.dtype)
-        loss = reduce_rows(loss_rows, opts.reduction, denom if opts.reduction == "mean" else None, p.batch_shape)
+        denom = None
+        if opts.reduction == "mean":
+            denom = p.denom if p.denom is not None else denominator(
+                p.target, p.weight, p.is_prob, opts.ignore_index, loss_rows.shape[0], loss_rows.dtype
+            )  # fmt: skip
+        loss = reduce_rows(loss_rows, opts.reduction, denom, p.batch_shape)
     else:
-        loss, _, _, lse, argmax, entropy_rows = autograd.cross_entropy_stats(
-            p.logits, p.target, p.weight, p.is_prob, opts, name, want_grad, inplace
+        loss, _, _, lse, argmax, entropy_rows = autograd.cross_entropy_stats.route(p.logits, p.target, p.weight)(
+            p.logits, p.target, p.weight, p.is_prob, opts, name, want_grad, inplace, p.denom
         )
         entropy_rows = None
         if opts.reduction == "none":
