@@ -279,14 +279,15 @@ def _softcap(dtype: np.dtype):
 
 
 @functools.cache
-def _group_reduce(dtype: np.dtype, stats: bool):
-    """The reduction over each row group of a block: (m, s) merged, the sums a, b, c added and, with
-    ``stats``, the statistics ``st = (t, best value, its index, first NaN index)``: ``t`` merged with
-    (m, s) by ``merge_entropy``, the argmax by (larger value, then lower index), the first NaN by the
-    lower index. ``sm`` is a (MAX_THREADS, 5) shared array, ``sm_st``/``sm_j`` (MAX_THREADS, 2) ones
-    (one slot each, unused, without ``stats``). Every thread of the block must call it (it holds
-    ``syncthreads``); the group's result comes back to all its threads."""
-    STATS = stats
+def _group_reduce(dtype: np.dtype, stats: bool, sums: int):
+    """The reduction over each row group of a block: (m, s) merged, the first ``sums`` of the plain sums
+    (a, b, c) added (the others come back as they were given) and, with ``stats``, the statistics
+    ``st = (t, best value, its index, first NaN index)``: ``t`` merged with (m, s) by ``merge_entropy``,
+    the argmax by (larger value, then lower index), the first NaN by the lower index. ``sm`` is a
+    (MAX_THREADS, 2 + sums) shared array, ``sm_st``/``sm_j`` (MAX_THREADS, 2) ones (one slot each,
+    unused, without ``stats``). Every thread of the block must call it (it holds ``syncthreads``); the
+    group's result comes back to all its threads."""
+    STATS, SUMS = stats, sums
     row = rowmath.make(dtype.type)
     merge = cuda.jit(device=True)(row.merge)
     merge_entropy = cuda.jit(device=True)(rowmath.make_entropy(dtype.type).merge_entropy)
@@ -295,9 +296,12 @@ def _group_reduce(dtype: np.dtype, stats: bool):
     def group_reduce(sm, sm_st, sm_j, tid, lane, threads_per_row, m, s, a, b, c, st):
         sm[tid, 0] = m
         sm[tid, 1] = s
-        sm[tid, 2] = a
-        sm[tid, 3] = b
-        sm[tid, 4] = c
+        if SUMS > 0:
+            sm[tid, 2] = a
+        if SUMS > 1:
+            sm[tid, 3] = b
+        if SUMS > 2:
+            sm[tid, 4] = c
         if STATS:
             sm_st[tid, 0] = st[0]
             sm_st[tid, 1] = st[1]
@@ -318,18 +322,27 @@ def _group_reduce(dtype: np.dtype, stats: bool):
                     sm_j[tid, 0] = j
                     sm_j[tid, 1] = sm_j[o, 1] if sm_j[o, 1] < sm_j[tid, 1] else sm_j[tid, 1]
                 m, s = merge(m, s, sm[o, 0], sm[o, 1])
-                a += sm[o, 2]
-                b += sm[o, 3]
-                c += sm[o, 4]
                 sm[tid, 0] = m
                 sm[tid, 1] = s
-                sm[tid, 2] = a
-                sm[tid, 3] = b
-                sm[tid, 4] = c
+                if SUMS > 0:
+                    a += sm[o, 2]
+                    sm[tid, 2] = a
+                if SUMS > 1:
+                    b += sm[o, 3]
+                    sm[tid, 3] = b
+                if SUMS > 2:
+                    c += sm[o, 4]
+                    sm[tid, 4] = c
             cuda.syncthreads()
             stride //= 2
         first = tid - lane
-        m, s, a, b, c = sm[first, 0], sm[first, 1], sm[first, 2], sm[first, 3], sm[first, 4]
+        m, s = sm[first, 0], sm[first, 1]
+        if SUMS > 0:
+            a = sm[first, 2]
+        if SUMS > 1:
+            b = sm[first, 3]
+        if SUMS > 2:
+            c = sm[first, 4]
         if STATS:
             st = (sm_st[first, 0], sm_st[first, 1], sm_j[first, 0], sm_j[first, 1])
         cuda.syncthreads()  # the slots are rewritten for the next row
@@ -370,7 +383,8 @@ def _kernels(dtype: np.dtype, stats: bool = False, kind: str | None = None):
     entropy = cuda.jit(device=True)(rowmath.make_entropy(f).entropy)
     bce = cuda.jit(device=True)(row_math.bce)
     bce_logits = cuda.jit(device=True)(row_math.bce_logits)
-    group_reduce = _group_reduce(dtype, stats)
+    group_reduce = _group_reduce(dtype, stats, 2)  # a, b
+    softmax_reduce = _group_reduce(dtype, False, 0)
     cap = _softcap(dtype)
 
     @cuda.jit(device=True)
@@ -432,7 +446,7 @@ def _kernels(dtype: np.dtype, stats: bool = False, kind: str | None = None):
         grad, grad_words, grad_off, grad_stride, loss, lse, argmax, entropy_out,
         ignore_index, smoothing, eps_r, z_loss, softcap, prob, has_weight, want_grad, threads_per_row,
     ):  # fmt: skip
-        sm = cuda.shared.array((MAX_THREADS, 5), acc_t)
+        sm = cuda.shared.array((MAX_THREADS, 4), acc_t)
         sm_st = cuda.shared.array((SM_STATS, 2), acc_t)
         sm_j = cuda.shared.array((SM_STATS, 2), int64)
         n_rows = logits.shape[0]
@@ -556,9 +570,9 @@ def _kernels(dtype: np.dtype, stats: bool = False, kind: str | None = None):
 
     @cuda.jit
     def softmax_kernel(x, x_words, x_off, x_stride, out, out_words, out_off, out_stride, log, threads_per_row):
-        sm = cuda.shared.array((MAX_THREADS, 5), acc_t)
-        sm_st = cuda.shared.array((SM_STATS, 2), acc_t)
-        sm_j = cuda.shared.array((SM_STATS, 2), int64)
+        sm = cuda.shared.array((MAX_THREADS, 2), acc_t)
+        sm_st = cuda.shared.array((1, 2), acc_t)
+        sm_j = cuda.shared.array((1, 2), int64)
         n_rows = x.shape[0]
         n_classes = x.shape[1]
         tid = int64(cuda.threadIdx.x)
@@ -582,7 +596,7 @@ def _kernels(dtype: np.dtype, stats: bool = False, kind: str | None = None):
                             m, s = push(m, s, get(word, q))
                     else:
                         m, s = push(m, s, load(x_row, edge(c - nb, h, nb)))
-            m, s, _, _, _, _ = group_reduce(
+            m, s, _, _, _, _ = softmax_reduce(
                 sm, sm_st, sm_j, tid, lane, threads_per_row, m, s, ZERO, ZERO, ZERO, (ZERO, NEG_INF, BIG, BIG)
             )
             if live:
@@ -933,7 +947,7 @@ def _vocab_parallel_kernels(dtype: np.dtype, kind: str | None = None):
     WORDED = P > 1  # float64: every element is a word already (no word code)
     load, store, get, put, span, edge = io.load, io.store, io.get, io.put, io.span, io.edge
     push = cuda.jit(device=True)(rowmath.make_online(f).push)
-    group_reduce = _group_reduce(dtype, False)
+    group_reduce = _group_reduce(dtype, False, 3)  # a, b, c
     cap = _softcap(dtype)
 
     @cuda.jit(device=True)
