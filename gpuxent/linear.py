@@ -269,6 +269,10 @@ class _Problem:
         buf = torch.empty((rows, n_classes), dtype=self.dtype, device=device)
         bufs = self.chunk_buffers(rows)
         inv_rows = self.inv_rows
+        # the chunk's kernel: chunk_op's op called here (its Python body when eager: public function,
+        # run, op, backend), unless a subclass has its own chunk_loss
+        direct = type(self).chunk_loss is _Problem.chunk_loss
+        eager = not torch.compiler.is_compiling()
         for lo in range(0, n_rows, rows):
             hi = min(lo + rows, n_rows)
             h_c = self.h[lo:hi]
@@ -283,9 +287,19 @@ class _Problem:
                     es if inv_rows is None and self.inv_t is None
                     else es * (inv_rows[lo:hi] if inv_rows is not None else self.inv_t)
                 )  # fmt: skip
-            if cap != self.opts.softcap:
-                kw["softcap"] = cap
-            loss_rows[lo:hi] = self.chunk_loss(x, lo, hi, grad_scale, want_grad, **kw)
+            if direct:
+                op, args = self.chunk_op(x, lo, hi, grad_scale, want_grad, cap, kw.get("entropy_scale"))
+                if eager:
+                    outs = op.impl(*args)
+                    for i in op.mutated:  # as the dispatcher would (RegisteredOp)
+                        torch.autograd.graph.increment_version(args[i])
+                else:
+                    outs = op(*args)
+                loss_rows[lo:hi] = self.chunk_result(lo, hi, op, outs)
+            else:
+                if cap != self.opts.softcap:
+                    kw["softcap"] = cap
+                loss_rows[lo:hi] = self.chunk_loss(x, lo, hi, grad_scale, want_grad, **kw)
             if not want_grad:
                 continue
             if factor is not None:
@@ -301,15 +315,28 @@ class _Problem:
                 acc_b += g.sum(0, dtype=dt)  # within the chunk in the compute dtype, across chunks in acc
         return loss_rows, grad_h, acc_w, acc_b
 
+    def chunk_op(self, logits, lo, hi, grad_scale, want_grad, softcap, entropy_scale=None):
+        """``(op, args)``: the registered op of rows ``[lo, hi)``'s kernel call and its arguments (``run``
+        calls it; ``chunk_result`` reads what it returns). With ``want_grad`` the rows' gradient, times
+        ``grad_scale``, is written over ``logits``; ``softcap``: the kernel's."""
+        opts = self.opts
+        args = (opts.ignore_index, opts.label_smoothing, opts.z_loss, softcap, self.backend)
+        if not want_grad:
+            return cross_entropy_rows, (logits, self.t[lo:hi], self.w, None, *args, False)
+        return cross_entropy_rows_, (logits, self.t[lo:hi], self.w, grad_scale, *args)
+
+    def chunk_result(self, lo, hi, op, outs):
+        """The per-row losses of rows ``[lo, hi)`` from what ``op`` (of :meth:`chunk_op`) returned."""
+        return outs[0]
+
     def chunk_loss(self, logits, lo, hi, grad_scale, want_grad, entropy_scale=None, softcap=None):
         """Per-row losses of rows ``[lo, hi)`` from their logits; with ``want_grad`` their gradient,
-        times ``grad_scale``, is written over ``logits``. ``softcap``: the kernel's (None: the call's)."""
-        opts = self.opts
-        cap = opts.softcap if softcap is None else softcap
-        args = (opts.ignore_index, opts.label_smoothing, opts.z_loss, cap, self.backend)
-        if not want_grad:
-            return cross_entropy_rows(logits, self.t[lo:hi], self.w, None, *args, False)[0]
-        return cross_entropy_rows_(logits, self.t[lo:hi], self.w, grad_scale, *args)[0]
+        times ``grad_scale``, is written over ``logits``. ``softcap``: the kernel's (None: the call's).
+        A subclass may replace it (``run`` then calls it for every chunk); the base's is
+        :meth:`chunk_op` then :meth:`chunk_result`, which ``run`` calls itself."""
+        cap = self.opts.softcap if softcap is None else softcap
+        op, args = self.chunk_op(logits, lo, hi, grad_scale, want_grad, cap, entropy_scale)
+        return self.chunk_result(lo, hi, op, op(*args))
 
     def reduce(self, loss_rows):
         return reduce_rows(loss_rows, self.reduction, self.denom, self.batch_shape)
@@ -376,16 +403,17 @@ def _input_grads(grad_h, grad_w, grad_b, hidden_shape, dtype):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, problem):
+    def forward(ctx, hidden, weight, bias, problem, ran=None):
+        """``ran``: what ``problem.run`` returned, run by the caller (:func:`_eager_apply`), or None: run here."""
         want = tuple(ctx.needs_input_grad[:3])
         ctx.problem = problem
         ctx.shapes = (hidden.shape, weight.dtype)
         ctx.inputs = (hidden, weight, bias)  # for a differentiated backward (their storage is the caller's)
         if problem.reduction == "none":  # grads recomputed in backward, scaled row by row
-            loss_rows = problem.run()[0]
+            loss_rows = (problem.run() if ran is None else ran)[0]
             ctx.save_for_backward(hidden, weight, bias)
         else:
-            loss_rows, grad_h, grad_w, grad_b = problem.run(want)
+            loss_rows, grad_h, grad_w, grad_b = problem.run(want) if ran is None else ran
             ctx.save_for_backward(grad_h, grad_w, grad_b)
         return problem.reduce(loss_rows)
 
@@ -395,13 +423,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden_shape, dtype = ctx.shapes
         want = tuple(ctx.needs_input_grad[:3])
         if torch.is_grad_enabled():  # differentiated again: through the logits
-            return _regrad((problem.composite(*ctx.inputs)[0],), ctx.inputs, (grad_output,), want)
+            return (*_regrad((problem.composite(*ctx.inputs)[0],), ctx.inputs, (grad_output,), want), None)
         if problem.reduction == "none":
             row_scale = grad_output.reshape(-1).to(problem.dt)
             _, grad_h, grad_w, grad_b = problem.run(want, row_scale=row_scale)
         else:
             grad_h, grad_w, grad_b = (None if g is None else scale_grad(g, grad_output) for g in ctx.saved_tensors)
-        return _input_grads(grad_h, grad_w, grad_b, hidden_shape, dtype)
+        return (*_input_grads(grad_h, grad_w, grad_b, hidden_shape, dtype), None)
+
+
+def _eager_apply(fn):
+    """``fn.apply`` less its Python part (functorch checks, argument binding) when the call is eager (no
+    torch.compile, no ``torch.func`` transform), whose caller then runs the chunks itself, before the
+    Function, and hands it what ``problem.run`` returned (``ran``): public function, ``run``, op,
+    backend. None otherwise: ``fn.apply(h, w, b, problem)``, which runs them in its forward."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return None
+    return torch._C._FunctionBase.__dict__["apply"].__get__(None, fn)
+
+
+def _want(h, w, b) -> tuple[bool, bool, bool]:
+    """Which of ``(hidden, weight, bias)`` need a gradient (``ctx.needs_input_grad`` of an eager call)."""
+    return h.requires_grad, w.requires_grad, b is not None and b.requires_grad
 
 
 def linear_cross_entropy(
@@ -468,7 +511,13 @@ def linear_cross_entropy(
     if _transformed(h, w, b):
         loss = problem.composite(h, w, b)[0]
     elif needs_grad:
-        loss = _LinearCrossEntropy.apply(h, w, b, problem)
+        apply = _eager_apply(_LinearCrossEntropy)
+        if apply is None:
+            loss = _LinearCrossEntropy.apply(h, w, b, problem)
+        else:
+            with torch.no_grad():
+                ran = problem.run() if problem.reduction == "none" else problem.run(_want(h, w, b))
+            loss = apply(h, w, b, problem, ran)
     else:
         with torch.no_grad():
             loss = problem.reduce(problem.run()[0])
@@ -490,22 +539,27 @@ class _StatsProblem(_Problem):
         self.argmax = torch.empty(self.n_rows, dtype=torch.int64, device=self.h.device)
         self.entropy = torch.empty(self.n_rows, dtype=self.dt, device=self.h.device)
 
-    def chunk_loss(self, logits, lo, hi, grad_scale, want_grad, entropy_scale=None, softcap=None):
+    def chunk_op(self, logits, lo, hi, grad_scale, want_grad, softcap, entropy_scale=None):
         opts, t = self.opts, self.t[lo:hi]
-        cap = opts.softcap if softcap is None else softcap
-        args = (opts.ignore_index, opts.label_smoothing, opts.z_loss, cap, self.backend)
+        args = (opts.ignore_index, opts.label_smoothing, opts.z_loss, softcap, self.backend)
         if want_grad and entropy_scale is not None:  # the backward of loss and entropy: no loss rows
             lse = self.lse[lo:hi]
             coef = stats_coef(t, self.w, self.is_prob, opts, lse, logits.shape[1])
-            cross_entropy_backward_(
+            return cross_entropy_backward_, (
                 logits, t, self.w, lse, coef, self.entropy[lo:hi], grad_scale, entropy_scale,
-                opts.ignore_index, opts.label_smoothing, logits.shape[1], 0, cap, self.backend,
+                opts.ignore_index, opts.label_smoothing, logits.shape[1], 0, softcap, self.backend,
             )  # fmt: skip
-            return torch.zeros_like(lse)
         if want_grad:
-            loss, lse, argmax, entropy = cross_entropy_stats_rows_(logits, t, self.w, grad_scale, *args)
+            return cross_entropy_stats_rows_, (logits, t, self.w, grad_scale, *args)
+        return cross_entropy_stats_rows, (logits, t, self.w, None, *args, False)
+
+    def chunk_result(self, lo, hi, op, outs):
+        if op is cross_entropy_backward_:
+            return torch.zeros_like(self.lse[lo:hi])
+        if op is cross_entropy_stats_rows_:
+            loss, lse, argmax, entropy = outs
         else:
-            loss, lse, _, argmax, entropy = cross_entropy_stats_rows(logits, t, self.w, None, *args, False)
+            loss, lse, _, argmax, entropy = outs
         self.lse[lo:hi], self.argmax[lo:hi], self.entropy[lo:hi] = lse, argmax, entropy
         return loss
 
@@ -516,11 +570,12 @@ class _LinearCrossEntropyWithEntropy(torch.autograd.Function):
     two upstream gradients in one pass, then the gradient matmuls (as ``reduction="none"`` does)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, problem):
+    def forward(ctx, hidden, weight, bias, problem, ran=None):
+        """``ran``: what ``problem.run()`` returned, run by the caller, or None: run here."""
         ctx.problem = problem
         ctx.shapes = (hidden.shape, weight.dtype)
         ctx.inputs = (hidden, weight, bias)  # for a differentiated backward
-        loss_rows = problem.run()[0]
+        loss_rows = (problem.run() if ran is None else ran)[0]
         entropy_rows = problem.entropy.clone()
         return loss_rows, entropy_rows
 
@@ -533,12 +588,12 @@ class _LinearCrossEntropyWithEntropy(torch.autograd.Function):
             logits, opts = problem.logits_of(*ctx.inputs)
             rows = autograd.cross_entropy_with_entropy(logits, problem.t, problem.w, problem.is_prob, opts,
                                                        problem.backend)[:2]  # fmt: skip
-            return _regrad(rows, ctx.inputs, (grad_loss, grad_entropy), want)
+            return (*_regrad(rows, ctx.inputs, (grad_loss, grad_entropy), want), None)
         dt = problem.dt
         row_scale = torch.zeros_like(problem.lse) if grad_loss is None else grad_loss.reshape(-1).to(dt)
         entropy_scale = None if grad_entropy is None else grad_entropy.reshape(-1).to(dt)
         _, grad_h, grad_w, grad_b = problem.run(want, row_scale=row_scale, entropy_scale=entropy_scale)
-        return _input_grads(grad_h, grad_w, grad_b, hidden_shape, dtype)
+        return (*_input_grads(grad_h, grad_w, grad_b, hidden_shape, dtype), None)
 
 
 def linear_cross_entropy_with_stats(
@@ -590,14 +645,26 @@ def linear_cross_entropy_with_stats(
     if want_entropy:
         problem.scale = None  # the mean's 1/denominator reaches the rows through the reduction below
         if needs_grad:
-            loss_rows, entropy_rows = _LinearCrossEntropyWithEntropy.apply(h, w, b, problem)
+            apply = _eager_apply(_LinearCrossEntropyWithEntropy)
+            if apply is None:
+                loss_rows, entropy_rows = _LinearCrossEntropyWithEntropy.apply(h, w, b, problem)
+            else:
+                with torch.no_grad():
+                    ran = problem.run()
+                loss_rows, entropy_rows = apply(h, w, b, problem, ran)
         else:
             with torch.no_grad():
                 loss_rows = problem.run()[0]
             entropy_rows = problem.entropy
         loss = problem.reduce(loss_rows)
     elif needs_grad:
-        loss = _LinearCrossEntropy.apply(h, w, b, problem)
+        apply = _eager_apply(_LinearCrossEntropy)
+        if apply is None:
+            loss = _LinearCrossEntropy.apply(h, w, b, problem)
+        else:
+            with torch.no_grad():
+                ran = problem.run() if problem.reduction == "none" else problem.run(_want(h, w, b))
+            loss = apply(h, w, b, problem, ran)
     else:
         with torch.no_grad():
             loss = problem.reduce(problem.run()[0])
