@@ -1,37 +1,50 @@
 """GPU compile audit: what the compiler makes of every kernel, without a GPU.
 
-    python benchmarks/gpu_audit.py [--json | --markdown] [--jobs N] [--backend triton|numba_cuda]
+    python benchmarks/gpu_audit.py [--json | --markdown] [--jobs N] [--backend triton|numba_cuda] [--only TEXT]
 
-Every Triton kernel variant (each dtype, the large-r and small-r paths, each keyword flag) and every
-numba_cuda kernel is compiled for a Hopper GPU (sm_90) the way the JIT compiles it at run time on
-aligned inputs, and assembled by ptxas. One row per variant:
+Every kernel of both GPU backends: the fused cross-entropy (with and without row statistics),
+softmax, the two BCE kernels, the vocab-parallel row partials and gradient pass
+(``row_partials``, ``cross_entropy_backward``) and distillation. Every Triton variant (each dtype,
+the large-r and small-r paths, each keyword flag; each kernel also at GPT-2's odd vocabulary 50257
+beside the padded 50304, a small odd r, and logits off a 16-byte boundary) and every numba_cuda
+kernel is compiled for a Hopper GPU (sm_90) the way the JIT compiles it at run time, and assembled
+by ptxas. One row per variant:
 
     kernel backend dtype variant num_warps regs spill_bytes local_bytes shared_bytes
     ld_vector_bits st_vector_bits occupancy f64_ops
 
 - Triton: the backend's own launcher (``gpuxent.backends.triton``) is called on CPU tensors with the
   kernel replaced by a recorder, so the launch configuration (BLOCK, ROWS, num_warps) and every
-  constexpr come from the real code. The recorded arguments go through Triton's JIT binder, which
-  specialises them as a launch would: 16-byte divisibility of pointers, strides and ``n_classes``
-  (``tt.divisibility``), integers equal to 1 folded into constants. Then Triton's real compiler.
-- numba_cuda: ``cuda.compile_ptx`` with the argument types a launch on contiguous device arrays
-  gets (C layout), and the block size of the backend's launch layout.
+  constexpr (the row peel of odd r included) come from the real code. The recorded arguments go
+  through Triton's JIT binder, which specialises them as a launch would: 16-byte divisibility of
+  pointers, strides and ``n_classes`` (``tt.divisibility``), integers equal to 1 folded into
+  constants. Then Triton's real compiler.
+- numba_cuda: whatever kernels ``gpuxent.backends.numba_cuda`` has, found through the backend itself
+  (see "numba_cuda" below: one call per kernel and input dtype under the CUDA simulator records each
+  launch, the builder call that made its kernel and its arguments' numba types); ``cuda.compile_ptx``
+  with those types, and the block size of the backend's launch layout. A kernel that changes (its
+  parameters, its builder, an argument numba cannot type) makes the audit fail with the reason.
 - Registers, spills, the stack frame (local memory) and static shared memory come from ``ptxas -v``:
   for Triton the log of its own ptxas run (its flags change the allocation), for numba_cuda a CUDA
   toolkit's ptxas on the PTX (the driver assembles that PTX at load time). Triton's dynamic shared
   memory comes from the kernel's metadata.
-- ``ld_vector_bits`` / ``st_vector_bits``: the narrowest global load of the input (logits, x, probs)
-  and store of the output (gradient, softmax) inside a loop of the PTX (the hot path), or anywhere
-  when the kernel has no loop; a data-flow pass over the PTX ties each access to the kernel
-  parameter its address comes from. ``None``: no such access (a forward-only variant stores no
-  gradient).
+- ``ld_vector_bits`` / ``st_vector_bits``: the narrowest global load of the inputs (logits, x, probs;
+  student and teacher) and store of the output (gradient, softmax) inside a loop of the PTX (the hot
+  path), or anywhere when the kernel has no loop; a data-flow pass over the PTX ties each access to
+  the kernel parameter its address comes from (numba_cuda: the parameter of the input's name and those
+  named with it and "_", its storage's words). ``None``: no such access (a forward-only variant stores
+  no gradient; row partials write O(N)).
 - ``occupancy``: the theoretical sm_90 occupancy from registers, shared memory and warps (64K
   registers per SM allocated per warp in units of 256, 2048 threads, 32 blocks and 228 KiB of
   shared memory per SM, 1 KiB of it reserved per block).
 - ``f64_ops``: float64 instructions in the PTX (none belong in a float32 kernel).
 
-``--markdown`` prints the table and the byte model (bytes per logit element and passes over the
-logits of each kernel, with the time they imply on an H100 and an H200), for benchmarks/RESULTS.md.
+``--json`` prints one JSON object a line: the rows (``"kind": "audit"``, numba_cuda's with the builder
+call of their kernel, ``numba_kernel``, and the dtype it reads its input in, ``reads``), then the byte
+model's entries (``"kind": "byte_model"``: backend, kernel, variant, pass, dtype, DRAM and minimum GB at
+16384 x 131072, predicted H100 / H200 ms, streams) for every dtype. ``--markdown`` prints the table and
+the byte model of bf16 (bytes per element and passes over the inputs of each kernel, with the time they
+imply on an H100 and an H200), for benchmarks/RESULTS.md.
 Run it without TRITON_INTERPRET and NUMBA_ENABLE_CUDASIM: the interpreters replace the compilers.
 """
 
@@ -40,6 +53,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import inspect
 import json
 import math
 import multiprocessing
@@ -235,6 +249,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 N_ROWS = 16
 PATHS = {"large-r": 131072, "small-r": 128}  # classes per row: chunked rows; several rows per program
 UNALIGNED_R = 50257  # GPT-2's vocabulary: odd, so every row starts off a 16-byte boundary
+PADDED_R = 50304  # the same padded to a multiple of 64: every row starts on one
+SMALL_ODD_R = 127  # odd and small: several rows per program, each starting off 16 bytes
 # Cross-entropy keyword sets, as the backend contract receives them (gpuxent.backends). "mean" is
 # the training path: the mean's 1/denominator arrives as a device tensor.
 CE_KEYWORDS = {
@@ -249,37 +265,123 @@ CE_KEYWORDS = {
     "all": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0},
     "prob all": {"prob": True, "weight": True, "label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0},
     "forward all": {"grad": False, "weight": True, "label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0},
+    "stats": {"stats": True},  # cross_entropy_with_stats: each row's argmax and entropy too
+    "forward stats": {"grad": False, "stats": True},
 }
-# The kernel of each launcher, and its (input, output) pointers whose access widths are reported
+# Vocab-parallel row partials (the first loop of the fused kernel on a slice of the classes)
+PARTIALS_KEYWORDS = {
+    "plain": {},
+    "all": {"weight": True, "smoothing": True, "softcap": 30.0},
+    "prob all": {"prob": True, "weight": True, "smoothing": True, "softcap": 30.0},
+}
+# cross_entropy_backward (the gradient pass from the global lse and coefficient; per-row scales, as the
+# autograd door hands them); "entropy": the gradient of cross_entropy_with_stats' entropy too
+BACKWARD_KEYWORDS = {
+    "plain": {},
+    "entropy": {"entropy": True},
+    "all": {"weight": True, "label_smoothing": 0.1, "softcap": 30.0, "entropy": True},
+    "prob all": {"prob": True, "weight": True, "label_smoothing": 0.1, "softcap": 30.0},
+}
+DISTILLATION_KEYWORDS = {
+    "kl": {"divergence": "kl"},
+    "reverse_kl": {"divergence": "reverse_kl"},
+    "jsd": {"divergence": "jsd"},
+    "kl target": {"divergence": "kl", "target": True},
+    "forward kl": {"divergence": "kl", "grad": False},
+    "forward jsd": {"divergence": "jsd", "grad": False},
+}
+# Each kernel beside its first keyword set at the padded and the odd vocabulary (and one misaligned base)
+ODD_R_KEYWORDS = {
+    "cross_entropy": ("mean", "all", "prob all", "stats", "forward"),
+    "softmax": ("softmax",),
+    "row_partials": ("plain",),
+    "cross_entropy_backward": ("plain",),
+    "distillation": ("kl", "jsd"),
+}
+OFFSET_BASE = "offset base"  # the logits a view one element past a 16-byte boundary: no peel, narrow accesses
+# The kernel of each launcher, and the pointers whose access widths are reported: the inputs read in the
+# hot loops (the narrowest of them) and the output written there (None: no (N, r) output)
 TRITON_IO = {
-    "cross_entropy": ("_cross_entropy_kernel", "logits_ptr", "grad_ptr"),
-    "softmax": ("_softmax_kernel", "x_ptr", "out_ptr"),
-    "bce": ("_bce_kernel", "probs_ptr", "grad_ptr"),
-    "bce_with_logits": ("_bce_logits_kernel", "logits_ptr", "grad_ptr"),
+    "cross_entropy": ("_cross_entropy_kernel", ("logits_ptr",), "grad_ptr"),
+    "softmax": ("_softmax_kernel", ("x_ptr",), "out_ptr"),
+    "bce": ("_bce_kernel", ("probs_ptr",), "grad_ptr"),
+    "bce_with_logits": ("_bce_logits_kernel", ("logits_ptr",), "grad_ptr"),
+    "row_partials": ("_row_partials_kernel", ("logits_ptr",), None),
+    "cross_entropy_backward": ("_cross_entropy_backward_kernel", ("logits_ptr",), "grad_ptr"),
+    "distillation": ("_distillation_kernel", ("student_ptr", "teacher_ptr"), "grad_ptr"),
 }
+ROW_KERNELS = ("cross_entropy", "softmax", "row_partials", "cross_entropy_backward", "distillation")
 
 
 def _compute(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _logits(dtype, n_classes, device, offset=False):
+    """(N_ROWS, n_classes) contiguous logits; ``offset``: a view one element past the allocation's start."""
+    if not offset:
+        return torch.zeros(N_ROWS, n_classes, dtype=dtype, device=device)
+    return torch.zeros(N_ROWS * n_classes + 1, dtype=dtype, device=device)[1:].view(N_ROWS, n_classes)
+
+
+def _targets(kw, n_classes, acc, device):
+    if kw.get("prob", False):
+        return torch.zeros(N_ROWS, n_classes, dtype=acc, device=device)
+    return torch.zeros(N_ROWS, dtype=torch.int64, device=device)
+
+
 def _ce_call(tb, dtype, n_classes, kw, device):
     """The backend call for one cross-entropy keyword set on (N_ROWS, n_classes) contiguous inputs."""
     acc = _compute(dtype)
-    x = torch.zeros(N_ROWS, n_classes, dtype=dtype, device=device)
-    prob = kw.get("prob", False)
-    t_shape, t_dtype = ((N_ROWS, n_classes), acc) if prob else ((N_ROWS,), torch.int64)
-    t = torch.zeros(t_shape, dtype=t_dtype, device=device)
+    x = _logits(dtype, n_classes, device, kw.get("offset", False))
+    t = _targets(kw, n_classes, acc, device)
     w = torch.ones(n_classes, dtype=acc, device=device) if kw.get("weight") else None
+    stats = None
+    if kw.get("stats"):
+        stats = (torch.empty(N_ROWS, dtype=torch.int64, device=device), torch.empty(N_ROWS, dtype=acc, device=device))
     tb.cross_entropy(
         x, t, w, ignore_index=-100, label_smoothing=kw.get("label_smoothing", 0.0), z_loss=kw.get("z_loss", 0.0),
         softcap=kw.get("softcap"), grad_scale=kw.get("grad_scale", torch.ones((), dtype=acc, device=device)),
-        grad=torch.empty_like(x) if kw.get("grad", True) else None,
+        grad=torch.empty(N_ROWS, n_classes, dtype=dtype, device=device) if kw.get("grad", True) else None,
+        stats=stats,
     )  # fmt: skip
 
 
-def _softmax_call(tb, dtype, n_classes, log, device):
-    tb.softmax(torch.zeros(N_ROWS, n_classes, dtype=dtype, device=device), log=log)
+def _softmax_call(tb, dtype, n_classes, kw, device):
+    tb.softmax(_logits(dtype, n_classes, device), log=kw["log"])
+
+
+def _partials_call(tb, dtype, n_classes, kw, device):
+    acc = _compute(dtype)
+    w = torch.ones(n_classes, dtype=acc, device=device) if kw.get("weight") else None
+    tb.row_partials(
+        _logits(dtype, n_classes, device), _targets(kw, n_classes, acc, device), w, ignore_index=-100,
+        softcap=kw.get("softcap"), class_offset=0, smoothing=kw.get("smoothing", False),
+        out=torch.empty(N_ROWS, 5, dtype=acc, device=device),
+    )  # fmt: skip
+
+
+def _backward_call(tb, dtype, n_classes, kw, device):
+    acc = _compute(dtype)
+    x = _logits(dtype, n_classes, device)
+    w = torch.ones(n_classes, dtype=acc, device=device) if kw.get("weight") else None
+    per_row = torch.ones(N_ROWS, dtype=acc, device=device)
+    entropy = per_row if kw.get("entropy") else None
+    tb.cross_entropy_backward(
+        x, _targets(kw, n_classes, acc, device), w, per_row, per_row, entropy, ignore_index=-100,
+        label_smoothing=kw.get("label_smoothing", 0.0), n_classes=n_classes, class_offset=0, softcap=kw.get("softcap"),
+        grad_scale=per_row, entropy_scale=per_row if entropy is not None else None, grad=torch.empty_like(x),
+    )  # fmt: skip
+
+
+def _distillation_call(tb, dtype, n_classes, kw, device):
+    acc = _compute(dtype)
+    s = _logits(dtype, n_classes, device)
+    target = torch.zeros(N_ROWS, dtype=torch.int64, device=device) if kw.get("target") else None
+    tb.distillation(
+        s, torch.zeros_like(s), target, divergence=kw["divergence"], beta=0.5, temperature=2.0, ignore_index=-100,
+        grad_scale=torch.ones(1, dtype=acc, device=device), grad=torch.empty_like(s) if kw.get("grad", True) else None,
+    )  # fmt: skip
 
 
 def _bce_call(tb, dtype, kind, weighted, device):
@@ -293,6 +395,15 @@ def _bce_call(tb, dtype, kind, weighted, device):
         tb.binary_cross_entropy_with_logits(x, y, w, w, grad=torch.empty_like(y))
 
 
+ROW_CALLS = {  # kernel -> (backend call, its keyword sets)
+    "cross_entropy": (_ce_call, CE_KEYWORDS),
+    "softmax": (_softmax_call, {"softmax": {"log": False}, "log_softmax": {"log": True}}),
+    "row_partials": (_partials_call, PARTIALS_KEYWORDS),
+    "cross_entropy_backward": (_backward_call, BACKWARD_KEYWORDS),
+    "distillation": (_distillation_call, DISTILLATION_KEYWORDS),
+}
+
+
 def triton_calls(device="cpu"):
     """(Variant, ``call(tb)``: the backend call that launches it on ``device``) for every Triton variant."""
     calls = []
@@ -301,12 +412,16 @@ def triton_calls(device="cpu"):
         calls.append((Variant("triton", kernel, dtype_name, variant), lambda tb: fn(tb, *args, device)))
 
     for dt_name, dtype in DTYPES.items():
-        for path, r in PATHS.items():
-            for name, kw in CE_KEYWORDS.items():
-                add("cross_entropy", dt_name, f"{path} {name}", _ce_call, dtype, r, kw)
-            for log in (False, True):
-                add("softmax", dt_name, f"{path} {'log_softmax' if log else 'softmax'}", _softmax_call, dtype, r, log)
-        add("cross_entropy", dt_name, f"large-r mean r={UNALIGNED_R}", _ce_call, dtype, UNALIGNED_R, {})
+        for kernel, (fn, keywords) in ROW_CALLS.items():
+            for path, r in PATHS.items():
+                for name, kw in keywords.items():
+                    add(kernel, dt_name, f"{path} {name}", fn, dtype, r, kw)
+            for r in (PADDED_R, UNALIGNED_R):
+                for name in ODD_R_KEYWORDS[kernel]:
+                    add(kernel, dt_name, f"large-r {name} r={r}", fn, dtype, r, keywords[name])
+        add("cross_entropy", dt_name, f"small-r mean r={SMALL_ODD_R}", _ce_call, dtype, SMALL_ODD_R, {})
+        add("cross_entropy", dt_name, f"large-r mean r={UNALIGNED_R} {OFFSET_BASE}", _ce_call, dtype, UNALIGNED_R,
+            {"offset": True})  # fmt: skip
         for kind in ("bce", "bce_with_logits"):
             for weighted in (False, True):
                 add(kind, dt_name, "weighted" if weighted else "plain", _bce_call, dtype, kind, weighted)
@@ -375,12 +490,14 @@ def audit_triton_kernel(kernel_io, signature, compiled, ptxas_log, num_warps) ->
     ptx = compiled.asm["ptx"]
     summary = analyse_ptx(ptx)
     runtime = [name for name, ty in signature.items() if ty != "constexpr"]  # the PTX's parameters, in order
-    src, dst = (runtime.index(p) if p in runtime else None for p in kernel_io[1:])
+    srcs, dst = kernel_io[1], kernel_io[2]
+    loads = [hot_width(summary, runtime.index(p), store=False) for p in srcs if p in runtime]
     shared_bytes = compiled.metadata.shared + usage["static_shared"]
     return {
         "num_warps": num_warps, "regs": usage["regs"], "spill_bytes": usage["spill_bytes"],
         "local_bytes": usage["local_bytes"], "shared_bytes": shared_bytes,
-        "ld_vector_bits": hot_width(summary, src, store=False), "st_vector_bits": hot_width(summary, dst, store=True),
+        "ld_vector_bits": min((b for b in loads if b is not None), default=None),
+        "st_vector_bits": hot_width(summary, runtime.index(dst), store=True) if dst in runtime else None,
         "occupancy": round(occupancy(usage["regs"], shared_bytes, num_warps), 3), "f64_ops": summary.f64_ops,
     }  # fmt: skip
 
@@ -409,23 +526,175 @@ def _run_triton_task(task) -> dict:
 
 
 # --------------------------------------------------------------------------- numba_cuda
+# The kernels and their argument types come from the backend itself, whatever its kernels are: a
+# subprocess under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1) makes one backend call per kernel and
+# input dtype (NUMBA_CALLS) with every kernel launch replaced by a recorder, and every function of
+# gpuxent.backends.numba_cuda wrapped so that each kernel is known by the builder call that made it
+# (``_kernels(float32, True)[0]``: its name, arguments and position). The numba type of each launch
+# argument is what a launch types it as (``numba.typeof``: C-contiguous arrays of the audit's contiguous
+# tensors, int64, bool, float32...). Here, without the simulator, the same builder call gives the kernel
+# again, ``cuda.compile_ptx`` compiles it for those types and ptxas assembles the PTX. A call that
+# launches no kernel or several, a kernel not made by a function of the module, an argument numba
+# cannot type, a rebuilt kernel that is not the recorded one (another name or parameters), or a PTX
+# whose parameters do not match: the audit fails with the reason.
 
-# Argument types of each kernel, by name (checked against the kernel's own parameters): a2/a1 are
-# C-contiguous float arrays of the compute dtype (what a launch on contiguous device arrays sees),
-# i1 an int64 array, f a float of the compute dtype, i an int64, b a bool.
-NUMBA_KERNELS = {  # kernel -> (index in numba_cuda._kernels(dtype), arguments, (input, output))
-    "cross_entropy": (
-        0, "logits:a2 target:i1 probs:a2 weight:a1 grad_scale:a1 grad:a2 loss:a1 lse:a1 argmax:i1 entropy_out:a1 "
-        "ignore_index:i smoothing:f "
-        "eps_r:f z_loss:f softcap:f prob:b has_weight:b want_grad:b threads_per_row:i", ("logits", "grad"),
-    ),
-    "softmax": (1, "x:a2 out:a2 log:b threads_per_row:i", ("x", "out")),
-    "bce": (2, "p:a1 y:a1 w:a1 loss:a1 grad:a1 has_weight:b want_grad:b", ("p", "grad")),
-    "bce_with_logits": (
-        3, "x:a1 y:a1 w:a1 pos_weight:a1 loss:a1 grad:a1 has_weight:b has_pos_weight:b want_grad:b", ("x", "grad"),
-    ),
-}  # fmt: skip
-NUMBA_DTYPES = ("fp32", "fp64")  # half inputs are widened to float32 by torch before the launch
+NUMBA_IO = {  # kernel -> (the input parameter groups read in the hot loops, the output group written there):
+    # a group is the parameter of that name and every parameter named with it and "_" (logits_words)
+    "cross_entropy": (("logits",), "grad"),
+    "softmax": (("x",), "out"),
+    "bce": (("p",), "grad"),
+    "bce_with_logits": (("x",), "grad"),
+    "row_partials": (("logits",), None),
+    "cross_entropy_backward": (("logits",), "grad"),
+    "distillation": (("student", "teacher"), "grad"),
+}
+NUMBA_DTYPES = tuple(DTYPES)  # the input dtypes: each row is the kernel a call on that dtype launches
+NUMBA_RECORD_FLAG = "--record-numba-launches"
+
+
+def numba_calls(nc, dtype: torch.dtype):
+    """(kernel, variant, ``call()``): one call of the backend ``nc`` per kernel on small (N, r) CPU
+    tensors of input ``dtype``, with the arguments of the Triton variants named alike."""
+    acc = _compute(dtype)
+    n, r = 4, 64
+    t = torch.zeros(n, dtype=torch.int64)
+    per_row = torch.ones(n, dtype=acc)
+    ce = {"ignore_index": -100, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": None}
+
+    def x():
+        return torch.zeros(n, r, dtype=dtype)
+
+    def ce_call(stats):
+        out = (torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=acc)) if stats else None
+        nc.cross_entropy(x(), t, None, grad_scale=torch.ones((), dtype=acc), grad=x(), stats=out, **ce)
+
+    def bce(kind):
+        p, y = torch.zeros(n * r, dtype=dtype), torch.zeros(n * r, dtype=acc)
+        if kind == "bce":
+            nc.binary_cross_entropy(p, y, None, grad=torch.empty_like(y))
+        else:
+            nc.binary_cross_entropy_with_logits(p, y, None, None, grad=torch.empty_like(y))
+
+    return [
+        ("cross_entropy", "", lambda: ce_call(False)),
+        ("cross_entropy", "stats", lambda: ce_call(True)),
+        ("softmax", "", lambda: nc.softmax(x(), log=False)),
+        ("bce", "", lambda: bce("bce")),
+        ("bce_with_logits", "", lambda: bce("bce_with_logits")),
+        ("row_partials", "", lambda: nc.row_partials(
+            x(), t, None, ignore_index=-100, softcap=None, class_offset=0, smoothing=False,
+            out=torch.empty(n, 5, dtype=acc))),
+        ("cross_entropy_backward", "", lambda: nc.cross_entropy_backward(
+            x(), t, None, per_row, per_row, None, ignore_index=-100, label_smoothing=0.0, n_classes=r,
+            class_offset=0, softcap=None, grad_scale=per_row, entropy_scale=None, grad=x())),
+        ("distillation", "", lambda: nc.distillation(
+            x(), x(), None, divergence="kl", beta=0.5, temperature=2.0, ignore_index=-100,
+            grad_scale=torch.ones(1, dtype=acc), grad=x())),
+    ]  # fmt: skip
+
+
+def _encode(v):
+    """A builder argument as JSON (numpy dtypes by name)."""
+    import numpy as np
+
+    if isinstance(v, np.dtype):
+        return {"np_dtype": v.name}
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise RuntimeError(f"a numba_cuda kernel builder took {v!r}: the audit cannot rebuild the kernel from it")
+
+
+def _decode(v):
+    import numpy as np
+
+    return np.dtype(v["np_dtype"]) if isinstance(v, dict) else v
+
+
+def _describe(arg) -> list:
+    """A kernel argument's numba type, as a launch types it: ["array", dtype, ndim, layout] or ["scalar", type]."""
+    import numba
+    import numpy as np
+
+    arg = getattr(arg, "_ary", arg)  # the simulator's device array wraps a numpy array
+    ty = numba.typeof(arg)
+    if isinstance(arg, np.ndarray):
+        return ["array", str(ty.dtype), ty.ndim, ty.layout]
+    if isinstance(ty, (numba.types.Integer, numba.types.Float, numba.types.Boolean)):
+        return ["scalar", str(ty)]
+    raise RuntimeError(f"a numba_cuda kernel argument the audit cannot type: {arg!r} ({ty})")
+
+
+def record_numba_launches() -> list[dict]:
+    """Run under NUMBA_ENABLE_CUDASIM=1: every launch of every call of ``numba_calls``, as JSON-ready
+    dicts (kernel, variant, dtype, builder, args, kwargs, index, qualname, params, types)."""
+    from numba.cuda.simulator.kernel import FakeCUDAKernel
+
+    from gpuxent.backends import numba_cuda as nc
+
+    made = {}  # id(kernel's Python function) -> (builder, args, kwargs, index)
+
+    def recording(name, fn):
+        def builder(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            for i, k in enumerate(out if isinstance(out, tuple) else (out,)):
+                if isinstance(k, FakeCUDAKernel) and not k._device:
+                    made[id(k.fn)] = (name, args, kwargs, i if isinstance(out, tuple) else None)
+            return out
+
+        return builder
+
+    launches = []
+    device_call = FakeCUDAKernel.__call__
+
+    def launch(self, *args):
+        if self._device:  # a device function called from a running kernel: none run here
+            return device_call(self, *args)
+        launches.append((self.fn, args))
+
+    patches = [mock.patch.object(FakeCUDAKernel, "__call__", launch)]
+    for name, fn in vars(nc).items():
+        if inspect.isfunction(inspect.unwrap(fn)) and getattr(fn, "__module__", None) == nc.__name__:
+            patches.append(mock.patch.object(nc, name, recording(name, fn)))
+    out = []
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        for dt_name, dtype in DTYPES.items():
+            for kernel, variant, call in numba_calls(nc, dtype):
+                launches.clear()
+                call()
+                what = f"numba_cuda.{kernel} on {dt_name} ({variant or 'plain'})"
+                if len(launches) != 1:
+                    raise RuntimeError(f"{what}: expected one kernel launch, got {len(launches)}")
+                fn, args = launches[0]
+                if id(fn) not in made:
+                    raise RuntimeError(f"{what}: kernel {fn.__qualname__} was not made by a function of numba_cuda")
+                builder, b_args, b_kwargs, index = made[id(fn)]
+                params = list(inspect.signature(fn).parameters)
+                if len(params) != len(args):
+                    raise RuntimeError(f"{what}: {fn.__qualname__} takes {params}, launched with {len(args)} arguments")
+                out.append({
+                    "kernel": kernel, "variant": variant, "dtype": dt_name, "builder": builder,
+                    "args": [_encode(a) for a in b_args], "kwargs": {k: _encode(v) for k, v in b_kwargs.items()},
+                    "index": index, "qualname": fn.__qualname__, "params": params,
+                    "types": [_describe(a) for a in args],
+                })  # fmt: skip
+    return out
+
+
+def numba_launches() -> list[dict]:
+    """``record_numba_launches`` in a subprocess under the simulator (this process compiles without it)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["NUMBA_ENABLE_CUDASIM"] = "1"
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), NUMBA_RECORD_FLAG], env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"recording the numba_cuda launches failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _numba_setup():
@@ -450,25 +719,12 @@ def _numba_setup():
         raise RuntimeError("numba.cuda has no NVVM (libnvvm) to compile with")
 
 
-def _numba_signature(kernel, spec: str, dtype_name: str):
-    """(numba argument types, parameter names, {name: first PTX parameter index})."""
-    import inspect
-
+def _numba_type(desc):
     from numba import types as T
 
-    ft = T.float64 if dtype_name == "fp64" else T.float32
-    kinds = {"a2": T.Array(ft, 2, "C"), "a1": T.Array(ft, 1, "C"), "i1": T.Array(T.int64, 1, "C")}
-    kinds |= {"f": ft, "i": T.int64, "b": T.boolean}
-    names, types = zip(*(item.split(":") for item in spec.split()))
-    declared = list(inspect.signature(kernel.py_func).parameters)
-    if list(names) != declared:
-        raise RuntimeError(f"{kernel.py_func.__name__}: parameters {declared}, the audit expects {list(names)}")
-    # A numba array is flattened into (meminfo, parent, nitems, itemsize, data, shape..., strides...)
-    first, index = {}, 0
-    for name, kind in zip(names, types):
-        first[name] = index
-        index += 5 + 2 * kinds[kind].ndim if kind.startswith(("a", "i1")) else 1
-    return tuple(kinds[k] for k in types), names, first, index
+    if desc[0] == "array":
+        return T.Array(getattr(T, desc[1]), desc[2], desc[3])
+    return getattr(T, desc[1])
 
 
 def numba_block_threads(kernel: str, path: str | None) -> int:
@@ -481,43 +737,94 @@ def numba_block_threads(kernel: str, path: str | None) -> int:
     return tpr * rows_per_block
 
 
-def _run_numba_task(task) -> list[dict]:
-    """Rows of one numba_cuda kernel (one per launch layout: the PTX is the same)."""
-    import numpy as np
+def _group(params, names) -> list[str]:
+    """The parameters of the groups ``names`` (see NUMBA_IO); a group that matches none is an error."""
+    out = []
+    for name in names:
+        mine = [p for p in params if p == name or p.startswith(name + "_")]
+        if not mine:
+            raise RuntimeError(f"no parameter {name} (or {name}_*) among {params}: update NUMBA_IO")
+        out += mine
+    return out
 
+
+def _run_numba_task(task) -> list[dict]:
+    """Rows of one numba_cuda kernel: compiled once, one row per (kernel, dtype, variant) that launches
+    it and per launch layout (the PTX is the same)."""
     _numba_setup()
     from numba import cuda
 
     from gpuxent.backends import numba_cuda as nc
 
-    kernel_name, dtype_name = task
-    index, spec, (src, dst) = NUMBA_KERNELS[kernel_name]
-    kernel = nc._kernels(np.dtype(np.float64 if dtype_name == "fp64" else np.float32))[index]
-    sig, names, first, n_params = _numba_signature(kernel, spec, dtype_name)
+    first, labels, only = task
+    what = f"numba_cuda.{first['builder']}(...)[{first['index']}] ({first['qualname']})"
+    kwargs = {k: _decode(v) for k, v in first["kwargs"].items()}
+    built = getattr(nc, first["builder"])(*map(_decode, first["args"]), **kwargs)
+    kernel = built if first["index"] is None else built[first["index"]]
+    params = list(inspect.signature(kernel.py_func).parameters)
+    if kernel.py_func.__qualname__ != first["qualname"] or params != first["params"]:
+        raise RuntimeError(f"{what}: rebuilt as {kernel.py_func.__qualname__}{params}, recorded {first['params']}")
+    sig = tuple(_numba_type(d) for d in first["types"])
     ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(ARCH // 10, ARCH % 10))
     summary = analyse_ptx(ptx)
-    if summary.n_params != n_params:
-        raise RuntimeError(f"{kernel_name}: the PTX has {summary.n_params} parameters, the audit counts {n_params}")
+    # a numba array is flattened into (meminfo, parent, nitems, itemsize, data, shape..., strides...)
+    index, data = 0, {}
+    for name, ty in zip(params, sig):
+        if hasattr(ty, "ndim"):
+            data[name] = index + 4
+            index += 5 + 2 * ty.ndim
+        else:
+            index += 1
+    if summary.n_params != index:
+        raise RuntimeError(f"{what}: the PTX has {summary.n_params} parameters, the audit counts {index}")
     usage = ptxas_usage(ptx, f"sm_{ARCH}")
-    data = {name: first[name] + 4 for name in (src, dst)}  # the data pointer of an array
+    srcs, dst = NUMBA_IO[first["kernel"]]
+    arrays = [p for p, ty in zip(params, sig) if hasattr(ty, "ndim")]
+    loads = [hot_width(summary, data[p], store=False) for p in _group(arrays, srcs)]
+    stores = [hot_width(summary, data[p], store=True) for p in _group(arrays, (dst,))] if dst else []
+    ld_bits = min((b for b in loads if b is not None), default=None)
+    st_bits = min((b for b in stores if b is not None), default=None)
+    reads = first["types"][params.index(_group(arrays, srcs)[0])][1]  # the dtype a kernel reads its input in
     rows = []
-    for path in ("large-r", "small-r") if kernel_name in ("cross_entropy", "softmax") else (None,):
-        warps = numba_block_threads(kernel_name, path) // 32
-        row = {
-            "num_warps": warps, "regs": usage["regs"], "spill_bytes": usage["spill_bytes"],
-            "local_bytes": usage["local_bytes"], "shared_bytes": usage["static_shared"],
-            "ld_vector_bits": hot_width(summary, data[src], store=False),
-            "st_vector_bits": hot_width(summary, data[dst], store=True),
-            "occupancy": round(occupancy(usage["regs"], usage["static_shared"], warps), 3),
-            "f64_ops": summary.f64_ops,
-        }  # fmt: skip
-        v = Variant("numba_cuda", kernel_name, dtype_name, path or "plain")
-        rows.append(_row(v, row))
+    for kernel_name, dtype_name, variant in labels:
+        row_kernel = kernel_name in ROW_KERNELS
+        for path in ("large-r", "small-r") if row_kernel else (None,):
+            warps = numba_block_threads(kernel_name, path) // 32
+            row = {
+                "num_warps": warps, "regs": usage["regs"], "spill_bytes": usage["spill_bytes"],
+                "local_bytes": usage["local_bytes"], "shared_bytes": usage["static_shared"],
+                "ld_vector_bits": ld_bits, "st_vector_bits": st_bits,
+                "occupancy": round(occupancy(usage["regs"], usage["static_shared"], warps), 3),
+                "f64_ops": summary.f64_ops,
+            }  # fmt: skip
+            name = " ".join(x for x in (path or "plain", variant) if x)
+            if only not in Variant("numba_cuda", kernel_name, dtype_name, name).key:
+                continue
+            out = _row(Variant("numba_cuda", kernel_name, dtype_name, name), row)
+            out["numba_kernel"] = f"{first['builder']}({', '.join(map(str, first['args']))})[{first['index']}]"
+            out["reads"] = reads
+            rows.append(out)
     return rows
 
 
 def numba_tasks(only: str = ""):
-    return [(k, d) for k in NUMBA_KERNELS for d in NUMBA_DTYPES if only in f"numba_cuda {k} {d}"]
+    """One task per distinct numba_cuda kernel: (its first recorded launch, the (kernel, dtype, variant)
+    labels of every launch of it) for the launches whose "numba_cuda kernel dtype" contains ``only``."""
+    tasks: dict[str, tuple] = {}
+    for launch in numba_launches():
+        key = json.dumps([launch["builder"], launch["args"], launch["kwargs"], launch["index"]])
+        label = (launch["kernel"], launch["dtype"], launch["variant"])
+        if not any(only in Variant("numba_cuda", *label[:2], name).key for name in _numba_variant_names(*label)):
+            continue
+        if key in tasks and tasks[key][0]["types"] != launch["types"]:
+            raise RuntimeError(f"{launch['qualname']}: launched with different argument types; the audit compiles one")
+        tasks.setdefault(key, (launch, [], only))[1].append(label)
+    return list(tasks.values())
+
+
+def _numba_variant_names(kernel: str, dtype: str, variant: str) -> list[str]:
+    paths = ("large-r", "small-r") if kernel in ROW_KERNELS else ("plain",)
+    return [f"{path} {variant}".strip() for path in paths]
 
 
 # --------------------------------------------------------------------------- the audit
@@ -555,7 +862,10 @@ def audit(backends=("triton", "numba_cuda"), jobs: int = 1, only: str = "") -> l
         except RuntimeError as exc:  # no NVVM here: said on stderr, the Triton rows stand
             print(f"# numba_cuda not audited: {exc}", file=sys.stderr)
         else:
-            rows += [r for rs in _map(_run_numba_task, numba_tasks(only), jobs) for r in rs]
+            numba_rows = [r for rs in _map(_run_numba_task, numba_tasks(only), jobs) for r in rs]
+            order = {k: i for i, k in enumerate(NUMBA_IO)}
+            numba_rows.sort(key=lambda r: (NUMBA_DTYPES.index(r["dtype"]), order[r["kernel"]], r["variant"]))
+            rows += numba_rows
     return rows
 
 
@@ -602,84 +912,182 @@ def toolchain() -> str:
 # --------------------------------------------------------------------------- byte model
 # Beside the project's byte model (gpuxent.bench.bytes_moved: the minimum traffic, which every GB/s
 # figure divides by), the traffic each kernel really makes, per logit element, as streams (what,
-# bytes, "r" or "w"), with the host-side dtype conversions around it. The gradient pass reads each
-# row a second time; that read comes from L2 only while the rows in flight (programs resident on all
-# SMs x row bytes, from the audit's occupancy) fit in about half of it, else from DRAM.
+# bytes, "r" or "w"), with the host-side dtype conversions around it. A kernel that walks a row again
+# ("pass 2", "pass 3") reads it from L2 only while the rows in flight (programs resident on all SMs x
+# the bytes of one pass over their rows, from the audit's occupancy) fit in about half of it, else from
+# DRAM. A read by another kernel (the vocab-parallel gradient pass after the row partials) is from DRAM.
 
 GPUS = {  # spec-sheet peak bandwidth; both have 132 SMs and 50 MB of L2
     "H100": {"tbps": 3.35, "sms": 132, "l2_mb": 50},
     "H200": {"tbps": 4.8, "sms": 132, "l2_mb": 50},
 }
 
+# (kernel, variant, passes): the byte model's entries. "stats": cross_entropy_with_stats (the same
+# streams: its argmax and entropy are O(N)); cross_entropy_backward "fwd+bwd": the vocab-parallel step of
+# one rank, row_partials then cross_entropy_backward; distillation "kl" (and reverse_kl: the same) and "jsd".
+MODEL_ENTRIES = (
+    ("cross_entropy", "", ("fwd", "fwd+bwd")),
+    ("cross_entropy", "stats", ("fwd", "fwd+bwd")),
+    ("softmax", "", ("fwd",)),
+    ("row_partials", "", ("fwd",)),
+    ("cross_entropy_backward", "", ("fwd+bwd",)),
+    ("distillation", "kl", ("fwd", "fwd+bwd")),
+    ("distillation", "jsd", ("fwd", "fwd+bwd")),
+)
+LOGITS_STREAMS = ("logits", "x", "input", "student", "teacher")  # reads of these are passes over the inputs
 
-LOGITS_STREAMS = ("logits", "x", "input")  # reads of these are passes over the logits (or their copy)
 
-
-def traffic(backend: str, kernel: str, pass_: str, elt: int, acc: int) -> list[tuple[str, int, str]]:
-    """The streams of one call per element: ``elt`` bytes per input element, ``acc`` per compute value."""
-    widen = elt != acc
+def traffic(
+    backend: str, kernel: str, pass_: str, elt: int, acc: int, variant: str = "", widens: bool | None = None
+) -> list[tuple[str, int, str]]:
+    """The streams of one call per element: ``elt`` bytes per input element, ``acc`` per compute value.
+    ``widens``: whether the backend's kernels read half inputs in the compute dtype, which torch makes
+    before the launch (and the gradient written in it, narrowed after); default: numba_cuda does."""
+    widens = (backend == "numba_cuda" if widens is None else widens) and elt != acc
+    read = acc if widens else elt
     streams = []
-    if backend == "numba_cuda" and widen:  # no half kernels: torch widens the input first
-        streams += [("input (widening copy)", elt, "r"), ("widened input", acc, "w")]
-    read = elt if backend == "triton" else acc
+
+    def widen(what="input"):
+        if widens:
+            streams.extend([(f"{what} (widening copy)", elt, "r"), (f"widened {what}", acc, "w")])
+
+    def gradient():
+        streams.append(("gradient", read, "w"))
+        if widens:  # written in the compute dtype, then narrowed
+            streams.extend([("gradient (narrowing copy)", acc, "r"), ("gradient in the input dtype", elt, "w")])
+
     if kernel == "cross_entropy":
+        widen()
         streams.append(("logits, pass 1", read, "r"))
         if pass_ == "fwd+bwd":
-            streams += [("logits, pass 2", read, "r"), ("gradient", read, "w")]
-            if backend == "numba_cuda" and widen:  # the gradient is written in float32, then narrowed
-                streams += [("gradient (narrowing copy)", acc, "r"), ("gradient in the input dtype", elt, "w")]
+            streams.append(("logits, pass 2", read, "r"))
+            gradient()
     elif kernel == "softmax":  # out in the compute dtype; gpuxent.functional converts it to the input's
+        widen()
         streams += [("x, pass 1", read, "r"), ("x, pass 2", read, "r"), ("out", acc, "w")]
-        if widen:
+        if elt != acc:
             streams += [("out (narrowing copy)", acc, "r"), ("out in the input dtype", elt, "w")]
+    elif kernel == "row_partials":
+        widen()
+        streams.append(("logits, pass 1", read, "r"))
+    elif kernel == "cross_entropy_backward":  # the rank's step: row_partials, then this kernel
+        widen()
+        streams.append(("logits, pass 1 (row_partials)", read, "r"))
+        widen()  # each of the two calls widens its own copy
+        streams.append(("logits (cross_entropy_backward, another kernel)", read, "r"))
+        gradient()
+    elif kernel == "distillation":
+        widen("student")
+        widen("teacher")
+        loops = (1 if pass_ == "fwd" else 2) + (variant == "jsd")
+        for k in range(1, loops + 1):
+            streams += [(f"student, pass {k}", read, "r"), (f"teacher, pass {k}", read, "r")]
+        if pass_ == "fwd+bwd":
+            gradient()
     else:
         raise ValueError(f"no byte model for {kernel}")
     return streams
 
 
-def _resident_rows(audit_rows, backend, kernel, dtype) -> int | None:
-    """Rows in flight per SM on the large-r path (one row per block), from the audit's occupancy."""
-    variant = {"cross_entropy": "large-r mean", "softmax": "large-r softmax"}[kernel]
-    if backend == "numba_cuda":
-        variant, dtype = "large-r", "fp64" if dtype == "fp64" else "fp32"
+def minimum_bytes(kernel: str, pass_: str, n_rows: int, n_classes: int, elt: int) -> int:
+    """The least traffic of an entry: the project's byte model (each input read once, the gradient written
+    once); softmax: its input read once and its output written once, in the input dtype."""
+    from gpuxent.bench import bytes_moved
+
+    if kernel == "softmax":
+        return 2 * n_rows * n_classes * elt
+    if kernel == "distillation":
+        return bytes_moved(n_rows, n_classes, elt, pass_, op="distillation")
+    return bytes_moved(n_rows, n_classes, elt, pass_)
+
+
+MODEL_VARIANTS = {  # the audit row whose occupancy gives the rows in flight of an entry (large-r path)
+    ("triton", "cross_entropy", ""): "large-r mean",
+    ("triton", "cross_entropy", "stats"): "large-r stats",
+    ("triton", "softmax", ""): "large-r softmax",
+    ("triton", "row_partials", ""): "large-r plain",
+    ("triton", "cross_entropy_backward", ""): "large-r plain",
+    ("triton", "distillation", "kl"): "large-r kl",
+    ("triton", "distillation", "jsd"): "large-r jsd",
+    ("numba_cuda", "cross_entropy", "stats"): "large-r stats",
+}
+
+
+def _audit_row(audit_rows, backend, kernel, dtype, variant) -> dict | None:
+    name = MODEL_VARIANTS.get((backend, kernel, variant), "large-r")
     for r in audit_rows:
-        if (r["backend"], r["kernel"], r["dtype"], r["variant"]) == (backend, kernel, dtype, variant):
-            return round(r["occupancy"] * MAX_WARPS_PER_SM / r["num_warps"])
+        if (r["backend"], r["kernel"], r["dtype"], r["variant"]) == (backend, kernel, dtype, name):
+            return r
     return None
 
 
-def byte_model(audit_rows, n_rows=16384, n_classes=131072, dtype="bf16") -> list[dict]:
-    """Predicted traffic and time of each logits kernel at one size, on an H100 and an H200."""
-    from gpuxent.bench import bytes_moved
+def _resident_rows(audit_rows, backend, kernel, dtype, variant="") -> int | None:
+    """Rows in flight per SM on the large-r path (one row per block), from the audit's occupancy."""
+    r = _audit_row(audit_rows, backend, kernel, dtype, variant)
+    return None if r is None else round(r["occupancy"] * MAX_WARPS_PER_SM / r["num_warps"])
 
+
+def numba_widens(audit_rows, dtype: str) -> bool | None:
+    """Whether numba_cuda's cross-entropy kernel reads ``dtype`` input in another dtype (a widened copy),
+    from the audit's record of its launch; None where numba_cuda was not audited."""
+    r = _audit_row(audit_rows, "numba_cuda", "cross_entropy", dtype, "")
+    if r is None or "reads" not in r:
+        return None
+    import numpy as np
+
+    reads = np.dtype(r["reads"]).itemsize
+    return reads != DTYPES[dtype].itemsize
+
+
+def byte_model(audit_rows, n_rows=16384, n_classes=131072, dtype="bf16") -> list[dict]:
+    """Predicted traffic and time of each row kernel at one size, on an H100 and an H200 (numba_cuda's
+    entries only where the audit has its kernels: whether it widens half inputs comes from them)."""
     elt = DTYPES[dtype].itemsize
     acc = _compute(DTYPES[dtype]).itemsize
     n = n_rows * n_classes
     out = []
     for backend in ("triton", "numba_cuda"):
-        for kernel, passes in (("cross_entropy", ("fwd", "fwd+bwd")), ("softmax", ("fwd",))):
+        widens = False if backend == "triton" else numba_widens(audit_rows, dtype)
+        if widens is None:
+            continue
+        for kernel, variant, passes in MODEL_ENTRIES:
             for pass_ in passes:
-                streams = traffic(backend, kernel, pass_, elt, acc)
+                streams = traffic(backend, kernel, pass_, elt, acc, variant, widens)
                 row = {
-                    "backend": backend, "kernel": kernel, "pass": pass_, "streams": streams,
+                    "backend": backend, "kernel": kernel, "variant": variant, "pass": pass_, "dtype": dtype,
+                    "n_rows": n_rows, "n_classes": n_classes, "streams": streams,
                     "read": sum(b for _, b, rw in streams if rw == "r"),
                     "write": sum(b for _, b, rw in streams if rw == "w"),
                     "passes": sum(1 for what, _, rw in streams if rw == "r" and what.startswith(LOGITS_STREAMS)),
-                    "min_bytes": bytes_moved(n_rows, n_classes, elt, pass_) if kernel == "cross_entropy" else None,
+                    "min_bytes": minimum_bytes(kernel, pass_, n_rows, n_classes, elt),
                 }  # fmt: skip
-                resident = _resident_rows(audit_rows, backend, kernel, dtype)
-                reread = sum(b for what, b, _ in streams if "pass 2" in what)
+                resident = _resident_rows(audit_rows, backend, kernel, dtype, variant)
+                one_pass = sum(b for what, b, _ in streams if "pass 1" in what)
+                reread = sum(b for what, b, _ in streams if re.search(r"pass [2-9]", what))
                 row["in_flight_mb"] = None
                 if resident is not None and reread:
-                    row["in_flight_mb"] = resident * GPUS["H100"]["sms"] * n_classes * reread / 1e6
+                    row["in_flight_mb"] = resident * GPUS["H100"]["sms"] * n_classes * one_pass / 1e6
                 from_l2 = row["in_flight_mb"] is not None and row["in_flight_mb"] < GPUS["H100"]["l2_mb"] / 2
-                row["reread_from"] = "-" if not reread else "L2" if from_l2 else "DRAM"
+                other_kernel = any("another kernel" in what for what, _, _ in streams)
+                row["reread_from"] = "DRAM" if other_kernel else "-" if not reread else "L2" if from_l2 else "DRAM"
                 row["dram_bytes"] = (row["read"] + row["write"] - (reread if from_l2 else 0)) * n
                 for name, gpu in GPUS.items():
                     row[f"ms_{name}"] = row["dram_bytes"] / (gpu["tbps"] * 1e9)
-                    row[f"min_ms_{name}"] = row["min_bytes"] / (gpu["tbps"] * 1e9) if row["min_bytes"] else None
+                    row[f"min_ms_{name}"] = row["min_bytes"] / (gpu["tbps"] * 1e9)
                 out.append(row)
     return out
+
+
+def byte_model_json(row: dict) -> dict:
+    """One byte-model entry as a JSON line of ``--json``."""
+    return {
+        "kind": "byte_model", "backend": row["backend"], "kernel": row["kernel"], "variant": row["variant"],
+        "pass": row["pass"], "dtype": row["dtype"], "n_rows": row["n_rows"], "n_classes": row["n_classes"],
+        "read_bytes_per_element": row["read"], "write_bytes_per_element": row["write"], "passes": row["passes"],
+        "reread_from": row["reread_from"], "dram_gb": round(row["dram_bytes"] / 1e9, 4),
+        "minimum_gb": round(row["min_bytes"] / 1e9, 4), "ms_H100": round(row["ms_H100"], 4),
+        "ms_H200": round(row["ms_H200"], 4), "streams": [list(st) for st in row["streams"]],
+    }  # fmt: skip
 
 
 def byte_model_markdown(model, n_rows=16384, n_classes=131072, dtype="bf16") -> str:
@@ -690,24 +1098,24 @@ def byte_model_markdown(model, n_rows=16384, n_classes=131072, dtype="bf16") -> 
         f"PREDICTIONS, not measurements: {n_rows} x {n_classes} {dtype}, DRAM bytes over the spec-sheet peak "
         f"bandwidth (H100 {GPUS['H100']['tbps']} TB/s, H200 {GPUS['H200']['tbps']} TB/s); a device copy reaches "
         'about 90% of peak, so measured times should be about 10% longer at best. "minimum" is the project\'s '
-        "byte model (`gpuxent.bench.bytes_moved`, what GB/s figures divide by).",
+        "byte model (`gpuxent.bench.bytes_moved`, what GB/s figures divide by; softmax: read once, written once).",
         "",
-        "| backend | kernel | pass | read B/elt | write B/elt | passes over the logits | rows in flight (MB) "
+        "| backend | kernel | pass | read B/elt | write B/elt | passes over the inputs | rows in flight (MB) "
         "| 2nd read from | DRAM GB | H100 ms | H200 ms | minimum GB | minimum H100 ms | minimum H200 ms |",
         "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in model:
         flight = "-" if r["in_flight_mb"] is None else f"{r['in_flight_mb']:.0f}"
-        mn = "-" if r["min_bytes"] is None else f"{r['min_bytes'] / 1e9:.2f}"
+        kernel = f"{r['kernel']} {r['variant']}".strip()
         lines.append(
-            f"| {r['backend']} | {r['kernel']} | {r['pass']} | {r['read']} | {r['write']} | {r['passes']} | {flight} "
-            f"| {r['reread_from']} | {r['dram_bytes'] / 1e9:.2f} | {ms(r['ms_H100'])} | {ms(r['ms_H200'])} | {mn} "
-            f"| {ms(r['min_ms_H100'])} | {ms(r['min_ms_H200'])} |"
+            f"| {r['backend']} | {kernel} | {r['pass']} | {r['read']} | {r['write']} | {r['passes']} | {flight} "
+            f"| {r['reread_from']} | {r['dram_bytes'] / 1e9:.2f} | {ms(r['ms_H100'])} | {ms(r['ms_H200'])} "
+            f"| {r['min_bytes'] / 1e9:.2f} | {ms(r['min_ms_H100'])} | {ms(r['min_ms_H200'])} |"
         )
     lines += ["", "Streams per element:", ""]
     for r in model:
         desc = ", ".join(f"{'read' if rw == 'r' else 'write'} {what} ({b} B)" for what, b, rw in r["streams"])
-        lines.append(f"- {r['backend']} {r['kernel']} {r['pass']}: {desc}")
+        lines.append(f"- {r['backend']} {r['kernel']} {r['variant']} {r['pass']}: {desc}".replace("  ", " "))
     return "\n".join(lines)
 
 
@@ -721,9 +1129,12 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help='only variants whose "backend kernel dtype variant" contains this')
     args = p.parse_args(argv)
     rows = audit(tuple(args.backend or ("triton", "numba_cuda")), args.jobs, args.only)
-    if args.json:
+    if args.json:  # the audit's rows ("kind": "audit"), then the byte model's entries for every dtype
         for r in rows:
-            print(json.dumps(r))
+            print(json.dumps({"kind": "audit", **r}))
+        for dtype in DTYPES:
+            for entry in byte_model(rows, dtype=dtype):
+                print(json.dumps(byte_model_json(entry)))
     elif args.markdown:
         print(f"Toolchain: {toolchain()}\n")
         print(table(rows, markdown=True))
@@ -737,4 +1148,7 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # gpuxent from this checkout
+    if sys.argv[1:] == [NUMBA_RECORD_FLAG]:  # the simulator subprocess of numba_launches()
+        print(json.dumps(record_numba_launches()))
+        sys.exit(0)
     sys.exit(main())
