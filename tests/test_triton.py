@@ -320,6 +320,178 @@ def test_bce_with_logits_elementwise(tb, rng, dtype, pos_weight):
     assert_close(g, x64.grad, dtype, "grad")
 
 
+# --------------------------------------------------------------------------- odd row lengths (peeled rows)
+# A row length the JIT cannot see 16-byte aligned (odd r: GPT-2's 50257) is peeled: a masked edge chunk
+# (the head before the row's first 16-byte-aligned element, the tail after its last whole 16 bytes) and
+# an aligned body in BLOCK chunks. Shapes: r = 2 and 5 (several rows per program, heads longer than the
+# row), 37 (one chunk, r < BLOCK), 1001 (many chunks); the references are the torch backend in float64.
+ODD_R = [(4, 2), (5, 5), (3, 37), (3, 1001)]
+ODD_IDS = [f"{n}x{r}" for n, r in ODD_R]
+
+
+def torch_ops():
+    return backends.get("torch")
+
+
+def wide(t):
+    """A float64 CPU copy (of the rounded half values, for half tensors); other tensors as they are."""
+    return t.detach().cpu().double() if t is not None and t.is_floating_point() else t if t is None else t.cpu()
+
+
+def poisoned(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+def test_odd_rows_are_peeled(tb):
+    """The peel is on for odd r on an aligned base, off where the JIT already sees aligned rows and where
+    the base itself is off 16 bytes (nothing to align to)."""
+    for dtype in DTYPES:
+        vec = 16 // torch.empty((), dtype=dtype).element_size()
+        for n, r in ODD_R:
+            assert tb._peel(torch.zeros(n, r, dtype=dtype, device=DEVICE), r) == vec
+        assert tb._peel(torch.zeros(3, 64, dtype=dtype, device=DEVICE), 64) == 0
+        assert tb._peel(torch.zeros(3 * 37 + 1, dtype=dtype, device=DEVICE)[1:].view(3, 37), 37) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+@pytest.mark.parametrize("spec", ["plain", "all"])
+@pytest.mark.parametrize("n, r", ODD_R, ids=ODD_IDS)
+def test_odd_rows_match_reference(tb, rng, n, r, spec, prob, dtype):
+    """Every keyword on peeled rows, with a per-row grad_scale and the row statistics."""
+    opts = dict(KEYWORDS[spec])
+    weighted, ignore = opts.pop("weighted", False), opts.pop("ignore", False) and not prob
+    x, t, w = make_inputs(rng, n, r, dtype, prob, weighted, ignore)
+    assert tb._peel(x, r)
+    scale = torch.as_tensor(rng.random(n) + 0.5, dtype=ACC[dtype]).to(DEVICE)
+    stats = (torch.full((n,), -7, dtype=torch.int64, device=DEVICE), poisoned((n,), ACC[dtype]))
+    g = poisoned((n, r), dtype)
+    kw = {"ignore_index": -100, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": None, **opts}
+    loss, lse = tb.cross_entropy(x, t, w, grad_scale=scale, grad=g, stats=stats, **kw)
+    ref_stats = (torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.float64))
+    ref_g = torch.empty(n, r, dtype=torch.float64)
+    ref_loss, ref_lse = torch_ops().cross_entropy(
+        wide(x), wide(t), wide(w), grad_scale=wide(scale), grad=ref_g, stats=ref_stats, **kw
+    )
+    assert_close(loss, ref_loss, dtype, "loss")
+    assert_close(lse, ref_lse, dtype, "lse")
+    assert_close(g, ref_g, dtype, "grad")
+    kept = ref_lse != 0 if not prob else torch.ones(n, dtype=torch.bool)
+    assert torch.equal(stats[0].cpu()[kept], ref_stats[0][kept]), "argmax"
+    assert_close(stats[1].cpu()[kept], ref_stats[1][kept], dtype, "entropy")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_odd_rows_argmax_first_of_ties_in_head_body_and_tail(tb, dtype):
+    """The edge chunk (head and tail) runs before the body: ties between a tail, a body and a head
+    column still give the first index, as torch.argmax."""
+    n, r = 4, 1001
+    x = torch.zeros(n, r, dtype=dtype, device=DEVICE)
+    x[0, [1, 500, r - 1]] = 3.0  # head (row 0 starts aligned: no head; column 1 is in the body), body, tail
+    x[1, [2, 700, r - 2]] = 3.0
+    x[2, [r - 1, 600]] = 3.0
+    x[3, [r - 1]] = 3.0
+    t = torch.zeros(n, dtype=torch.int64, device=DEVICE)
+    stats = (torch.full((n,), -7, dtype=torch.int64, device=DEVICE), poisoned((n,), ACC[dtype]))
+    tb.cross_entropy(
+        x, t, None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, grad_scale=None, grad=None,
+        stats=stats,
+    )  # fmt: skip
+    assert stats[0].cpu().tolist() == [1, 2, 600, r - 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("n, r", ODD_R, ids=ODD_IDS)
+def test_odd_rows_inplace_and_shifted_gradient(tb, rng, n, r, dtype):
+    """In place (the gradient is the logits) and into a buffer whose rows lie differently from the
+    logits' (another row stride: its accesses cannot share the logits' alignment); the padding stays."""
+    x, t, w = make_inputs(rng, n, r, dtype, weighted=True, ignore=True)
+    kw = {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0}
+    ref_g = torch.empty(n, r, dtype=torch.float64)
+    ref_loss, _ = torch_ops().cross_entropy(wide(x), wide(t), wide(w), grad_scale=0.5, grad=ref_g, **kw)
+    gbig = poisoned((n, r + 3), dtype)
+    g = gbig[:, :r]
+    loss, _ = tb.cross_entropy(x.clone(), t, w, grad_scale=0.5, grad=g, **kw)
+    assert_close(loss, ref_loss, dtype, "loss")
+    assert_close(g, ref_g, dtype, "shifted grad")
+    assert gbig[:, r:].isnan().all()
+    loss, _ = tb.cross_entropy(x, t, w, grad_scale=0.5, grad=x, **kw)
+    assert_close(loss, ref_loss, dtype, "loss in place")
+    assert_close(x, ref_g, dtype, "in-place grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("n, r", ODD_R, ids=ODD_IDS)
+def test_odd_rows_softmax(tb, rng, n, r, log, dtype):
+    x = torch.as_tensor(rng.standard_normal((n, r)) * 4).to(dtype).to(DEVICE)
+    assert tb._peel(x, r)
+    out = tb.softmax(x, log=log)
+    assert_close(out, torch_ops().softmax(wide(x), log=log), dtype, "softmax")
+
+
+PARTIALS_SPECS = {
+    "plain": {},
+    "all": {"weight": True, "smoothing": True, "softcap": 4.0},
+    "prob all": {"prob": True, "weight": True, "smoothing": True, "softcap": 4.0},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("spec", list(PARTIALS_SPECS))
+@pytest.mark.parametrize("n, r", ODD_R, ids=ODD_IDS)
+def test_odd_rows_vocab_parallel_kernels(tb, rng, n, r, spec, dtype):
+    """row_partials and cross_entropy_backward on a peeled slice of the classes (class_offset: some
+    targets fall outside it), per-row scales and the entropy's gradient."""
+    opts = PARTIALS_SPECS[spec]
+    prob = opts.get("prob", False)
+    x, t, w = make_inputs(rng, n, r, dtype, prob, opts.get("weight", False), ignore=not prob)
+    offset = 0 if prob else 3
+    if not prob:
+        t = torch.where(t >= 0, t + offset - 1, t)  # column offset - 1 lies before this slice
+    kw = {"ignore_index": -100, "softcap": opts.get("softcap"), "class_offset": offset}
+    out = poisoned((n, 5), ACC[dtype])
+    tb.row_partials(x, t, w, smoothing=opts.get("smoothing", False), out=out, **kw)
+    ref = torch.empty(n, 5, dtype=torch.float64)
+    torch_ops().row_partials(wide(x), wide(t), wide(w), smoothing=opts.get("smoothing", False), out=ref, **kw)
+    assert_close(out, ref, dtype, "partials", scale=10 if dtype == torch.bfloat16 else 1)
+
+    lse = torch.as_tensor(rng.random(n) + np.log(r), dtype=ACC[dtype]).to(DEVICE)
+    coef = torch.as_tensor(rng.random(n) + 0.5, dtype=ACC[dtype]).to(DEVICE)
+    entropy = torch.as_tensor(rng.random(n), dtype=ACC[dtype]).to(DEVICE)
+    scale = torch.as_tensor(rng.random(n) + 0.5, dtype=ACC[dtype]).to(DEVICE)
+    eps = 0.1 if opts.get("smoothing") else 0.0
+    bkw = dict(kw, label_smoothing=eps, n_classes=r + 7, grad_scale=scale, entropy_scale=scale)
+    g = poisoned((n, r), dtype)
+    tb.cross_entropy_backward(x, t, w, lse, coef, entropy, grad=g, **bkw)
+    ref_g = torch.empty(n, r, dtype=torch.float64)
+    bkw_ref = dict(bkw, grad_scale=wide(scale), entropy_scale=wide(scale))
+    torch_ops().cross_entropy_backward(
+        wide(x), wide(t), wide(w), wide(lse), wide(coef), wide(entropy), grad=ref_g, **bkw_ref
+    )
+    assert_close(g, ref_g, dtype, "vocab-parallel grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("n, r", ODD_R, ids=ODD_IDS)
+def test_odd_rows_distillation(tb, rng, n, r, divergence, dtype):
+    s = torch.as_tensor(rng.standard_normal((n, r)) * 3).to(dtype).to(DEVICE)
+    te = torch.as_tensor(rng.standard_normal((n, r)) * 3).to(dtype).to(DEVICE)
+    target = torch.as_tensor(rng.integers(0, r, n)).to(DEVICE)
+    target[min(1, n - 1)] = -100
+    scale = torch.as_tensor(rng.random(n) + 0.5, dtype=ACC[dtype]).to(DEVICE)
+    kw = {"divergence": divergence, "beta": 0.3, "temperature": 1.5, "ignore_index": -100}
+    g = poisoned((n, r), dtype)
+    loss = tb.distillation(s, te, target, grad_scale=scale, grad=g, **kw)
+    ref_g = torch.empty(n, r, dtype=torch.float64)
+    ref_loss = torch_ops().distillation(wide(s), wide(te), target.cpu(), grad_scale=wide(scale), grad=ref_g, **kw)
+    assert_close(loss, ref_loss, dtype, "loss")
+    assert_close(g, ref_g, dtype, "grad")
+    forward = tb.distillation(s, te, target, grad_scale=None, grad=None, **kw)
+    assert_close(forward, ref_loss, dtype, "forward-only loss")
+
+
 # --------------------------------------------------------------------------- torch.compile and large inputs
 
 

@@ -418,8 +418,8 @@ def _cross_entropy_kernel(
         if PEEL:
             _ce_grad_step(
                 x_rows[:, None] + e_cols, t_rows[:, None] + e_cols, weight_ptr + e_cols, g_rows[:, None] + e_cols,
-                e_cols, e_ok, kept, row_mask, softcap, inv_cap, smoothing, eps_r, coef, scale, m, log_d, target_col, w_t,
-                PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+                e_cols, e_ok, kept, row_mask, softcap, inv_cap, smoothing, eps_r, coef, scale, m, log_d, target_col,
+                w_t, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
             )  # fmt: skip
         for start in range(0, n_classes, BLOCK):
             offs = start + tl.arange(0, BLOCK)
@@ -987,6 +987,8 @@ def _jsd_config(block: int, rows: int, num_warps: int, element_size: int) -> tup
     else:
         block = max(1, min(block, per_program))
     return block, rows, num_warps
+
+
 # constexpr globals: the kernel's helpers compare DIVERGENCE with them (a helper may read no other global)
 KL, REVERSE_KL, JSD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
