@@ -20,6 +20,11 @@ loop.
 With ``STATS`` (each row's argmax and entropy, from loop 1: a block's max and first index of it,
 and the entropy's sum rescaled like ``d``) the same bytes plus 2N written.
 
+Rows whose start the JIT cannot see 16-byte aligned (any r but a multiple of 16: GPT-2's 50257) are
+peeled (``PEEL``, see "aligned rows"): a head and a tail of under 16 bytes each go through one small
+masked chunk, the rest from a 16-byte-aligned offset, so every row length gets 128-bit loads and
+stores in the hot loops (benchmarks/gpu_audit.py checks them at r = 50257 and 50304).
+
 Accumulation is float32 (float64 for float64 inputs). Offsets are 64-bit (the row index is cast to
 int64 before it meets a stride), so N*r above 2^31 works. Float arguments reach a compiled kernel
 as float32, so every float scalar travels as a (hi, lo) pair of float32s that the kernel adds in
