@@ -235,7 +235,7 @@ def _exps_in_overload(g, buf):
 
 
 
-def log1p_unit(u):  # pragma: no cover - replaced by the overload below inside njit code
+def log1p_unit(x):  # pragma: no cover - replaced by the overload below inside njit code
     raise NotImplementedError
 
 
@@ -249,7 +249,8 @@ def _make_log1p_unit(dtype, n_terms):
     coeffs = tuple(f(2 / (2 * k + 1)) for k in range(n_terms - 2, -1, -1))
     top = f(2 / (2 * n_terms - 1))
 
-    def impl(u):
+    def impl(x):
+        u = x
         big = u > split
         z = (u - one if big else u) / (u + (three if big else two))
         z2 = z * z
@@ -271,7 +272,8 @@ def _make_log1p_unit_poly(dtype, degree):
     coeffs = tuple(f(c) for c in power[-2::-1])
     top, one = f(power[-1]), f(1)
 
-    def impl(u):
+    def impl(x):
+        u = x
         t = (u + u) - one
         p = top
         for c in coeffs:
