@@ -221,6 +221,11 @@ def test_every_option_has_help():
 # --------------------------------------------------------------------------- a reader that goes away
 
 
+def _without_compile_notices(err: str) -> str:
+    """stderr less the one-line notices of a first compile (an empty numba cache: a fresh clone)."""
+    return "".join(line for line in err.splitlines(keepends=True) if not line.startswith("gpuxent: compiling "))
+
+
 @pytest.mark.parametrize("argv", [["info"], ["train", "--dataset", "and", "--epochs", "3"]])
 def test_closed_stdout_ends_quietly(argv):
     """The reader of stdout has gone before the first write (the case of `| head -1` once head has
@@ -231,7 +236,7 @@ def test_closed_stdout_ends_quietly(argv):
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 0, err
-    assert err == ""
+    assert _without_compile_notices(err) == ""
 
 
 def test_piped_to_head():
@@ -240,7 +245,7 @@ def test_piped_to_head():
     proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("epoch 1:") and proc.stdout.count("\n") == 1, proc.stdout
-    assert proc.stderr == ""
+    assert _without_compile_notices(proc.stderr) == ""
 
 
 # --------------------------------------------------------------------------- train's text output and plot
