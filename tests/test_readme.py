@@ -68,7 +68,7 @@ def test_the_two_commands_come_first():
     checks that the first keeps an installed torch)."""
     shell = re.findall(r"^```bash\n(.*?)^```", README, flags=re.S | re.M)
     assert shell[0].strip().endswith("gpuxent bench") and "pip install -e" in shell[0]
-    assert shell[1].strip() == 'python -m pip install -e ".[dev]" && python -m pytest -q tests'
+    assert shell[1].strip() == 'python -m pip install -e ".[dev]" && python -m pytest -q -n auto --dist loadfile tests'
 
 
 def test_extras_named_in_the_readme_exist():
