@@ -829,7 +829,7 @@ def _(info, in_dims, student, teacher, target, grad_scale, divergence, beta, tem
 
 def distillation_grad_formula(student, teacher, target, opts, row_scale):
     """``d loss / d student`` of (N, r) logits in torch ops, differentiable again (see
-    ``backends/numba_cpu.py`` for the per-divergence formulas): ``row_scale * temperature * d div / d S``."""
+    ``backends/numba_cpu/distill.py`` for the per-divergence formulas): ``row_scale * temperature * d div / d S``."""
     dt = compute_dtype(student.dtype)
     tau, beta = opts.temperature, opts.beta
     log_ps = torch.log_softmax(student.to(dt) / tau, -1)

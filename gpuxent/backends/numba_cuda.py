@@ -1175,7 +1175,7 @@ def cross_entropy_backward(
 
 
 # --------------------------------------------------------------------------- distillation
-# Per row, S = student / tau, T = teacher / tau (formulas: ``backends/numba_cpu.py``, distillation).
+# Per row, S = student / tau, T = teacher / tau (formulas: ``backends/numba_cpu/distill.py``).
 # Pass 1: each thread keeps online (max, sum of exp) of S and T over its elements and, for kl /
 # reverse_kl, the cross term sum exp(lead - max) (lead - other), merged like the sum
 # (``rowmath.merge_cross``), then across the row's threads in shared memory. jsd: pass 2 reads both rows

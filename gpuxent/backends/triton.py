@@ -968,7 +968,7 @@ def cross_entropy_backward(
 
 
 # --------------------------------------------------------------------------- distillation
-# Per row, S = student / tau, T = teacher / tau (formulas: ``backends/numba_cpu.py``, distillation).
+# Per row, S = student / tau, T = teacher / tau (formulas: ``backends/numba_cpu/distill.py``).
 # Loop 1: online max and sum of exp of both rows and, for kl / reverse_kl, the cross term
 #   sum exp(lead - m_lead) (lead - other) (lead: T for kl, S for reverse_kl), rescaled like the sum;
 #   the loss follows. jsd: loop 2 reads both rows again for log m = logaddexp(log beta + log p_t,
