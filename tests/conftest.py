@@ -68,3 +68,13 @@ def rng():
     seed = int(os.environ.get("GPUXENT_TEST_SEED") or np.random.SeedSequence().entropy % (2**32))
     print(f"rng seed: {seed}")
     return np.random.default_rng(seed)
+
+
+# The modules that take minutes (the GPU compile audit compiles ~400 kernels; gpu_check's dry run runs
+# every step) go first: under ``-n auto --dist loadfile`` a worker starts them while the others share
+# the rest, instead of one worker finishing them alone at the end.
+LONG_MODULES = ("test_gpu_audit.py", "test_gpu_check.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in LONG_MODULES)  # stable: the rest keep their order
