@@ -133,6 +133,7 @@ class MegatronCrossEntropy(torch.autograd.Function):
 
 DTYPE = torch.float32  # the logits of every vocab-parallel step (the byte model reads its size)
 
+
 def _rss() -> tuple[int, int]:
     """(current, peak) resident bytes of this process."""
     with open("/proc/self/status") as f:

@@ -39,7 +39,6 @@ import argparse
 import datetime
 import gc
 import itertools
-import json
 import os
 import platform
 import sys
@@ -49,7 +48,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from gpuxent.bench import bytes_moved
+from gpuxent.bench import bytes_moved, write_json
 
 DEFAULT_SIZES = "16384x32768,16384x131072,8192x262144,65536x128"
 # On CUDA unless the interpreters are on (--dry-run): they run the GPU backends on CPU tensors only.
@@ -592,9 +591,7 @@ def main(argv=None) -> int:
         result = run_sweep(args) if args.sweep else run(args)
     print(table(result))
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        write_json(args.json_out, result)
     if args.markdown_out:
         with open(args.markdown_out, "w") as f:
             f.write(markdown(result) + "\n")

@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 
-from gpuxent.bench import peak_rss_kb
+from gpuxent.bench import peak_rss_kb, write_json
 
 IMPLS = ("torch", "gpuxent")
 
@@ -146,9 +146,7 @@ def main():
         f"{'met' if result['goal_met'] else 'NOT met'}"
     )
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        write_json(args.json_out, result)
 
 
 if __name__ == "__main__":

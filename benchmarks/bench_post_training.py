@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 
-from gpuxent.bench import peak_rss_kb
+from gpuxent.bench import peak_rss_kb, write_json
 
 ROWS = {
     # name: (kind, impl, dtype)
@@ -349,9 +349,7 @@ def main():
             print(f"chunk {r['chunk_rows']:5d} rows: {parts}")
     result["load_after"] = _load()
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        write_json(args.json_out, result)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,15 @@ def time_ms(fn, repeats: int = 5) -> float:
     return 1e3 * timer.blocked_autorange(min_run_time=repeats * first.median).median
 
 
+def write_json(path: str, result) -> None:
+    """A benchmark's results as indented JSON with a final newline (the ``--json-out`` files)."""
+    import json
+
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+
+
 def copy_bandwidth(device, nbytes: int = 1 << 29, repeats: int = 5) -> float:
     """GB/s of ``dst.copy_(src)`` on a buffer much larger than the caches (read + write counted)."""
     src = torch.ones(nbytes // 4, device=device)

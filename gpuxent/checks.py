@@ -435,7 +435,9 @@ def host_sum(rows: torch.Tensor, scale=None) -> torch.Tensor:
         total = _HostSum.apply(rows) if a is not None else rows.sum()
         if scale is None:
             return total
-        return total * (scale if isinstance(scale, torch.Tensor) else torch.tensor(scale, dtype=rows.dtype, device=rows.device))
+        if not isinstance(scale, torch.Tensor):
+            scale = torch.tensor(scale, dtype=rows.dtype, device=rows.device)
+        return total * scale
     total = a.sum()
     if scale is not None:
         total = total * a.dtype.type(scale if not isinstance(scale, torch.Tensor) else scale.item())

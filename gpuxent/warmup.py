@@ -31,7 +31,8 @@ def _calls(dtype: torch.dtype):
     def x():
         return torch.randn(n, r).to(dtype)
 
-    for prob, cap, stats, grad in itertools.product((False, True), (None, 2.0), (False, True), ("none", "new", "inplace")):
+    flags = itertools.product((False, True), (None, 2.0), (False, True), ("none", "new", "inplace"))
+    for prob, cap, stats, grad in flags:
 
         def ce(prob=prob, cap=cap, stats=stats, grad=grad):
             logits = x()
@@ -42,8 +43,11 @@ def _calls(dtype: torch.dtype):
         yield f"cross_entropy prob={prob} softcap={cap} stats={stats} grad={grad}", ce
     for prob, cap in itertools.product((False, True), (None, 2.0)):
         out = torch.empty(n, nc.N_PARTIALS, dtype=dt)
-        yield f"row_partials prob={prob} softcap={cap}", lambda prob=prob, cap=cap, out=out: nc.row_partials(
-            x(), q if prob else t, None, ignore_index=-100, softcap=cap, class_offset=0, smoothing=False, out=out
+        yield (
+            f"row_partials prob={prob} softcap={cap}",
+            lambda prob=prob, cap=cap, out=out: nc.row_partials(
+                x(), q if prob else t, None, ignore_index=-100, softcap=cap, class_offset=0, smoothing=False, out=out
+            ),
         )
     lse, coef, ent = torch.zeros(n, dtype=dt), torch.ones(n, dtype=dt), torch.zeros(n, dtype=dt)
     for prob, cap, entropy, inplace in itertools.product((False, True), (None, 2.0), (False, True), (False, True)):
@@ -65,7 +69,10 @@ def _calls(dtype: torch.dtype):
     yield "softmax", lambda: (nc.softmax(x(), log=False), nc.softmax(x(), log=True))
     p, y = torch.rand(n, r).to(dtype), torch.rand(n, r).to(dt)
     yield "bce", lambda: nc.binary_cross_entropy(p, y, None, grad=torch.empty(n, r, dtype=dt))
-    yield "bce with logits", lambda: nc.binary_cross_entropy_with_logits(p, y, None, None, grad=torch.empty(n, r, dtype=dt))
+    yield (
+        "bce with logits",
+        lambda: nc.binary_cross_entropy_with_logits(p, y, None, None, grad=torch.empty(n, r, dtype=dt)),
+    )
 
 
 def _warm(dtype: torch.dtype) -> float:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import xent as _ce
 from . import distill as _distill
 from . import elementwise as _ew
+from . import xent as _ce
 from .runtime import as_array, check_grad, compute_dtype, empty, grad_array, launch, row_factors, view
 
 __all__ = [

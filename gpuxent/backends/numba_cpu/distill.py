@@ -27,9 +27,9 @@ import math
 
 import numpy as np
 
-from .xent import _ROW, _named, chunk_max, chunk_scale, merge
 from .runtime import CHUNK, kernel, strict
 from .simd import cast, compute_buffer, exp_neg, log1p_unit, narrow, widen
+from .xent import _ROW, _named, chunk_max, chunk_scale, merge
 
 KL, REVERSE_KL, JSD = 0, 1, 2
 DIVERGENCE_CODES = {"kl": KL, "reverse_kl": REVERSE_KL, "jsd": JSD}
@@ -144,9 +144,7 @@ def rows(divergence: int, grad: bool):
                     m_t, sum_t, cross = merge_cross(m_t, sum_t, cross, cmt[c], st_c, cr)
                     m_s, sum_s = merge(m_s, sum_s, cms[c], ss_c)
                 else:
-                    ss_c, st_c, cr = _pair_exps(
-                        s[lo:hi], t[lo:hi], ms, mt, inv, es[lo:hi], et[lo:hi], is_rkl
-                    )
+                    ss_c, st_c, cr = _pair_exps(s[lo:hi], t[lo:hi], ms, mt, inv, es[lo:hi], et[lo:hi], is_rkl)
                     m_s, sum_s, cross = merge_cross(m_s, sum_s, cross, cms[c], ss_c, cr)
                     m_t, sum_t = merge(m_t, sum_t, cmt[c], st_c)
             log_ss = math.log(sum_s)

@@ -6,9 +6,9 @@ import functools
 
 import numpy as np
 
-from .xent import _ROW, _named, chunk_exps, chunk_max, chunk_scale, merge
 from .runtime import CHUNK, kernel, strict
 from .simd import cast, widen
+from .xent import _ROW, _named, chunk_exps, chunk_max, chunk_scale, merge
 
 bce, bce_logits = strict(_ROW.bce), strict(_ROW.bce_logits)
 

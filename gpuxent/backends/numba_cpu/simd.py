@@ -234,7 +234,6 @@ def _exps_in_overload(g, buf):
     return lambda g, buf: buf
 
 
-
 def log1p_unit(x):  # pragma: no cover - replaced by the overload below inside njit code
     raise NotImplementedError
 

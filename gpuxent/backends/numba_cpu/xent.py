@@ -49,10 +49,12 @@ merge, loss_and_coef, merge_entropy, entropy = map(
 
 @nb.njit(fastmath=FASTMATH, inline="always")
 def softcap_chunk(x, softcap, y):
+    """``y = softcap tanh(x / softcap)``: the chunk as the softmax sees it, returned."""
     inv = cast(x, 1 / softcap)
     cap = cast(x, softcap)
     for j in range(x.shape[0]):
         y[j] = cap * tanh(widen(x[j]) * inv)
+    return y
 
 
 @nb.njit(fastmath=FASTMATH, inline="always")
@@ -270,11 +272,7 @@ def rows(prob: bool, capped: bool, stats: bool, grad: bool, inplace: bool):
             for c in range(n_chunks):
                 lo = c * CHUNK
                 hi = min(lo + CHUNK, n_classes)
-                if capped:
-                    softcap_chunk(x[lo:hi], softcap, ybuf[lo:hi])
-                    yc = ybuf[lo:hi]
-                else:
-                    yc = x[lo:hi]
+                yc = softcap_chunk(x[lo:hi], softcap, ybuf[lo:hi]) if capped else x[lo:hi]
                 if prob or smoothing > 0:
                     swy, swq = chunk_target_sums(yc, weight[lo:hi], q[lo:hi], prob, keep, eps_r)
                     sum_wy += swy
@@ -346,8 +344,15 @@ def rows(prob: bool, capped: bool, stats: bool, grad: bool, inplace: bool):
                 g[t] = narrow(g, v)
 
     return _named(
-        ce_rows, "cross-entropy", **{"probability targets": prob, "softcap": capped, "statistics": stats,
-                                     "gradient": grad, "in place": inplace}  # fmt: skip
+        ce_rows,
+        "cross-entropy",
+        **{
+            "probability targets": prob,
+            "softcap": capped,
+            "statistics": stats,
+            "gradient": grad,
+            "in place": inplace,
+        },  # fmt: skip
     )
 
 
@@ -387,11 +392,7 @@ def partial_rows(prob: bool, capped: bool):
             for ch in range(n_chunks):
                 lo = ch * CHUNK
                 hi = min(lo + CHUNK, n_classes)
-                if capped:
-                    softcap_chunk(x[lo:hi], softcap, ybuf[lo:hi])
-                    yc = ybuf[lo:hi]
-                else:
-                    yc = x[lo:hi]
+                yc = softcap_chunk(x[lo:hi], softcap, ybuf[lo:hi]) if capped else x[lo:hi]
                 m = chunk_max(yc)
                 m_row, s_row = merge(m_row, s_row, m, chunk_exps(yc, m, no_exps, False))
                 if prob:
@@ -463,7 +464,8 @@ def backward_rows(prob: bool, capped: bool, with_entropy: bool, inplace: bool):
                 if capped:
                     y_t = softcap * math.tanh(y_t / softcap)
             a, bq, b0 = gs * np.float64(coef[i]), gs * (1 - smoothing), gs * eps_r
-            lse_c, a_c, bq_c, b0_c, es_c, ey_c = cast(x, lse_i), cast(x, a), cast(x, bq), cast(x, b0), cast(x, es), cast(x, ey)
+            lse_c, a_c, bq_c, b0_c = cast(x, lse_i), cast(x, a), cast(x, bq), cast(x, b0)
+            es_c, ey_c = cast(x, es), cast(x, ey)
             inv_cap = cast(x, 1 / softcap if capped else 0.0)
             cap = cast(x, softcap)
             one = cast(x, 1)
