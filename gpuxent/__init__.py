@@ -1,43 +1,17 @@
 """gpuxent: fused softmax-cross-entropy on CPU (numba) and GPU (Triton, Numba CUDA), one API."""
 
-from . import distributed, nn
-from .functional import (
-    CrossEntropyOutput,
-    available_backends,
-    binary_cross_entropy,
-    binary_cross_entropy_with_logits,
-    cross_entropy,
-    cross_entropy_and_grad,
-    cross_entropy_with_stats,
-    distillation_loss,
-    log_softmax,
-    predict,
-    predict_binary,
-    softmax,
-)
+from . import distributed, functional, nn, post_training
+from .functional import *  # noqa: F403 - the functions of the lecture and the losses (functional.__all__)
 from .linear import linear_cross_entropy, linear_cross_entropy_with_stats
-from .post_training import LogProbs, linear_distillation_loss, linear_log_probs
+from .post_training import *  # noqa: F403
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CrossEntropyOutput",
-    "available_backends",
-    "binary_cross_entropy",
-    "binary_cross_entropy_with_logits",
-    "cross_entropy",
-    "cross_entropy_and_grad",
-    "distillation_loss",
-    "cross_entropy_with_stats",
-    "distributed",
+    *(name for name in functional.__all__ if name != "FLOAT_DTYPES"),
     "linear_cross_entropy",
     "linear_cross_entropy_with_stats",
-    "linear_distillation_loss",
-    "linear_log_probs",
-    "LogProbs",
-    "log_softmax",
+    *post_training.__all__,
+    "distributed",
     "nn",
-    "predict",
-    "predict_binary",
-    "softmax",
 ]

@@ -783,30 +783,6 @@ class _LinearProblem(linear._Problem):
         return loss_rows, grad_h, acc_w, acc_b
 
 
-def _check_linear_local(hidden, weight_shard, bias_shard):
-    """The linear part's checks each rank can do alone."""
-    check_float(hidden, "hidden")
-    check_float(weight_shard, "weight_shard")
-    if hidden.dim() == 0:
-        raise ValueError("hidden: expected shape (..., d) with the features on the last axis, got a scalar")
-    if weight_shard.dim() != 2:
-        raise ValueError(f"weight_shard: expected shape (r_local, d), got {tuple(weight_shard.shape)}")
-    if hidden.shape[-1] != weight_shard.shape[1]:
-        raise ValueError(
-            f"hidden: last axis has {hidden.shape[-1]} features but weight_shard has shape "
-            f"{tuple(weight_shard.shape)} (r_local, d)"
-        )
-    if weight_shard.dtype != hidden.dtype or weight_shard.device != hidden.device:
-        raise TypeError(f"weight_shard: {weight_shard.dtype} on {weight_shard.device}, but hidden is "
-                        f"{hidden.dtype} on {hidden.device}; use one dtype and device")  # fmt: skip
-    if bias_shard is not None:
-        if bias_shard.dtype != hidden.dtype or bias_shard.device != hidden.device:
-            raise TypeError(f"bias_shard: {bias_shard.dtype} on {bias_shard.device}, but hidden is "
-                            f"{hidden.dtype} on {hidden.device}")  # fmt: skip
-        if bias_shard.shape != (weight_shard.shape[0],):
-            raise ValueError(f"bias_shard: expected shape ({weight_shard.shape[0]},), got {tuple(bias_shard.shape)}")
-
-
 def vocab_parallel_linear_cross_entropy(
     hidden,
     weight_shard,
@@ -864,7 +840,7 @@ def vocab_parallel_linear_cross_entropy(
         t = to_tensor(target, "target")
         b = None if bias_shard is None else to_tensor(bias_shard, "bias_shard")
         cw = None if ce_weight is None else to_tensor(ce_weight, "ce_weight")
-        _check_linear_local(h, w, b)
+        linear.check_linear(h, w, b, names=("weight_shard", "bias_shard"), classes="r_local")
         opts = check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
         chunk_size = check_chunk_size(chunk_size)
         temp = check_temperature(temperature, h.shape[:-1], h, compute_dtype(h.dtype))

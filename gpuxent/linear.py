@@ -88,50 +88,84 @@ def default_chunk_size(n_classes: int, dtype: torch.dtype, hidden_size: int | No
     return rows
 
 
-def accumulate_weight_grad(acc_w: torch.Tensor, g: torch.Tensor, h_c: torch.Tensor) -> None:
-    """``acc_w += g.T @ h_c``: one ``addmm_`` where the dtypes agree; else (half chunks into a float32
-    accumulator) the half matmul, as autograd would do it, block of classes by block, each block added in
-    the accumulator's dtype, so the temporary is a block of the gradient, not all of it."""
-    if g.dtype == acc_w.dtype:
-        acc_w.addmm_(g.t(), h_c)
-        return
-    n_classes, d = acc_w.shape
-    block = max(1, ACC_BLOCK_BYTES // max(1, d * g.element_size()))
-    for lo in range(0, n_classes, block):
-        acc_w[lo : lo + block] += torch.mm(g[:, lo : lo + block].t(), h_c)
+class ChunkGrads:
+    """The per-row losses and the gradients of (hidden, weight, bias) that ``want`` asks for, filled
+    chunk by chunk: :meth:`add` takes a chunk's logit gradient ``g``. The weight's and bias's sums
+    run in ``acc`` (see ``check_accum_dtype``)."""
+
+    def __init__(self, h, weight, want, dt, acc):
+        n_classes, d = weight.shape
+        self.weight, self.want, self.dt = weight, want, dt
+        self.loss_rows = torch.empty(h.shape[0], dtype=dt, device=h.device)
+        self.grad_h = torch.empty_like(h) if want[0] else None
+        self.acc_w = torch.zeros((n_classes, d), dtype=acc, device=h.device) if want[1] else None
+        self.acc_b = torch.zeros(n_classes, dtype=acc, device=h.device) if want[2] else None
+
+    def add(self, lo: int, hi: int, g: torch.Tensor, h_c: torch.Tensor) -> None:
+        """Rows ``[lo, hi)``: ``g`` (their logits' gradient) and ``h_c`` (their hidden rows)."""
+        if self.want[0]:
+            torch.mm(g, self.weight, out=self.grad_h[lo:hi])
+        if self.want[1]:
+            self.add_weight(g, h_c)
+        if self.want[2]:
+            self.acc_b += g.sum(0, dtype=self.dt)  # within the chunk in the compute dtype, across chunks in acc
+
+    def add_weight(self, g: torch.Tensor, h_c: torch.Tensor) -> None:
+        """``acc_w += g.T @ h_c``: one ``addmm_`` where the dtypes agree; else (half chunks into a float32
+        accumulator) the half matmul, as autograd would do it, block of classes by block, each block added
+        in the accumulator's dtype, so the temporary is a block of the gradient, not all of it."""
+        acc_w = self.acc_w
+        if g.dtype == acc_w.dtype:
+            acc_w.addmm_(g.t(), h_c)
+            return
+        n_classes, d = acc_w.shape
+        block = max(1, ACC_BLOCK_BYTES // max(1, d * g.element_size()))
+        for lo in range(0, n_classes, block):
+            acc_w[lo : lo + block] += torch.mm(g[:, lo : lo + block].t(), h_c)
+
+    def result(self):
+        return self.loss_rows, self.grad_h, self.acc_w, self.acc_b
 
 
 # --------------------------------------------------------------------------- checks
 
 
-def _check_linear(hidden, weight, bias, ce_weight):
-    """Shape, dtype and device checks of the linear part; the target and the CE keywords are checked
-    by ``prepare_cross_entropy``."""
+def check_linear(hidden, weight, bias, names=("weight", "bias"), classes="r") -> None:
+    """Shape, dtype and device checks of ``hidden @ weight.T + bias``, with the weight and bias called
+    ``names`` and their class axis ``classes`` in the messages (a rank's ``weight_shard`` holds
+    ``r_local`` rows, maybe none)."""
+    w_name, b_name = names
     check_float(hidden, "hidden")
-    check_float(weight, "weight")
+    check_float(weight, w_name)
     if hidden.dim() == 0:
         raise ValueError("hidden: expected shape (..., d) with the features on the last axis, got a scalar")
     if weight.dim() != 2:
-        raise ValueError(f"weight: expected shape (r, d) (classes x features), got {tuple(weight.shape)}")
+        raise ValueError(f"{w_name}: expected shape ({classes}, d) (classes x features), got {tuple(weight.shape)}")
     n_classes, d = weight.shape
-    if n_classes == 0:
-        raise ValueError("weight: the class axis is empty (r = 0)")
     if hidden.shape[-1] != d:
         raise ValueError(
-            f"hidden: last axis has {hidden.shape[-1]} features but weight has shape {tuple(weight.shape)} (r, d); "
-            f"expected hidden of shape (..., {d})"
+            f"hidden: last axis has {hidden.shape[-1]} features but {w_name} has shape {tuple(weight.shape)} "
+            f"({classes}, d); expected hidden of shape (..., {d})"
         )
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}; use one dtype")
-    check_device(hidden, weight, "weight")
+        raise TypeError(f"{w_name}: dtype {weight.dtype} differs from hidden's {hidden.dtype}; use one dtype")
+    check_device(hidden, weight, w_name)
     if bias is not None:
-        check_device(hidden, bias, "bias")
-        check_float(bias, "bias")
+        check_device(hidden, bias, b_name)
+        check_float(bias, b_name)
         if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias: dtype {bias.dtype} differs from hidden's {hidden.dtype}; use one dtype")
+            raise TypeError(f"{b_name}: dtype {bias.dtype} differs from hidden's {hidden.dtype}; use one dtype")
         if bias.shape != (n_classes,):
-            raise ValueError(f"bias: expected shape ({n_classes},), one bias per class, got {tuple(bias.shape)}")
-    check_class_weight(hidden, ce_weight, n_classes, "ce_weight")
+            raise ValueError(f"{b_name}: expected shape ({n_classes},), one bias per class, got {tuple(bias.shape)}")
+
+
+def _check_linear(hidden, weight, bias, ce_weight):
+    """:func:`check_linear`, a non-empty class axis and the class weights; the target and the CE keywords
+    are checked by ``prepare_cross_entropy``."""
+    check_linear(hidden, weight, bias)
+    if weight.shape[0] == 0:
+        raise ValueError("weight: the class axis is empty (r = 0)")
+    check_class_weight(hidden, ce_weight, weight.shape[0], "ce_weight")
 
 
 def check_accum_dtype(accum_dtype, dtype: torch.dtype) -> torch.dtype:
@@ -257,16 +291,11 @@ class _Problem:
         The weight's and bias's gradients accumulate across chunks in ``acc_dtype``.
         """
         n_rows, dt = self.n_rows, self.dt
-        acc = self.acc_dtype or dt
-        n_classes, d = self.weight.shape
         want_grad = any(want)
-        device = self.h.device
-        loss_rows = torch.empty(n_rows, dtype=dt, device=device)
-        grad_h = torch.empty_like(self.h) if want[0] else None
-        acc_w = torch.zeros((n_classes, d), dtype=acc, device=device) if want[1] else None
-        acc_b = torch.zeros(n_classes, dtype=acc, device=device) if want[2] else None
+        grads = ChunkGrads(self.h, self.weight, want, dt, self.acc_dtype or dt)
+        loss_rows = grads.loss_rows
         rows = min(self.chunk_size, max(n_rows, 1))
-        buf = torch.empty((rows, n_classes), dtype=self.dtype, device=device)
+        buf = torch.empty((rows, self.weight.shape[0]), dtype=self.dtype, device=self.h.device)
         bufs = self.chunk_buffers(rows)
         inv_rows = self.inv_rows
         # the chunk's kernel: chunk_op's op called here (its Python body when eager: public function,
@@ -306,14 +335,8 @@ class _Problem:
                 x.mul_(factor)
             if x is not logits:  # the gradient, rounded once to the inputs' dtype for the matmuls
                 logits.copy_(x)
-            g = logits
-            if want[0]:
-                torch.mm(g, self.weight, out=grad_h[lo:hi])
-            if want[1]:  # half inputs: the matmul in half (as autograd would), the sum in acc_dtype
-                accumulate_weight_grad(acc_w, g, h_c)
-            if want[2]:
-                acc_b += g.sum(0, dtype=dt)  # within the chunk in the compute dtype, across chunks in acc
-        return loss_rows, grad_h, acc_w, acc_b
+            grads.add(lo, hi, logits, h_c)
+        return grads.result()
 
     def chunk_op(self, logits, lo, hi, grad_scale, want_grad, softcap, entropy_scale=None):
         """``(op, args)``: the registered op of rows ``[lo, hi)``'s kernel call and its arguments (``run``

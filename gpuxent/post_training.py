@@ -42,12 +42,12 @@ from .checks import (
 from .linear import (
     CHUNK_BYTES,
     MIN_CHUNK_ROWS,
+    ChunkGrads,
     _input_grads,
     _LinearCrossEntropy,
     _Problem,
     _StatsProblem,
     _transformed,
-    accumulate_weight_grad,
     check_accum_dtype,
 )
 
@@ -257,14 +257,11 @@ class _DistillProblem:
 
     def run(self, want=(False, False, False), row_scale=None):
         """Per-row losses and the student's gradients asked for by ``want`` = (hidden, weight, bias)."""
-        n_rows, dt, acc, o = self.n_rows, self.dt, self.acc_dtype, self.opts
-        n_classes, d = self.sw.shape
+        n_rows, o = self.n_rows, self.opts
+        n_classes = self.sw.shape[0]
         device = self.sh.device
         want_grad = any(want)
-        loss_rows = torch.empty(n_rows, dtype=dt, device=device)
-        grad_h = torch.empty_like(self.sh) if want[0] else None
-        acc_w = torch.zeros((n_classes, d), dtype=acc, device=device) if want[1] else None
-        acc_b = torch.zeros(n_classes, dtype=acc, device=device) if want[2] else None
+        grads = ChunkGrads(self.sh, self.sw, want, self.dt, self.acc_dtype)
         rows = min(self.chunk_size, max(n_rows, 1))
         s_buf = torch.empty((rows, n_classes), dtype=self.dtype, device=device)
         t_buf = torch.empty((rows, n_classes), dtype=self.tw.dtype, device=device)
@@ -291,16 +288,11 @@ class _DistillProblem:
             loss, g = distillation_rows(
                 s, t, target, grad_scale, o.divergence, o.beta, o.temperature, o.ignore_index, self.backend, want_grad
             )  # fmt: skip
-            loss_rows[lo:hi] = loss
+            grads.loss_rows[lo:hi] = loss
             if want_grad:
-                if want[0]:
-                    torch.mm(g, self.sw, out=grad_h[lo:hi])
-                if want[1]:
-                    accumulate_weight_grad(acc_w, g, h_c)
-                if want[2]:
-                    acc_b += g.sum(0, dtype=dt)
+                grads.add(lo, hi, g, h_c)
             del loss, g  # before the next chunk's are allocated
-        return loss_rows, grad_h, acc_w, acc_b
+        return grads.result()
 
     def reduce(self, loss_rows):
         reduction = "mean" if self.denom is not None else self.opts.reduction

@@ -30,7 +30,7 @@ import pathlib
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -675,25 +675,11 @@ def config_from_args(args) -> TrainConfig:
     for flag in ("temperature", "alpha"):
         if getattr(args, flag) is not None and args.distill_from is None:
             raise ValueError(f"{flag}: --{flag} sets the distillation and needs --distill-from CHECKPOINT")
-    return TrainConfig(
-        dataset=args.dataset,
-        csv=args.csv,
-        target=args.target,
-        epochs=args.epochs,
-        hidden=_hidden(args.hidden),
-        activation=args.activation,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        seed=args.seed,
-        backend=args.backend,
-        device=args.device,
-        nproc=args.nproc,
-        plot=args.plot,
-        checkpoint=args.checkpoint,
-        json=args.json,
-        distill_from=args.distill_from,
-        temperature=d.temperature if args.temperature is None else args.temperature,
-        alpha=d.alpha if args.alpha is None else args.alpha,
-        entropy_bonus=args.entropy_bonus,
-    )
+    # every field with a flag of the same name (weight_decay, test_size, loss_impl, threads have none)
+    same = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    return TrainConfig(**{
+        **same,
+        "hidden": _hidden(args.hidden),
+        "temperature": d.temperature if args.temperature is None else args.temperature,
+        "alpha": d.alpha if args.alpha is None else args.alpha,
+    })  # fmt: skip
