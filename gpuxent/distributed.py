@@ -840,7 +840,7 @@ def vocab_parallel_linear_cross_entropy(
         t = to_tensor(target, "target")
         b = None if bias_shard is None else to_tensor(bias_shard, "bias_shard")
         cw = None if ce_weight is None else to_tensor(ce_weight, "ce_weight")
-        linear.check_linear(h, w, b, names=("weight_shard", "bias_shard"), classes="r_local")
+        linear.check_linear(h, w, b, names=("hidden", "weight_shard", "bias_shard"), classes="r_local")
         opts = check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
         chunk_size = check_chunk_size(chunk_size)
         temp = check_temperature(temperature, h.shape[:-1], h, compute_dtype(h.dtype))

@@ -130,33 +130,32 @@ class ChunkGrads:
 # --------------------------------------------------------------------------- checks
 
 
-def check_linear(hidden, weight, bias, names=("weight", "bias"), classes="r") -> None:
-    """Shape, dtype and device checks of ``hidden @ weight.T + bias``, with the weight and bias called
-    ``names`` and their class axis ``classes`` in the messages (a rank's ``weight_shard`` holds
-    ``r_local`` rows, maybe none)."""
-    w_name, b_name = names
-    check_float(hidden, "hidden")
-    check_float(weight, w_name)
+def check_linear(hidden, weight, bias, names=("hidden", "weight", "bias"), classes="r") -> None:
+    """Shape, dtype and device checks of ``hidden @ weight.T + bias``, the three called ``names`` and the
+    class axis ``classes`` in the messages (a rank's ``weight_shard`` holds ``r_local`` rows, maybe none)."""
+    hn, wn, bn = names
+    check_float(hidden, hn)
+    check_float(weight, wn)
     if hidden.dim() == 0:
-        raise ValueError("hidden: expected shape (..., d) with the features on the last axis, got a scalar")
+        raise ValueError(f"{hn}: expected shape (..., d) with the features on the last axis, got a scalar")
     if weight.dim() != 2:
-        raise ValueError(f"{w_name}: expected shape ({classes}, d) (classes x features), got {tuple(weight.shape)}")
+        raise ValueError(f"{wn}: expected shape ({classes}, d) (classes x features), got {tuple(weight.shape)}")
     n_classes, d = weight.shape
     if hidden.shape[-1] != d:
         raise ValueError(
-            f"hidden: last axis has {hidden.shape[-1]} features but {w_name} has shape {tuple(weight.shape)} "
-            f"({classes}, d); expected hidden of shape (..., {d})"
+            f"{hn}: last axis has {hidden.shape[-1]} features but {wn} has shape {tuple(weight.shape)} "
+            f"({classes}, d); expected {hn} of shape (..., {d})"
         )
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"{w_name}: dtype {weight.dtype} differs from hidden's {hidden.dtype}; use one dtype")
-    check_device(hidden, weight, w_name)
+        raise TypeError(f"{wn}: dtype {weight.dtype} differs from {hn}'s {hidden.dtype}; use one dtype")
+    check_device(hidden, weight, wn)
     if bias is not None:
-        check_device(hidden, bias, b_name)
-        check_float(bias, b_name)
+        check_device(hidden, bias, bn)
+        check_float(bias, bn)
         if bias.dtype != hidden.dtype:
-            raise TypeError(f"{b_name}: dtype {bias.dtype} differs from hidden's {hidden.dtype}; use one dtype")
+            raise TypeError(f"{bn}: dtype {bias.dtype} differs from {hn}'s {hidden.dtype}; use one dtype")
         if bias.shape != (n_classes,):
-            raise ValueError(f"{b_name}: expected shape ({n_classes},), one bias per class, got {tuple(bias.shape)}")
+            raise ValueError(f"{bn}: expected shape ({n_classes},), one bias per class, got {tuple(bias.shape)}")
 
 
 def _check_linear(hidden, weight, bias, ce_weight):
@@ -465,9 +464,23 @@ def _eager_apply(fn):
     return torch._C._FunctionBase.__dict__["apply"].__get__(None, fn)
 
 
-def _want(h, w, b) -> tuple[bool, bool, bool]:
-    """Which of ``(hidden, weight, bias)`` need a gradient (``ctx.needs_input_grad`` of an eager call)."""
-    return h.requires_grad, w.requires_grad, b is not None and b.requires_grad
+def _route(problem, h, w, b):
+    """``(want, finish)`` of a linear cross-entropy: the caller runs ``problem.run(*want)`` under no_grad
+    (unless ``want`` is None) and ``finish`` turns what it returned into the loss.
+
+    - No gradient: all chunks, then the reduction.
+    - Eager with a gradient: the chunks with the gradients the inputs need (``ctx.needs_input_grad``
+      of an eager call; none for ``reduction="none"``, whose backward runs them again), then the
+      Function less its Python part (:func:`_eager_apply`).
+    - Otherwise (torch.compile, ``torch.func``): nothing; ``fn.apply`` runs them in its forward.
+    """
+    if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, w, b))):
+        return (), lambda ran: problem.reduce(ran[0])
+    apply = _eager_apply(_LinearCrossEntropy)
+    if apply is None:
+        return None, lambda ran: _LinearCrossEntropy.apply(h, w, b, problem)
+    needs = (h.requires_grad, w.requires_grad, b is not None and b.requires_grad)
+    return (() if problem.reduction == "none" else (needs,)), lambda ran: apply(h, w, b, problem, ran)
 
 
 def linear_cross_entropy(
@@ -530,21 +543,12 @@ def linear_cross_entropy(
     cw = None if ce_weight is None else to_tensor(ce_weight, "ce_weight")
     opts = (ignore_index, reduction, label_smoothing, z_loss, softcap)
     problem = _Problem(h, w, t, b, cw, opts, backend, chunk_size, temperature=temperature, accum_dtype=accum_dtype)
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, w, b))
     if _transformed(h, w, b):
-        loss = problem.composite(h, w, b)[0]
-    elif needs_grad:
-        apply = _eager_apply(_LinearCrossEntropy)
-        if apply is None:
-            loss = _LinearCrossEntropy.apply(h, w, b, problem)
-        else:
-            with torch.no_grad():
-                ran = problem.run() if problem.reduction == "none" else problem.run(_want(h, w, b))
-            loss = apply(h, w, b, problem, ran)
-    else:
-        with torch.no_grad():
-            loss = problem.reduce(problem.run()[0])
-    return out(loss, as_numpy)
+        return out(problem.composite(h, w, b)[0], as_numpy)
+    want, finish = _route(problem, h, w, b)
+    with torch.no_grad():
+        ran = None if want is None else problem.run(*want)
+    return out(finish(ran), as_numpy)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -680,17 +684,11 @@ def linear_cross_entropy_with_stats(
                 loss_rows = problem.run()[0]
             entropy_rows = problem.entropy
         loss = problem.reduce(loss_rows)
-    elif needs_grad:
-        apply = _eager_apply(_LinearCrossEntropy)
-        if apply is None:
-            loss = _LinearCrossEntropy.apply(h, w, b, problem)
-        else:
-            with torch.no_grad():
-                ran = problem.run() if problem.reduction == "none" else problem.run(_want(h, w, b))
-            loss = apply(h, w, b, problem, ran)
     else:
+        want, finish = _route(problem, h, w, b)
         with torch.no_grad():
-            loss = problem.reduce(problem.run()[0])
+            ran = None if want is None else problem.run(*want)
+        loss = finish(ran)
     stats = row_statistics(
         problem.lse, problem.argmax, entropy_rows, problem.t, problem.w, problem.is_prob, problem.opts,
         problem.batch_shape,

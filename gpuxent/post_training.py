@@ -31,7 +31,6 @@ from .checks import (
     check_bool,
     check_chunk_size,
     check_device,
-    check_float,
     distill_denominator,
     mean_scale,
     out,
@@ -49,6 +48,7 @@ from .linear import (
     _StatsProblem,
     _transformed,
     check_accum_dtype,
+    check_linear,
 )
 
 
@@ -184,29 +184,9 @@ def linear_log_probs(
 
 def _check_head(hidden, weight, bias, who: str):
     """Shape, dtype and device checks of one head (``who``: "student" or "teacher")."""
-    hn, wn, bn = f"{who}_hidden", f"{who}_weight", f"{who}_bias"
-    check_float(hidden, hn)
-    check_float(weight, wn)
-    if hidden.dim() == 0:
-        raise ValueError(f"{hn}: expected shape (..., d) with the features on the last axis, got a scalar")
-    if weight.dim() != 2:
-        raise ValueError(f"{wn}: expected shape (r, d) (classes x features), got {tuple(weight.shape)}")
+    check_linear(hidden, weight, bias, names=(f"{who}_hidden", f"{who}_weight", f"{who}_bias"))
     if weight.shape[0] == 0:
-        raise ValueError(f"{wn}: the class axis is empty (r = 0)")
-    if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"{hn}: last axis has {hidden.shape[-1]} features but {wn} has shape {tuple(weight.shape)} (r, d)"
-        )
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{wn}: dtype {weight.dtype} differs from {hn}'s {hidden.dtype}; use one dtype")
-    check_device(hidden, weight, wn)
-    if bias is not None:
-        check_device(hidden, bias, bn)
-        check_float(bias, bn)
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"{bn}: dtype {bias.dtype} differs from {hn}'s {hidden.dtype}; use one dtype")
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"{bn}: expected shape ({weight.shape[0]},), one bias per class, got {tuple(bias.shape)}")
+        raise ValueError(f"{who}_weight: the class axis is empty (r = 0)")
 
 
 def default_distill_chunk_size(n_classes: int, dtype: torch.dtype, hidden_size: int) -> int:
