@@ -38,6 +38,11 @@ def to_tensor(x, name: str) -> torch.Tensor:
     raise TypeError(f"{name}: expected a numpy array or a torch tensor, got {type(x).__name__}")
 
 
+def to_tensors(optional=(), **arrays) -> list:
+    """:func:`to_tensor` of each keyword argument, in their order; those named in ``optional`` may be None."""
+    return [None if x is None and name in optional else to_tensor(x, name) for name, x in arrays.items()]
+
+
 def to_numpy(t: torch.Tensor):
     a = t.detach().cpu().numpy()
     return a[()] if a.ndim == 0 else a

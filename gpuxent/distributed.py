@@ -64,7 +64,7 @@ from .checks import (
     denominator,
     mean_scale,
     reduce_rows,
-    to_tensor,
+    to_tensors,
 )
 from .functional import _temperature_logits
 
@@ -370,20 +370,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(
-    local_logits,
-    target,
-    group=None,
-    weight=None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    *,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    backend: str | None = None,
-    inplace_grad: bool = False,
-    temperature=1.0,
-):
+    local_logits, target, group=None, weight=None, ignore_index: int = -100, reduction: str = "mean",
+    label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: float | None = None, backend: str | None = None,
+    inplace_grad: bool = False, temperature=1.0,
+):  # fmt: skip
     """Cross-entropy over classes split across the ranks of a ``torch.distributed`` group.
 
     Rank k passes the logits of its contiguous slice of the classes, ``[offset_k, offset_k + r_k)``
@@ -784,23 +774,10 @@ class _LinearProblem(linear._Problem):
 
 
 def vocab_parallel_linear_cross_entropy(
-    hidden,
-    weight_shard,
-    target,
-    bias_shard=None,
-    group=None,
-    *,
-    ce_weight=None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    backend: str | None = None,
-    chunk_size: int | None = None,
-    temperature=1.0,
-    accum_dtype=None,
-):
+    hidden, weight_shard, target, bias_shard=None, group=None, *, ce_weight=None, ignore_index: int = -100,
+    reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
+    backend: str | None = None, chunk_size: int | None = None, temperature=1.0, accum_dtype=None,
+):  # fmt: skip
     """Cross-entropy of ``hidden @ weight.T + bias`` with the rows of ``weight`` (the classes) split
     across the ranks of a ``torch.distributed`` group, without any rank holding (N, r_local) logits.
 
@@ -835,11 +812,10 @@ def vocab_parallel_linear_cross_entropy(
     error = opts = None
     facts = {}
     try:
-        h = to_tensor(hidden, "hidden")
-        w = to_tensor(weight_shard, "weight_shard")
-        t = to_tensor(target, "target")
-        b = None if bias_shard is None else to_tensor(bias_shard, "bias_shard")
-        cw = None if ce_weight is None else to_tensor(ce_weight, "ce_weight")
+        h, w, t, b, cw = to_tensors(
+            ("bias_shard", "ce_weight"), hidden=hidden, weight_shard=weight_shard, target=target, bias_shard=bias_shard,
+            ce_weight=ce_weight,
+        )  # fmt: skip
         linear.check_linear(h, w, b, names=("hidden", "weight_shard", "bias_shard"), classes="r_local")
         opts = check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
         chunk_size = check_chunk_size(chunk_size)

@@ -91,19 +91,10 @@ def _temperature_logits(x: torch.Tensor, temperature, softcap):
 
 
 def cross_entropy(
-    logits: Array,
-    target: Array,
-    weight: Array | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    *,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    backend: str | None = None,
-    inplace_grad: bool = False,
-    temperature=1.0,
-) -> Array:
+    logits: Array, target: Array, weight: Array | None = None, ignore_index: int = -100, reduction: str = "mean",
+    label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: float | None = None, backend: str | None = None,
+    inplace_grad: bool = False, temperature=1.0,
+) -> Array:  # fmt: skip
     """Softmax + categorical cross-entropy over the last axis, fused; equals
     ``torch.nn.functional.cross_entropy`` for every shared keyword.
 
@@ -151,19 +142,10 @@ def cross_entropy(
 
 
 def cross_entropy_and_grad(
-    logits: Array,
-    target: Array,
-    weight: Array | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    *,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    backend: str | None = None,
-    inplace_grad: bool = False,
-    temperature=1.0,
-) -> tuple[Array, Array]:
+    logits: Array, target: Array, weight: Array | None = None, ignore_index: int = -100, reduction: str = "mean",
+    label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: float | None = None, backend: str | None = None,
+    inplace_grad: bool = False, temperature=1.0,
+) -> tuple[Array, Array]:  # fmt: skip
     """``(loss, grad)`` of :func:`cross_entropy` in one fused pass, without autograd.
 
     ``grad`` is d loss / d logits, with the logits' shape and dtype; for ``reduction="none"`` it is
@@ -331,14 +313,9 @@ def binary_cross_entropy(
 
 
 def binary_cross_entropy_with_logits(
-    logits: Array,
-    target: Array,
-    weight: Array | None = None,
-    pos_weight: Array | None = None,
-    reduction: str = "mean",
-    *,
-    backend: str | None = None,
-) -> Array:
+    logits: Array, target: Array, weight: Array | None = None, pos_weight: Array | None = None,
+    reduction: str = "mean", *, backend: str | None = None,
+) -> Array:  # fmt: skip
     """Sigmoid + BCE, fused and stable for any logit; ``pos_weight`` scales the positive term and
     broadcasts along the last axis, as in PyTorch. Differentiable in ``logits`` and a float ``target``."""
     as_numpy, args = _bce_args(logits, target, weight, pos_weight, reduction, backend, True)
@@ -370,17 +347,10 @@ def predict_binary(probs: Array, threshold: float = 0.5) -> Array:
 
 
 def distillation_loss(
-    student_logits: Array,
-    teacher_logits: Array,
-    *,
-    divergence: str = "kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    target: Array | None = None,
-    ignore_index: int = -100,
-    reduction: str = "batchmean",
+    student_logits: Array, teacher_logits: Array, *, divergence: str = "kl", beta: float = 0.5,
+    temperature: float = 1.0, target: Array | None = None, ignore_index: int = -100, reduction: str = "batchmean",
     backend: str | None = None,
-) -> Array:
+) -> Array:  # fmt: skip
     """Distillation from teacher logits, fused: no ``(N, r)`` probability tensor is built.
 
     With ``S = student_logits / temperature``, ``T = teacher_logits / temperature``, ``p_s = softmax(S)``,
@@ -454,20 +424,10 @@ class CrossEntropyOutput(NamedTuple):
 
 
 def cross_entropy_with_stats(
-    logits: Array,
-    target: Array,
-    weight: Array | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    *,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    backend: str | None = None,
-    inplace_grad: bool = False,
-    entropy: bool = False,
-    temperature=1.0,
-) -> CrossEntropyOutput:
+    logits: Array, target: Array, weight: Array | None = None, ignore_index: int = -100, reduction: str = "mean",
+    label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: float | None = None, backend: str | None = None,
+    inplace_grad: bool = False, entropy: bool = False, temperature=1.0,
+) -> CrossEntropyOutput:  # fmt: skip
     """:func:`cross_entropy` and the statistics a trainer logs, all from the one pass over the logits.
 
     Args:

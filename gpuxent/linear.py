@@ -61,7 +61,7 @@ from .checks import (
     prepare_cross_entropy,
     reduce_rows,
     row_statistics,
-    to_tensor,
+    to_tensors,
 )
 from .functional import CrossEntropyOutput, cross_entropy_with_stats
 
@@ -484,22 +484,11 @@ def _route(problem, h, w, b):
 
 
 def linear_cross_entropy(
-    hidden,
-    weight,
-    target,
-    bias=None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    *,
-    ce_weight=None,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    backend: str | None = None,
-    chunk_size: int | None = None,
-    temperature=1.0,
+    hidden, weight, target, bias=None, ignore_index: int = -100, reduction: str = "mean",
+    label_smoothing: float = 0.0, *, ce_weight=None, z_loss: float = 0.0, softcap: float | None = None,
+    backend: str | None = None, chunk_size: int | None = None, temperature=1.0,
     accum_dtype: torch.dtype | None = None,
-):
+):  # fmt: skip
     """Cross-entropy of ``hidden @ weight.T + bias`` without materialising the (N, r) logits.
 
     Equals ``cross_entropy(F.linear(hidden, weight, bias), target, ...)`` in loss and in the
@@ -536,11 +525,9 @@ def linear_cross_entropy(
     whose backward runs the chunks again to weight each row by its ``grad_output``.
     """
     as_numpy = not isinstance(hidden, torch.Tensor)
-    h = to_tensor(hidden, "hidden")
-    w = to_tensor(weight, "weight")
-    t = to_tensor(target, "target")
-    b = None if bias is None else to_tensor(bias, "bias")
-    cw = None if ce_weight is None else to_tensor(ce_weight, "ce_weight")
+    h, w, t, b, cw = to_tensors(
+        ("bias", "ce_weight"), hidden=hidden, weight=weight, target=target, bias=bias, ce_weight=ce_weight
+    )
     opts = (ignore_index, reduction, label_smoothing, z_loss, softcap)
     problem = _Problem(h, w, t, b, cw, opts, backend, chunk_size, temperature=temperature, accum_dtype=accum_dtype)
     if _transformed(h, w, b):
@@ -624,23 +611,11 @@ class _LinearCrossEntropyWithEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy_with_stats(
-    hidden,
-    weight,
-    target,
-    bias=None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    *,
-    ce_weight=None,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    backend: str | None = None,
-    chunk_size: int | None = None,
-    entropy: bool = False,
-    temperature=1.0,
+    hidden, weight, target, bias=None, ignore_index: int = -100, reduction: str = "mean",
+    label_smoothing: float = 0.0, *, ce_weight=None, z_loss: float = 0.0, softcap: float | None = None,
+    backend: str | None = None, chunk_size: int | None = None, entropy: bool = False, temperature=1.0,
     accum_dtype: torch.dtype | None = None,
-):
+):  # fmt: skip
     """:func:`linear_cross_entropy` and the statistics of :func:`gpuxent.cross_entropy_with_stats`
     (``CrossEntropyOutput(loss, z_loss, accuracy, entropy)``), chunk by chunk, never holding the
     (N, r) logits.
@@ -653,11 +628,9 @@ def linear_cross_entropy_with_stats(
     gradients are computed in the forward as in :func:`linear_cross_entropy`.
     """
     as_numpy = not isinstance(hidden, torch.Tensor)
-    h = to_tensor(hidden, "hidden")
-    w = to_tensor(weight, "weight")
-    t = to_tensor(target, "target")
-    b = None if bias is None else to_tensor(bias, "bias")
-    cw = None if ce_weight is None else to_tensor(ce_weight, "ce_weight")
+    h, w, t, b, cw = to_tensors(
+        ("bias", "ce_weight"), hidden=hidden, weight=weight, target=target, bias=bias, ce_weight=ce_weight
+    )
     want_entropy = check_bool(entropy, "entropy")
     opts = (ignore_index, reduction, label_smoothing, z_loss, softcap)
     problem = _StatsProblem(h, w, t, b, cw, opts, backend, chunk_size, temperature=temperature, accum_dtype=accum_dtype)

@@ -36,7 +36,7 @@ from .checks import (
     out,
     prepare_distillation,
     reduce_rows,
-    to_tensor,
+    to_tensors,
 )
 from .linear import (
     CHUNK_BYTES,
@@ -118,18 +118,9 @@ def _log_probs_composite(problem, hidden, weight, bias):
 
 
 def linear_log_probs(
-    hidden,
-    weight,
-    target,
-    bias=None,
-    *,
-    temperature=1.0,
-    entropy: bool = False,
-    ignore_index: int = -100,
-    chunk_size: int | None = None,
-    accum_dtype: torch.dtype | None = None,
-    backend: str | None = None,
-) -> LogProbs:
+    hidden, weight, target, bias=None, *, temperature=1.0, entropy: bool = False, ignore_index: int = -100,
+    chunk_size: int | None = None, accum_dtype: torch.dtype | None = None, backend: str | None = None,
+) -> LogProbs:  # fmt: skip
     """Per-token log-probabilities (and entropies) of ``softmax((hidden @ weight.T + bias) / temperature)``
     without materialising the (N, r) logits.
 
@@ -150,10 +141,7 @@ def linear_log_probs(
         again, one pass over each chunk's logits for both upstream gradients.
     """
     as_numpy = not isinstance(hidden, torch.Tensor)
-    h = to_tensor(hidden, "hidden")
-    w = to_tensor(weight, "weight")
-    t = to_tensor(target, "target")
-    b = None if bias is None else to_tensor(bias, "bias")
+    h, w, t, b = to_tensors(("bias",), hidden=hidden, weight=weight, target=target, bias=bias)
     want_entropy = check_bool(entropy, "entropy")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"target: expected integer token ids (one per row), got {t.dtype}")
@@ -298,23 +286,11 @@ class _DistillProblem:
 
 
 def linear_distillation_loss(
-    student_hidden,
-    student_weight,
-    teacher_hidden,
-    teacher_weight,
-    target=None,
-    *,
-    student_bias=None,
-    teacher_bias=None,
-    divergence: str = "kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    reduction: str = "batchmean",
-    chunk_size: int | None = None,
-    accum_dtype: torch.dtype | None = None,
+    student_hidden, student_weight, teacher_hidden, teacher_weight, target=None, *, student_bias=None,
+    teacher_bias=None, divergence: str = "kl", beta: float = 0.5, temperature: float = 1.0, ignore_index: int = -100,
+    reduction: str = "batchmean", chunk_size: int | None = None, accum_dtype: torch.dtype | None = None,
     backend: str | None = None,
-):
+):  # fmt: skip
     """:func:`gpuxent.distillation_loss` of ``student_hidden @ student_weight.T + student_bias`` against
     ``teacher_hidden @ teacher_weight.T + teacher_bias`` without materialising either (N, r) logits.
 
@@ -335,13 +311,11 @@ def linear_distillation_loss(
         float32 for half inputs.
     """
     as_numpy = not isinstance(student_hidden, torch.Tensor)
-    sh = to_tensor(student_hidden, "student_hidden")
-    sw = to_tensor(student_weight, "student_weight")
-    th = to_tensor(teacher_hidden, "teacher_hidden")
-    tw = to_tensor(teacher_weight, "teacher_weight")
-    sb = None if student_bias is None else to_tensor(student_bias, "student_bias")
-    tb = None if teacher_bias is None else to_tensor(teacher_bias, "teacher_bias")
-    t = None if target is None else to_tensor(target, "target")
+    sh, sw, th, tw, sb, tb, t = to_tensors(
+        ("student_bias", "teacher_bias", "target"), student_hidden=student_hidden, student_weight=student_weight,
+        teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, student_bias=student_bias,
+        teacher_bias=teacher_bias, target=target,
+    )  # fmt: skip
     opts = (divergence, beta, temperature, ignore_index, reduction)
     problem = _DistillProblem(sh, sw, th, tw, t, sb, tb, opts, backend, chunk_size, accum_dtype)
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (sh, sw, sb))
