@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .backends import compute_dtype
+from .backends import compute_dtype, torch_ops
 
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -463,7 +463,7 @@ def reduce_rows(loss_rows: torch.Tensor, reduction: str, denom, batch_shape) -> 
 
 # --------------------------------------------------------------------------- distillation
 
-DIVERGENCES = ("kl", "reverse_kl", "jsd")
+DIVERGENCES = tuple(torch_ops.DIVERGENCES)  # the names of the torch formulas, which every backend follows
 DISTILL_REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 

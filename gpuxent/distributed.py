@@ -53,7 +53,7 @@ from .autograd import (
     cross_entropy_stats_rows,
     row_partials,
 )
-from .backends import compute_dtype
+from .backends import compute_dtype, torch_ops
 from .checks import (
     FLOAT_DTYPES,
     check_chunk_size,
@@ -594,10 +594,11 @@ def run_stats(local_logits, target, weight, layout):
 # Per row, with S = student / tau and T = teacher / tau on this rank's classes: each rank sends its
 # (max, sum exp(. - max)) of S and T and, for "kl", u = sum exp(T - mT) (T - S) ("reverse_kl": v = sum
 # exp(S - mS) (S - T)); merged as the cross-entropy's partials, KL(p_t || p_s) = U / S_T - lse_T + lse_S
-# and KL(p_s || p_t) = V / S_S - lse_S + lse_T: one collective of 20 bytes per row (float32). "jsd" needs
-# both lse first, then a second collective of the slices' sums of its terms. Written in torch ops on
-# the slice (no kernel of the backends reads two sliced rows with a global lse); the backward
-# recomputes the probabilities from the saved slices.
+# and KL(p_s || p_t) = V / S_S - lse_S + lse_T: one collective of 20 bytes per row (float32). Any other
+# divergence ("jsd") needs both lse first, then a second collective of the slices' sums of its terms
+# and of u (``torch_ops.DIVERGENCES``): its gradient is u - p_s sum(u). Written in torch ops on the
+# slice (no kernel of the backends reads two sliced rows with a global lse); the backward recomputes
+# the probabilities from the saved slices.
 
 
 def _slice_max_sum(y: torch.Tensor):
@@ -653,21 +654,18 @@ class _DistillProblem:
             v = torch.where(g[:, :, 1] != 0, g[:, :, 4] * torch.exp(shift_s), 0).sum(0)
             self.mu = v / sum_s
             rows = self.mu - self.lse_s + self.lse_t
-        else:
-            log_ps, log_pt, log_m = self._jsd_logs(s, t)
-            ps, pt = torch.exp(log_ps), torch.exp(log_pt)
-            r = log_ps - log_m
-            terms = torch.stack([(o.beta * pt * (log_pt - log_m) + (1 - o.beta) * ps * r).sum(1), (ps * r).sum(1)], 1)
+        else:  # any other divergence: its terms on the slice (both lse known), summed across the ranks
+            term, u = self._terms(s, t)
+            terms = torch.stack([term.sum(1), u.sum(1)], 1)
             g2, _, _ = exchange(terms, terms.new_zeros(1), self.group)
             rows, self.k = g2[:, :, 0].sum(0), g2[:, :, 1].sum(0)
         rows = rows * o.temperature**2
         return rows if self.t is None else torch.where(self.t != o.ignore_index, rows, 0)
 
-    def _jsd_logs(self, s, t):
-        b = self.opts.beta
+    def _terms(self, s, t):
+        """The divergence's ``(term, u)`` on this slice (``torch_ops.DIVERGENCES``), from the global lse."""
         log_ps, log_pt = s - self.lse_s[:, None], t - self.lse_t[:, None]
-        log_m = torch.logaddexp(math.log(b) + log_pt, math.log1p(-b) + log_ps)
-        return log_ps, log_pt, log_m
+        return torch_ops.DIVERGENCES[self.opts.divergence](log_ps, log_pt, self.opts.beta)
 
     def grad(self, grad_rows):
         """d sum(grad_rows * rows) / d student: ``temperature * grad_row * d divergence / d S`` per row."""
@@ -680,11 +678,9 @@ class _DistillProblem:
         if o.divergence == "kl":
             g = ps - torch.exp(t - self.lse_t[:, None])
         elif o.divergence == "reverse_kl":
-            g = ps * (s - t - self.mu[:, None])
+            g = torch.where(ps > 0, ps * (s - t - self.mu[:, None]), 0)  # 0, not 0 * inf, where p_s = 0
         else:
-            log_ps, _, log_m = self._jsd_logs(s, t)
-            g = (1 - o.beta) * ps * (log_ps - log_m - self.k[:, None])
-        g = torch.where(ps > 0, g, 0) if o.divergence != "kl" else g  # 0, not 0 * inf, where p_s = 0
+            g = self._terms(s, t)[1] - ps * self.k[:, None]
         return (g * scale[:, None]).to(self.x.dtype).reshape(self.shape)
 
 

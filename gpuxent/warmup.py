@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from .backends.torch_ops import DIVERGENCES
+
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -61,7 +63,7 @@ def _calls(dtype: torch.dtype):
             )  # fmt: skip
 
         yield f"cross_entropy_backward prob={prob} softcap={cap} entropy={entropy} inplace={inplace}", backward
-    for div, grad in itertools.product(("kl", "reverse_kl", "jsd"), (False, True)):
+    for div, grad in itertools.product(DIVERGENCES, (False, True)):
         yield f"distillation {div} grad={grad}", lambda div=div, grad=grad: nc.distillation(
             x(), x(), t, divergence=div, beta=0.5, temperature=2.0, ignore_index=-100, grad_scale=None,
             grad=torch.empty(n, r, dtype=dtype) if grad else None,

@@ -9,7 +9,8 @@ before its gradient is written).
 Each formula is written once, as a small function of a block of rows: the row's max and log-sum-exp
 (``_lse_parts``), the softcap and its derivative, the cross-entropy loss and the coefficient of
 ``p_j`` in its gradient (``_loss_and_coef``), the gradient sweep ``scale (coef p_j - mass_j) dy_j``
-(``_grad_rows``), the entropy, KL terms and the two BCE losses. The numerics follow the kernels:
+(``_grad_rows``), the entropy, the divergences' terms (``DIVERGENCES``) and the two BCE losses. The
+numerics follow the kernels:
 
 - the loss is taken relative to the row's max, ``lse - y_t = (m - y_t) + log s``, so that logits of
   1e20 lose nothing; ``p_j = exp(y_j - m) / s``;
@@ -157,12 +158,6 @@ def _grad_rows(p, coef, mass_rest, t_index, t_mass, scale, dy, entropy_scale=Non
     if ey is not None:
         g = g + entropy_scale[:, None] * torch.where(p > 0, p * (ey - y), 0.0)
     return g if dy is None else g * dy
-
-
-def _kl(p, log_p, log_q):
-    """``(d, KL)``: ``d = log p - log q`` and ``KL(p || q) = sum p d`` per row (keepdim), 0 where p = 0."""
-    d = log_p - log_q
-    return d, torch.where(p > 0, p * d, 0.0).sum(-1, keepdim=True)
 
 
 def _bce(p, y, w):
@@ -327,30 +322,60 @@ def cross_entropy_backward(
 
 
 # --------------------------------------------------------------------------- distillation
+# A divergence between the student's and the teacher's softmax (of S and T, the logits over tau) is a
+# sum over the classes of a term of (log p_s, log p_t); its derivative in S is the log-softmax's
+# Jacobian applied to u = d term / d log p_s: g = u - p_s sum(u). DIVERGENCES maps each name to
+# ``terms(log_ps, log_pt, beta) -> (term, u)``: every torch-op form of distillation is built from it
+# (this reference, the double-backward formula in ``autograd``, the vocab-parallel slices in
+# ``distributed``); the kernels hold their own fused forms. A term whose weight p is 0 is 0 (its log
+# ratio may be -inf - -inf).
+
+
+def _p_log_ratio(log_p, log_q):
+    """``p (log p - log q)`` elementwise, 0 where ``p`` is 0 (or underflows to 0)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0)
+
+
+def _kl_terms(log_ps, log_pt, beta):
+    """KL(p_t || p_s): ``u = -p_t``, so ``g = p_s - p_t``."""
+    return _p_log_ratio(log_pt, log_ps), -log_pt.exp()
+
+
+def _reverse_kl_terms(log_ps, log_pt, beta):
+    """KL(p_s || p_t): ``u = p_s (log p_s - log p_t)`` (the ``p_s`` the derivative of ``p_s`` adds cancels
+    in ``u - p_s sum(u)``), so ``g = p_s (d - KL)``."""
+    term = _p_log_ratio(log_ps, log_pt)
+    return term, term
+
+
+def _jsd_terms(log_ps, log_pt, beta):
+    """``beta KL(p_t || m) + (1 - beta) KL(p_s || m)``, ``m = beta p_t + (1 - beta) p_s``:
+    ``u = (1 - beta) p_s (log p_s - log m)`` (m's own derivative cancels)."""
+    log_m = torch.logaddexp(math.log(beta) + log_pt, math.log1p(-beta) + log_ps)
+    r_s = (1 - beta) * _p_log_ratio(log_ps, log_m)
+    return beta * _p_log_ratio(log_pt, log_m) + r_s, r_s
+
+
+DIVERGENCES = {"kl": _kl_terms, "reverse_kl": _reverse_kl_terms, "jsd": _jsd_terms}
+
+
+def divergence_rows(log_ps, log_pt, divergence: str, beta: float, want_grad: bool):
+    """``(div, d div / d S)`` of (N, r) log-softmaxes: per row (keepdim), and per element (None unless
+    ``want_grad``); differentiable again."""
+    term, u = DIVERGENCES[divergence](log_ps, log_pt, beta)
+    div = term.sum(-1, keepdim=True)
+    return div, (u - log_ps.exp() * u.sum(-1, keepdim=True) if want_grad else None)
 
 
 def _distill_block(s_logits, t_logits, kept, divergence, beta, tau, scale, want_grad):
     """``(loss, grad)`` of a block: ``tau**2`` times the divergence per row, and ``scale * tau * d div / d S``
     (None unless ``want_grad``), with S, T the logits over ``tau``; see ``gpuxent.backends``."""
     s, t = _blank(s_logits, kept) / tau, _blank(t_logits, kept) / tau
-    m_s, log_ss, e_s, sum_s = _lse_parts(s)
-    m_t, log_st, e_t, sum_t = _lse_parts(t)
-    p_s, p_t = e_s / sum_s, e_t / sum_t
+    m_s, log_ss, _, _ = _lse_parts(s)
+    m_t, log_st, _, _ = _lse_parts(t)
     # log p = (z - m) - log s: the maxima first, so two logits of 1e20 differ by 0, not by an lse's rounding
-    log_ps = (s - m_s) - log_ss
-    log_pt = (t - m_t) - log_st
-    if divergence == "kl":  # KL(p_t || p_s), d/dS = p_s - p_t
-        _, div = _kl(p_t, log_pt, log_ps)
-        d_div = p_s - p_t if want_grad else None
-    elif divergence == "reverse_kl":  # KL(p_s || p_t), d/dS = p_s (d - KL)
-        d, div = _kl(p_s, log_ps, log_pt)
-        d_div = torch.where(p_s > 0, p_s * (d - div), 0.0) if want_grad else None
-    else:  # jsd: beta KL(p_t || mix) + (1 - beta) KL(p_s || mix), d/dS = (1 - beta) p_s (R - K)
-        log_mix = torch.logaddexp(math.log(beta) + log_pt, math.log1p(-beta) + log_ps)
-        _, kl_t = _kl(p_t, log_pt, log_mix)
-        d, kl_s = _kl(p_s, log_ps, log_mix)
-        div = beta * kl_t + (1 - beta) * kl_s
-        d_div = (1 - beta) * torch.where(p_s > 0, p_s * (d - kl_s), 0.0) if want_grad else None
+    div, d_div = divergence_rows((s - m_s) - log_ss, (t - m_t) - log_st, divergence, beta, want_grad)
     good = torch.isfinite(m_s + log_ss) & torch.isfinite(m_t + log_st)  # both rows have a softmax
     keep = kept[:, None]
     loss = torch.where(keep, torch.where(good, tau * tau * div, math.nan), 0.0)[:, 0]
@@ -362,8 +387,8 @@ def _distill_block(s_logits, t_logits, kept, divergence, beta, tau, scale, want_
 
 def distillation(student, teacher, target, *, divergence, beta, temperature, ignore_index, grad_scale, grad):
     """Per-row tau**2 * divergence of (N, r) student and teacher logits; see ``gpuxent.backends``."""
-    if divergence not in ("kl", "reverse_kl", "jsd"):
-        raise ValueError(f"divergence: expected 'kl', 'reverse_kl' or 'jsd', got {divergence!r}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence: expected one of {tuple(DIVERGENCES)}, got {divergence!r}")
     if teacher.shape != student.shape:
         raise ValueError("teacher: expected the student's shape")
     dt = compute_dtype(student.dtype)
