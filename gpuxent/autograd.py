@@ -51,11 +51,11 @@ class RegisteredOp:
     """A ``torch.library`` custom op (one opaque node to torch.compile, a vmap rule, a fake) whose
     Python body an eager call runs directly (:func:`eager` on its first argument), then bumping the
     version of what it mutates, as the dispatcher would (the backends write through numpy or raw
-    pointers, which torch does not see)."""
+    pointers, which torch does not see). ``schema``: None infers it from ``fn``'s annotations."""
 
-    def __init__(self, name: str, mutates_args, fn):
+    def __init__(self, name: str, mutates_args, fn, schema: str | None = None):
         self.impl = fn
-        self.op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        self.op = torch.library.custom_op(name, fn, mutates_args=mutates_args, schema=schema)
         params = list(inspect.signature(fn).parameters)
         self.mutated = tuple(params.index(a) for a in mutates_args)
 
@@ -75,53 +75,91 @@ def registered_op(name: str, mutates_args=()):
     return lambda fn: RegisteredOp(name, mutates_args, fn)
 
 
+def registered_pair(name: str, args: str, n_outputs: int, make, fake, want_grad=False, **flags):
+    """``(op, op_)``: ``gpuxent::{name}`` and its in-place twin ``gpuxent::{name}_``, which writes the
+    gradient over the logits (``mutates_args=("logits",)``) and returns the other outputs, from one body.
+
+    ``args``: both schemas' arguments after the logits (the out-of-place op's end with ``bool want_grad``
+    when ``want_grad``); ``n_outputs``: the out-of-place op's tensors, the gradient one of them.
+    ``make(inplace, **flags)`` returns an op's Python function: a closure, which the eager path calls with
+    no frame or partial between; ``fake(inplace, logits, *args, **flags)`` is the ops' fake.
+    """
+
+    def schema(logits, last, n):
+        return f"({logits}, {args}{last}) -> " + ("Tensor" if n == 1 else f"({', '.join(['Tensor'] * n)})")
+
+    op = RegisteredOp(
+        f"gpuxent::{name}", (), make(False, **flags),
+        schema("Tensor logits", ", bool want_grad" if want_grad else "", n_outputs),
+    )  # fmt: skip
+    op_ = RegisteredOp(
+        f"gpuxent::{name}_", ("logits",), make(True, **flags), schema("Tensor(a0!) logits", "", n_outputs - 1)
+    )
+    op.register_fake(functools.partial(fake, False, **flags))
+    op_.register_fake(functools.partial(fake, True, **flags))
+    return op, op_
+
+
 def _dense(v):
     """A per-row vector as a kernel reads it: dense (a reduction's backward hands out expanded, stride-0
     views, and ``.sum().backward()`` hands a stride-0 ``grad_output``); None and floats pass through."""
     return v.contiguous() if isinstance(v, torch.Tensor) else v
 
 
-@registered_op("gpuxent::cross_entropy_rows", mutates_args=())
-def cross_entropy_rows(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    grad_scale: Optional[torch.Tensor],
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float,
-    backend: str,
-    want_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, lse, grad)`` per row of (N, r) logits; ``grad`` (the logits' dtype, from the backend's
-    allocator) is ``grad_scale * d loss_i / d logits_i``, or an empty tensor unless ``want_grad``."""
-    module = backends.module(backend)
-    grad = backends.empty(backend, logits.shape, logits.dtype, logits.device) if want_grad else logits.new_empty(0)
-    loss, lse = module.cross_entropy(  # called here, not through a helper: one frame from the op to the backend
-        logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-        softcap=softcap, grad_scale=_dense(grad_scale), grad=grad if want_grad else None,
-    )  # fmt: skip
-    return loss, lse, grad
+def _stats_outputs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (N,) argmax (int64) and entropy (compute dtype) buffers the kernel fills."""
+    n_rows = logits.shape[0]
+    return (
+        logits.new_empty(n_rows, dtype=torch.int64),
+        logits.new_empty(n_rows, dtype=compute_dtype(logits.dtype)),
+    )
 
 
-@registered_op("gpuxent::cross_entropy_rows_", mutates_args=("logits",))
-def cross_entropy_rows_(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    grad_scale: Optional[torch.Tensor],
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, lse)`` per row, the gradient written over the logits (in place)."""
-    return backends.module(backend).cross_entropy(
-        logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-        softcap=softcap, grad_scale=_dense(grad_scale), grad=logits,
-    )  # fmt: skip
+def _cross_entropy_rows(inplace: bool, stats: bool):
+    """The body of ``gpuxent::cross_entropy_rows`` (``stats``: ``cross_entropy_stats_rows``), or of its
+    in-place twin."""
+
+    def cross_entropy_rows(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+                           backend, want_grad=True):  # fmt: skip
+        """``(loss, lse, grad)`` per row of (N, r) logits, with ``stats`` then each row's ``(argmax,
+        entropy)`` from the same pass (0 for ignored rows). ``grad`` (the logits' dtype, from the backend's
+        allocator) is ``grad_scale * d loss_i / d logits_i``, or an empty tensor unless ``want_grad``; in
+        place, it is written over the logits and not returned."""
+        if inplace:
+            grad = logits
+        else:
+            grad = backends.empty(backend, logits.shape, logits.dtype, logits.device) if want_grad else None
+        extra = _stats_outputs(logits) if stats else None
+        # called here, not through a helper: one frame from the op to the backend
+        loss, lse = backends.module(backend).cross_entropy(
+            logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+            softcap=softcap, grad_scale=_dense(grad_scale), grad=grad, stats=extra,
+        )  # fmt: skip
+        outs = (loss, lse) if inplace else (loss, lse, logits.new_empty(0) if grad is None else grad)
+        return outs + extra if stats else outs
+
+    return cross_entropy_rows
+
+
+def _cross_entropy_rows_fake(inplace, logits, *args, stats):
+    dt = compute_dtype(logits.dtype)
+    n_rows = logits.shape[0]
+    outs = logits.new_empty(n_rows, dtype=dt), logits.new_empty(n_rows, dtype=dt)
+    if not inplace:  # args[-1]: want_grad
+        outs += (torch.empty_like(logits) if args[-1] else logits.new_empty(0),)
+    return outs + _stats_outputs(logits) if stats else outs
+
+
+_ROWS_ARGS = (
+    "Tensor target, Tensor? weight, Tensor? grad_scale, SymInt ignore_index, float label_smoothing, float z_loss, "
+    "float softcap, str backend"
+)
+cross_entropy_rows, cross_entropy_rows_ = registered_pair(
+    "cross_entropy_rows", _ROWS_ARGS, 3, _cross_entropy_rows, _cross_entropy_rows_fake, want_grad=True, stats=False
+)
+cross_entropy_stats_rows, cross_entropy_stats_rows_ = registered_pair(
+    "cross_entropy_stats_rows", _ROWS_ARGS, 5, _cross_entropy_rows, _cross_entropy_rows_fake, want_grad=True, stats=True
+)
 
 
 @registered_op("gpuxent::softmax_rows", mutates_args=())
@@ -132,14 +170,9 @@ def softmax_rows(x: torch.Tensor, log: bool, backend: str) -> torch.Tensor:
 
 @registered_op("gpuxent::binary_cross_entropy_elements", mutates_args=())
 def binary_cross_entropy_elements(
-    x: torch.Tensor,
-    target: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    pos_weight: Optional[torch.Tensor],
-    with_logits: bool,
-    backend: str,
-    want_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], pos_weight: Optional[torch.Tensor],
+    with_logits: bool, backend: str, want_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(loss, grad)`` elementwise, flat, in the compute dtype: BCE on probabilities, or on logits
     (sigmoid fused) when ``with_logits``; ``grad`` (``x``'s shape) is empty unless ``want_grad``."""
     dt = compute_dtype(x.dtype)
@@ -151,20 +184,6 @@ def binary_cross_entropy_elements(
     else:
         loss = module.binary_cross_entropy(x, target, weight, grad=g)
     return loss, grad
-
-
-@cross_entropy_rows.register_fake
-def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, backend, want_grad):
-    dt = compute_dtype(logits.dtype)
-    n_rows = logits.shape[0]
-    grad = torch.empty_like(logits) if want_grad else logits.new_empty(0)
-    return logits.new_empty(n_rows, dtype=dt), logits.new_empty(n_rows, dtype=dt), grad
-
-
-@cross_entropy_rows_.register_fake
-def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, backend):
-    dt = compute_dtype(logits.dtype)
-    return logits.new_empty(logits.shape[0], dtype=dt), logits.new_empty(logits.shape[0], dtype=dt)
 
 
 @softmax_rows.register_fake
@@ -221,6 +240,7 @@ def _cross_entropy_vmap(op):
 
 
 _cross_entropy_vmap(cross_entropy_rows)
+_cross_entropy_vmap(cross_entropy_stats_rows)
 
 
 @torch.library.register_vmap("gpuxent::softmax_rows")
@@ -322,6 +342,25 @@ without autograd; a ctx: an eager call with autograd) means plain tensors, and i
 bodies directly (:class:`RegisteredOp`)."""
 
 
+class _BodyFunction(torch.autograd.Function):
+    """A Function whose ``body(ctx, *args)`` is its forward with the setup folded in (see ``_TRACED``): its
+    ``forward`` (torch.compile, ``torch.func``, forward AD) is ``body(_TRACED, *args)``, made here for each
+    subclass that sets a ``body`` and no ``forward`` (a partial ``body`` needs its own: dynamo does not
+    trace a partial held in a closure); :class:`_Applier` calls the body itself on the eager paths."""
+
+    generate_vmap_rule = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "body" in cls.__dict__ and "forward" not in cls.__dict__:
+            body = cls.body
+
+            def forward(*args):
+                return body(_TRACED, *args)
+
+            cls.forward = staticmethod(forward)
+
+
 def _cross_entropy_body(ctx, logits, target, weight, is_prob, opts, backend, want_grad, inplace, denom=None,
                         stats=False):  # fmt: skip
     """:class:`CrossEntropy`'s forward (``stats``: :class:`CrossEntropyStats`'s, through the kernel with
@@ -372,7 +411,7 @@ def _cross_entropy_body(ctx, logits, target, weight, is_prob, opts, backend, wan
     return output
 
 
-class CrossEntropy(torch.autograd.Function):
+class CrossEntropy(_BodyFunction):
     """Fused cross-entropy of (N, r) logits, reduced; outputs ``(loss, grad, 1/denominator)``.
 
     ``grad`` is the forward's gradient for a unit ``grad_output`` (empty unless ``want_grad``; the
@@ -380,12 +419,7 @@ class CrossEntropy(torch.autograd.Function):
     want_grad, inplace[, denom])``.
     """
 
-    generate_vmap_rule = True
     body = staticmethod(_cross_entropy_body)
-
-    @staticmethod
-    def forward(*args):
-        return _cross_entropy_body(_TRACED, *args)
 
     @staticmethod
     def setup_context(ctx, inputs, output, forward_ad=True):
@@ -499,16 +533,11 @@ def _bce_body(ctx, x, target, weight, pos_weight, with_logits, reduction, backen
     return output
 
 
-class BinaryCrossEntropy(torch.autograd.Function):
+class BinaryCrossEntropy(_BodyFunction):
     """Elementwise BCE (on probabilities, or on logits when ``with_logits``), reduced; outputs
     ``(loss, grad)``, the gradient of a unit ``grad_output`` in the compute dtype."""
 
-    generate_vmap_rule = True
     body = staticmethod(_bce_body)
-
-    @staticmethod
-    def forward(*args):
-        return _bce_body(_TRACED, *args)
 
     @staticmethod
     def setup_context(ctx, inputs, output, forward_ad=True):
@@ -568,16 +597,11 @@ def _softmax_body(ctx, x, log, backend):
     return y
 
 
-class Softmax(torch.autograd.Function):
+class Softmax(_BodyFunction):
     """Row softmax / log-softmax of (N, r) ``x`` on the backend; the backward is torch ops on the
     output, so it is differentiable again."""
 
-    generate_vmap_rule = True
     body = staticmethod(_softmax_body)
-
-    @staticmethod
-    def forward(*args):
-        return _softmax_body(_TRACED, *args)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -610,33 +634,18 @@ class _Applier:
       autograd applies in ~8 us where a functorch-aware one takes ~25 us.
     - Otherwise (``torch.func`` transforms, forward AD): ``fn.apply``.
 
-    A Function with a ``body(ctx, *args)`` (its forward with the setup folded in, see ``_TRACED``) is
-    called with no frame of this class's between the caller and the body: the caller calls what
+    The eager paths call the Function's ``body(ctx, *args)`` (its forward with the setup folded in, see
+    ``_TRACED``) with no frame of this class's between the caller and the body: the caller calls what
     :meth:`route` returns.
     """
 
-    def __init__(self, fn: type[torch.autograd.Function]):
+    def __init__(self, fn: type[_BodyFunction]):
         self.fn = fn
         self.traceable = type(fn.__name__, (fn,), {"jvp": torch.autograd.Function.jvp})
-        body = fn.__dict__.get("body")  # its own: a subclass with its own forward has none
-        if body is not None:
-            eager_fn = type(fn.__name__, (torch.autograd.Function,), {
-                "forward": staticmethod(body), "backward": staticmethod(fn.backward)
-            })  # fmt: skip
-            self.plain = functools.partial(body, None)
-        else:
-
-            class eager_fn(torch.autograd.Function):
-                @staticmethod
-                def forward(ctx, *args):
-                    output = fn.forward(*args)
-                    fn.setup_context(ctx, args, output)
-                    return output
-
-                backward = staticmethod(fn.backward)
-
-            eager_fn.__name__ = fn.__name__
-            self.plain = fn.forward
+        eager_fn = type(fn.__name__, (torch.autograd.Function,), {
+            "forward": staticmethod(fn.body), "backward": staticmethod(fn.backward)
+        })  # fmt: skip
+        self.plain = functools.partial(fn.body, None)
         # torch._C._FunctionBase.apply itself: Function.apply's Python part (functorch and signature
         # checks) is for what route() already sent elsewhere
         self.eager_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, eager_fn)
@@ -660,7 +669,7 @@ class _Applier:
         return self.route(*(a for a in args if isinstance(a, torch.Tensor)))(*args)
 
 
-def _applier(fn: type[torch.autograd.Function]) -> _Applier:
+def _applier(fn: type[_BodyFunction]) -> _Applier:
     return _Applier(fn)
 
 
@@ -680,15 +689,9 @@ N_PARTIALS = 5  # (m, s, a, b, c): see ``backends`` (row_partials)
 
 @registered_op("gpuxent::row_partials", mutates_args=())
 def row_partials(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    ignore_index: int,
-    softcap: float,
-    class_offset: int,
-    smoothing: bool,
-    backend: str,
-) -> torch.Tensor:
+    logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int, softcap: float,
+    class_offset: int, smoothing: bool, backend: str,
+) -> torch.Tensor:  # fmt: skip
     """(N, 5) per-row partials of a (N, r_local) slice of the classes, in the compute dtype."""
     out = torch.empty((logits.shape[0], N_PARTIALS), dtype=compute_dtype(logits.dtype), device=logits.device)
     backends.module(backend).row_partials(
@@ -703,77 +706,36 @@ def _(logits, target, weight, ignore_index, softcap, class_offset, smoothing, ba
     return logits.new_empty((logits.shape[0], N_PARTIALS), dtype=compute_dtype(logits.dtype))
 
 
-def _cross_entropy_backward(logits, target, weight, lse, coef, entropy, grad_scale, entropy_scale, grad, ignore_index,
-                            label_smoothing, n_classes, class_offset, softcap, backend):  # fmt: skip
-    lse, coef, entropy, grad_scale, entropy_scale = map(_dense, (lse, coef, entropy, grad_scale, entropy_scale))
-    backends.module(backend).cross_entropy_backward(
-        logits, target, weight, lse, coef, entropy, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        n_classes=n_classes, class_offset=class_offset, softcap=softcap, grad_scale=grad_scale,
-        entropy_scale=entropy_scale, grad=grad,
-    )  # fmt: skip
+def _cross_entropy_backward(inplace: bool):
+    """The body of ``gpuxent::cross_entropy_backward``, or of its in-place twin."""
+
+    def cross_entropy_backward(logits, target, weight, lse, coef, entropy, grad_scale, entropy_scale, ignore_index,
+                               label_smoothing, n_classes, class_offset, softcap, backend):  # fmt: skip
+        """The gradient of (N, r_local) logits (their dtype, from the backend's allocator; in place: written
+        over the logits) given each row's global ``lse`` and coefficient; see ``backends`` for the formula."""
+        grad = logits if inplace else backends.empty(backend, logits.shape, logits.dtype, logits.device)
+        lse, coef, entropy, grad_scale, entropy_scale = map(_dense, (lse, coef, entropy, grad_scale, entropy_scale))
+        backends.module(backend).cross_entropy_backward(
+            logits, target, weight, lse, coef, entropy, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            n_classes=n_classes, class_offset=class_offset, softcap=softcap, grad_scale=grad_scale,
+            entropy_scale=entropy_scale, grad=grad,
+        )  # fmt: skip
+        return None if inplace else grad
+
+    return cross_entropy_backward
 
 
-@registered_op("gpuxent::cross_entropy_backward", mutates_args=())
-def cross_entropy_backward(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    lse: torch.Tensor,
-    coef: torch.Tensor,
-    entropy: Optional[torch.Tensor],
-    grad_scale: Optional[torch.Tensor],
-    entropy_scale: Optional[torch.Tensor],
-    ignore_index: int,
-    label_smoothing: float,
-    n_classes: int,
-    class_offset: int,
-    softcap: float,
-    backend: str,
-) -> torch.Tensor:
-    """The gradient of (N, r_local) logits (their dtype, from the backend's allocator) given each row's
-    global ``lse`` and coefficient; see ``backends`` for the formula."""
-    grad = backends.empty(backend, logits.shape, logits.dtype, logits.device)
-    _cross_entropy_backward(
-        logits, target, weight, lse, coef, entropy, grad_scale, entropy_scale, grad, ignore_index, label_smoothing,
-        n_classes, class_offset, softcap, backend,
-    )  # fmt: skip
-    return grad
+def _cross_entropy_backward_fake(inplace, logits, *args):
+    return None if inplace else torch.empty_like(logits)
 
 
-@cross_entropy_backward.register_fake
-def _(logits, target, weight, lse, coef, entropy, grad_scale, entropy_scale, ignore_index, label_smoothing, n_classes,
-      class_offset, softcap, backend):  # fmt: skip
-    return torch.empty_like(logits)
-
-
-@registered_op("gpuxent::cross_entropy_backward_", mutates_args=("logits",))
-def cross_entropy_backward_(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    lse: torch.Tensor,
-    coef: torch.Tensor,
-    entropy: Optional[torch.Tensor],
-    grad_scale: Optional[torch.Tensor],
-    entropy_scale: Optional[torch.Tensor],
-    ignore_index: int,
-    label_smoothing: float,
-    n_classes: int,
-    class_offset: int,
-    softcap: float,
-    backend: str,
-) -> None:
-    """:func:`cross_entropy_backward` written over the logits (in place)."""
-    _cross_entropy_backward(
-        logits, target, weight, lse, coef, entropy, grad_scale, entropy_scale, logits, ignore_index, label_smoothing,
-        n_classes, class_offset, softcap, backend,
-    )  # fmt: skip
-
-
-@cross_entropy_backward_.register_fake
-def _(logits, target, weight, lse, coef, entropy, grad_scale, entropy_scale, ignore_index, label_smoothing, n_classes,
-      class_offset, softcap, backend):  # fmt: skip
-    return None
+cross_entropy_backward, cross_entropy_backward_ = registered_pair(
+    "cross_entropy_backward",
+    "Tensor target, Tensor? weight, Tensor lse, Tensor coef, Tensor? entropy, Tensor? grad_scale, "
+    "Tensor? entropy_scale, SymInt ignore_index, float label_smoothing, SymInt n_classes, SymInt class_offset, "
+    "float softcap, str backend",
+    1, _cross_entropy_backward, _cross_entropy_backward_fake,
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- distillation
@@ -781,17 +743,9 @@ def _(logits, target, weight, lse, coef, entropy, grad_scale, entropy_scale, ign
 
 @registered_op("gpuxent::distillation_rows", mutates_args=())
 def distillation_rows(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    target: Optional[torch.Tensor],
-    grad_scale: Optional[torch.Tensor],
-    divergence: str,
-    beta: float,
-    temperature: float,
-    ignore_index: int,
-    backend: str,
-    want_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor],
+    divergence: str, beta: float, temperature: float, ignore_index: int, backend: str, want_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(loss, grad)`` per row of (N, r) student and teacher logits: ``temperature**2`` times the
     divergence (0 for rows whose target is ``ignore_index``), and ``grad_scale * d loss_i / d student_i``
     (the student's dtype) or an empty tensor unless ``want_grad``."""
@@ -881,16 +835,11 @@ def _distillation_body(ctx, student, teacher, target, opts, backend, want_grad):
     return output
 
 
-class Distillation(torch.autograd.Function):
+class Distillation(_BodyFunction):
     """Fused distillation loss of (N, r) student logits against a teacher's, reduced; outputs
     ``(loss, grad, 1/denominator)``, ``grad`` the forward's gradient for a unit ``grad_output``."""
 
-    generate_vmap_rule = True
     body = staticmethod(_distillation_body)
-
-    @staticmethod
-    def forward(*args):
-        return _distillation_body(_TRACED, *args)
 
     @staticmethod
     def setup_context(ctx, inputs, output, forward_ad=True):
@@ -955,78 +904,6 @@ distillation = _applier(Distillation)
 # upstream gradients.
 
 
-def _stats_outputs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (N,) argmax (int64) and entropy (compute dtype) buffers the kernel fills."""
-    n_rows = logits.shape[0]
-    return (
-        logits.new_empty(n_rows, dtype=torch.int64),
-        logits.new_empty(n_rows, dtype=compute_dtype(logits.dtype)),
-    )
-
-
-@registered_op("gpuxent::cross_entropy_stats_rows", mutates_args=())
-def cross_entropy_stats_rows(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    grad_scale: Optional[torch.Tensor],
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float,
-    backend: str,
-    want_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, lse, grad, argmax, entropy)`` per row: :func:`cross_entropy_rows` plus each row's argmax
-    and entropy from the same pass (0 for ignored rows)."""
-    grad = backends.empty(backend, logits.shape, logits.dtype, logits.device) if want_grad else logits.new_empty(0)
-    stats = _stats_outputs(logits)
-    loss, lse = backends.module(backend).cross_entropy(  # one frame from the op to the backend
-        logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-        softcap=softcap, grad_scale=_dense(grad_scale), grad=grad if want_grad else None, stats=stats,
-    )  # fmt: skip
-    return loss, lse, grad, *stats
-
-
-@registered_op("gpuxent::cross_entropy_stats_rows_", mutates_args=("logits",))
-def cross_entropy_stats_rows_(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    grad_scale: Optional[torch.Tensor],
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, lse, argmax, entropy)`` per row, the gradient written over the logits (in place)."""
-    stats = _stats_outputs(logits)
-    loss, lse = backends.module(backend).cross_entropy(
-        logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-        softcap=softcap, grad_scale=_dense(grad_scale), grad=logits, stats=stats,
-    )  # fmt: skip
-    return loss, lse, *stats
-
-
-@cross_entropy_stats_rows.register_fake
-def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, backend, want_grad):
-    dt = compute_dtype(logits.dtype)
-    n_rows = logits.shape[0]
-    grad = torch.empty_like(logits) if want_grad else logits.new_empty(0)
-    return (logits.new_empty(n_rows, dtype=dt), logits.new_empty(n_rows, dtype=dt), grad, *_stats_outputs(logits))
-
-
-@cross_entropy_stats_rows_.register_fake
-def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, backend):
-    dt = compute_dtype(logits.dtype)
-    n_rows = logits.shape[0]
-    return logits.new_empty(n_rows, dtype=dt), logits.new_empty(n_rows, dtype=dt), *_stats_outputs(logits)
-
-
-_cross_entropy_vmap(cross_entropy_stats_rows)
-
-
 def stats_coef(target, weight, is_prob: bool, opts, lse: torch.Tensor, n_classes: int) -> torch.Tensor:
     """The coefficient of ``p`` in each row's gradient (``cross_entropy_backward``'s ``coef``): the target
     mass ``sum_j w_j ((1 - eps) q_ij + eps / r)`` (class targets: ``q`` one-hot) plus ``2 z_loss lse``.
@@ -1069,18 +946,13 @@ def _cross_entropy_entropy_body(ctx, logits, target, weight, is_prob, opts, back
     return output
 
 
-class CrossEntropyWithEntropy(torch.autograd.Function):
+class CrossEntropyWithEntropy(_BodyFunction):
     """Per-row cross-entropy and entropy of (N, r) logits, both differentiable: outputs ``(loss_rows,
     entropy_rows, lse, argmax)``. The forward computes no gradient; the backward is one pass over the
     logits for any pair of upstream gradients (``cross_entropy_backward``), or, when the backward is
     itself differentiated, the same formula in torch ops."""
 
-    generate_vmap_rule = True
     body = staticmethod(_cross_entropy_entropy_body)
-
-    @staticmethod
-    def forward(*args):
-        return _cross_entropy_entropy_body(_TRACED, *args)
 
     @staticmethod
     def setup_context(ctx, inputs, output, forward_ad=True):
