@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 from . import backends
-from .backends import compute_dtype
+from .backends import compute_dtype, torch_ops
 from .checks import denominator, distill_denominator, host_scale, host_sum, mean_scale, reduce_rows
 
 HALF = (torch.float16, torch.bfloat16)
@@ -782,24 +782,13 @@ def _(info, in_dims, student, teacher, target, grad_scale, divergence, beta, tem
 
 
 def distillation_grad_formula(student, teacher, target, opts, row_scale):
-    """``d loss / d student`` of (N, r) logits in torch ops, differentiable again (see
-    ``backends/numba_cpu/distill.py`` for the per-divergence formulas): ``row_scale * temperature * d div / d S``."""
+    """``d loss / d student`` of (N, r) logits in torch ops, differentiable again (the divergence's terms
+    are ``torch_ops.DIVERGENCES``): ``row_scale * temperature * d div / d S``."""
     dt = compute_dtype(student.dtype)
-    tau, beta = opts.temperature, opts.beta
+    tau = opts.temperature
     log_ps = torch.log_softmax(student.to(dt) / tau, -1)
     log_pt = torch.log_softmax(teacher.to(dt) / tau, -1)
-    ps = log_ps.exp()
-    if opts.divergence == "kl":
-        g = ps - log_pt.exp()
-    else:
-        if opts.divergence == "reverse_kl":
-            r = log_ps - log_pt
-        else:
-            r = log_ps - torch.logaddexp(math.log(beta) + log_pt, math.log1p(-beta) + log_ps)
-        r = torch.where(ps > 0, r, 0)  # p_s = 0 carries no term (its log ratio may be -inf - -inf)
-        g = ps * (r - (ps * r).sum(-1, keepdim=True))
-        if opts.divergence == "jsd":
-            g = (1 - beta) * g
+    g = torch_ops.divergence_rows(log_ps, log_pt, opts.divergence, opts.beta, True)[1]
     n_rows = student.shape[0]
     kept = torch.ones(n_rows, 1, dtype=torch.bool, device=student.device)
     if target is not None:
