@@ -134,9 +134,11 @@ def _codec(kind: str) -> SimpleNamespace:
 
     ``load(el, j)`` / ``store(el, j, v)``: one element (the store rounds once, to nearest even);
     ``get(word, q)``: element ``q`` of a word; ``put(acc, q, v)``: ``acc`` with ``v`` as its element ``q``;
-    ``span(off, rs, i, r)``: row ``i`` as ``(h, nb, wb)``; ``edge(e, h, nb)``: the column of edge element
-    ``e``. Column arithmetic is int32 (a row has fewer than 2**31 classes: ``_Rows`` checks it), word
-    numbers int64.
+    ``span(off, rs, i, r)``: row ``i`` as ``(h, nb, wb)``; ``view(el, words, off, rs, i)``: row ``i`` of the
+    kernel arguments of a tensor (``_Launch.rows``) as ``(el[i], words[wb:], h, nb)``, the way ``_walk``
+    takes a row; ``edge(e, h, nb)``: the column of edge element ``e``; ``zero``: 0 in the compute dtype.
+    Column arithmetic is int32 (a row has fewer than 2**31 classes: ``_Rows`` checks it), word numbers
+    int64.
     """
     P = PER_WORD[kind]
     BITS = 64 // P
@@ -254,12 +256,18 @@ def _codec(kind: str) -> SimpleNamespace:
         return int32(h), int32((r - h) // P), (start + h) // P
 
     @dev
+    def view(el, words, off, rs, i):
+        h, nb, wb = span(off, rs, i, el.shape[1])
+        return el[i], words[wb:], h, nb
+
+    @dev
     def edge(e, h, nb):
         return e if e < h else e + nb * P32
 
     return SimpleNamespace(
-        per_word=P, load=load, store=store, get=get, put=put, span=span, edge=edge, value=value, to_bits=to_bits
-    )
+        per_word=P, load=load, store=store, get=get, put=put, span=span, view=view, edge=edge, value=value,
+        to_bits=to_bits, zero=np.float64(0) if kind == "fp64" else np.float32(0),
+    )  # fmt: skip
 
 
 @functools.cache
@@ -279,76 +287,174 @@ def _softcap(dtype: np.dtype):
 
 
 @functools.cache
-def _group_reduce(dtype: np.dtype, stats: bool, sums: int):
-    """The reduction over each row group of a block: (m, s) merged, the first ``sums`` of the plain sums
-    (a, b, c) added (the others come back as they were given) and, with ``stats``, the statistics
-    ``st = (t, best value, its index, first NaN index)``: ``t`` merged with (m, s) by ``merge_entropy``,
-    the argmax by (larger value, then lower index), the first NaN by the lower index. ``sm`` is a
-    (MAX_THREADS, 2 + sums) shared array, ``sm_st``/``sm_j`` (MAX_THREADS, 2) ones (one slot each,
-    unused, without ``stats``). Every thread of the block must call it (it holds ``syncthreads``); the
-    group's result comes back to all its threads."""
-    STATS, SUMS = stats, sums
-    row = rowmath.make(dtype.type)
-    merge = cuda.jit(device=True)(row.merge)
-    merge_entropy = cuda.jit(device=True)(rowmath.make_entropy(dtype.type).merge_entropy)
+def _row_group():
+    """``group(threads_per_row) -> (tid, lane, base, step)``: the thread's index in its block and its lane
+    in its row group, the block's first row and the grid's stride over rows. The group of a thread holds
+    row ``base + tid // threads_per_row``, then ``step`` rows further on: a loop on ``base`` runs the same
+    iterations in every thread of a block, so that ``syncthreads`` inside it does not diverge. With
+    ``threads_per_row`` 1: a grid-stride loop over elements ``base + tid``."""
+    int64 = numba.int64
 
     @cuda.jit(device=True)
-    def group_reduce(sm, sm_st, sm_j, tid, lane, threads_per_row, m, s, a, b, c, st):
-        sm[tid, 0] = m
-        sm[tid, 1] = s
-        if SUMS > 0:
-            sm[tid, 2] = a
-        if SUMS > 1:
-            sm[tid, 3] = b
-        if SUMS > 2:
-            sm[tid, 4] = c
-        if STATS:
-            sm_st[tid, 0] = st[0]
-            sm_st[tid, 1] = st[1]
-            sm_j[tid, 0] = st[2]
-            sm_j[tid, 1] = st[3]
+    def group(threads_per_row):
+        tid = int64(cuda.threadIdx.x)
+        rows = int64(cuda.blockDim.x) // threads_per_row  # per block
+        return tid, tid % threads_per_row, int64(cuda.blockIdx.x) * rows, int64(cuda.gridDim.x) * rows
+
+    return group
+
+
+def _walk(visit, io: SimpleNamespace, out_io: SimpleNamespace | None = None, two: bool = False):
+    """The device function of one pass over a row by its row group, every column once (a reading pass
+    without ``out_io``, a writing pass in ``out_io``'s elements with it), words first, then the edge
+    elements (``_codec``): ``walk(src, src2, dst, lane, threads_per_row, read, same, state, args) -> state``.
+
+    ``src``, ``src2``, ``dst``: rows as ``view`` gives them. The chunks are ``dst``'s (a reading pass: ``dst``
+    is ``src``), each thread's ``lane, lane + threads_per_row, ...``. The input rows ``src`` (and with ``two``
+    ``src2``, walked in the same words) are elements of ``io``, read in words where ``same`` (their words
+    hold ``dst``'s columns: the host lays them out alike; softmax checks it per row), else one by one;
+    where not ``read`` (an ignored row) nothing is read and every element is 0.
+    ``visit(j, y, y2, state, args) -> (state, g)`` on each column ``j``, ``y``/``y2`` the column's elements (in
+    the compute dtype; ``y2`` unused without ``two``): a reading pass folds them into ``state``, a writing
+    pass stores ``g`` in ``dst``, packed into its words. ``args``: the visit's own arguments, as a tuple."""
+    WRITE, TWO = out_io is not None, two
+    out_io = out_io or io
+    SAME = out_io is io  # the input's words can hold the chunk's columns
+    P = np.int32(out_io.per_word)
+    WORDED = P > 1  # float64: every element is a word already (no word code)
+    ZERO, int64, int32 = io.zero, numba.int64, numba.int32
+    get, load, put, store, edge = io.get, io.load, out_io.put, out_io.store, out_io.edge
+
+    @cuda.jit(device=True)
+    def elements(src, src2, j, read):
+        y = y2 = ZERO
+        if read:
+            y = load(src[0], j)
+            if TWO:
+                y2 = load(src2[0], j)
+        return y, y2
+
+    @cuda.jit(device=True)
+    def walk(src, src2, dst, lane, threads_per_row, read, same, state, args):
+        el, words, h, nb = dst
+        in_words = read and SAME and same
+        # r from the input row: the kernel holds its length already (the output's would be one more register)
+        for c in range(int32(lane), int32(src[0].shape[0]) - nb * (P - 1), int32(threads_per_row)):
+            if WORDED and c < nb:
+                w = w2 = int64(0)
+                if in_words:
+                    w = src[1][c]
+                    if TWO:
+                        w2 = src2[1][c]
+                acc = int64(0)
+                for q in range(P):
+                    j = h + c * P + q
+                    y, y2 = (get(w, q), get(w2, q)) if in_words else elements(src, src2, j, read)
+                    state, g = visit(j, y, y2, state, args)
+                    if WRITE:
+                        acc = put(acc, q, g)
+                if WRITE:
+                    words[c] = acc
+            else:
+                j = edge(c - nb, h, nb)
+                y, y2 = elements(src, src2, j, read)
+                state, g = visit(j, y, y2, state, args)
+                if WRITE:
+                    store(el, j, g)
+        return state
+
+    return walk
+
+
+def _tree_reduce(put, take, combine):
+    """The reduction over each row group of a block, by halving strides in shared memory (``syncthreads``
+    only: the CUDA simulator has no warp shuffles): ``reduce(sm, tid, lane, threads_per_row, v) -> v``, the
+    group's result back to all its threads. ``put(sm, i, v)`` writes a thread's values ``v`` to slot ``i``
+    of its shared arrays ``sm``, ``take(sm, i, v)`` reads them back (into ``v``), ``combine(sm, i, v, o)``
+    merges slot ``o`` into thread ``i``'s ``v``. Every thread of the block must call it."""
+
+    @cuda.jit(device=True)
+    def reduce(sm, tid, lane, threads_per_row, v):
+        put(sm, tid, v)
         cuda.syncthreads()
         stride = threads_per_row // 2
         while stride > 0:
             if lane < stride:
-                o = tid + stride
-                if STATS:
-                    t = merge_entropy(m, s, sm_st[tid, 0], sm[o, 0], sm[o, 1], sm_st[o, 0])
-                    v, j = sm_st[tid, 1], sm_j[tid, 0]
-                    if sm_st[o, 1] > v or (sm_st[o, 1] == v and sm_j[o, 0] < j):
-                        v, j = sm_st[o, 1], sm_j[o, 0]
-                    sm_st[tid, 0] = t
-                    sm_st[tid, 1] = v
-                    sm_j[tid, 0] = j
-                    sm_j[tid, 1] = sm_j[o, 1] if sm_j[o, 1] < sm_j[tid, 1] else sm_j[tid, 1]
-                m, s = merge(m, s, sm[o, 0], sm[o, 1])
-                sm[tid, 0] = m
-                sm[tid, 1] = s
-                if SUMS > 0:
-                    a += sm[o, 2]
-                    sm[tid, 2] = a
-                if SUMS > 1:
-                    b += sm[o, 3]
-                    sm[tid, 3] = b
-                if SUMS > 2:
-                    c += sm[o, 4]
-                    sm[tid, 4] = c
+                v = combine(sm, tid, v, tid + stride)
+                put(sm, tid, v)
             cuda.syncthreads()
             stride //= 2
-        first = tid - lane
-        m, s = sm[first, 0], sm[first, 1]
-        if SUMS > 0:
-            a = sm[first, 2]
-        if SUMS > 1:
-            b = sm[first, 3]
-        if SUMS > 2:
-            c = sm[first, 4]
-        if STATS:
-            st = (sm_st[first, 0], sm_st[first, 1], sm_j[first, 0], sm_j[first, 1])
+        v = take(sm, tid - lane, v)
         cuda.syncthreads()  # the slots are rewritten for the next row
+        return v
+
+    return reduce
+
+
+@functools.cache
+def _group_reduce(dtype: np.dtype, stats: bool, sums: int):
+    """``_tree_reduce`` of ``v = (m, s, a, b, c, st)``: (m, s) merged, the first ``sums`` of the plain sums
+    (a, b, c) added (the others come back as they were given) and, with ``stats``, the statistics
+    ``st = (t, best value, its index, first NaN index)``: ``t`` merged with (m, s) by ``merge_entropy``,
+    the argmax by (larger value, then lower index), the first NaN by the lower index. ``sm`` is
+    ``(slots, st_slots, j_slots)``: a (MAX_THREADS, 2 + sums) shared array, and (MAX_THREADS, 2) ones (one
+    slot each, unused, without ``stats``)."""
+    STATS, SUMS = stats, sums
+    merge = cuda.jit(device=True)(rowmath.make(dtype.type).merge)
+    merge_entropy = cuda.jit(device=True)(rowmath.make_entropy(dtype.type).merge_entropy)
+
+    @cuda.jit(device=True)
+    def put(sm, i, v):
+        slots, st_slots, j_slots = sm
+        m, s, a, b, c, st = v
+        slots[i, 0] = m
+        slots[i, 1] = s
+        if SUMS > 0:
+            slots[i, 2] = a
+        if SUMS > 1:
+            slots[i, 3] = b
+        if SUMS > 2:
+            slots[i, 4] = c
+        if STATS:
+            st_slots[i, 0] = st[0]
+            st_slots[i, 1] = st[1]
+            j_slots[i, 0] = st[2]
+            j_slots[i, 1] = st[3]
+
+    @cuda.jit(device=True)
+    def take(sm, i, v):
+        slots, st_slots, j_slots = sm
+        _, _, a, b, c, st = v
+        if SUMS > 0:
+            a = slots[i, 2]
+        if SUMS > 1:
+            b = slots[i, 3]
+        if SUMS > 2:
+            c = slots[i, 4]
+        if STATS:
+            st = (st_slots[i, 0], st_slots[i, 1], j_slots[i, 0], j_slots[i, 1])
+        return slots[i, 0], slots[i, 1], a, b, c, st
+
+    @cuda.jit(device=True)
+    def combine(sm, i, v, o):
+        slots, st_slots, j_slots = sm
+        m, s, a, b, c, st = v
+        if STATS:  # its own statistics from its slot: not held in registers through the loop
+            t = merge_entropy(m, s, st_slots[i, 0], slots[o, 0], slots[o, 1], st_slots[o, 0])
+            best, j = st_slots[i, 1], j_slots[i, 0]
+            if st_slots[o, 1] > best or (st_slots[o, 1] == best and j_slots[o, 0] < j):
+                best, j = st_slots[o, 1], j_slots[o, 0]
+            st = (t, best, j, j_slots[o, 1] if j_slots[o, 1] < j_slots[i, 1] else j_slots[i, 1])
+        m, s = merge(m, s, slots[o, 0], slots[o, 1])
+        if SUMS > 0:
+            a += slots[o, 2]
+        if SUMS > 1:
+            b += slots[o, 3]
+        if SUMS > 2:
+            c += slots[o, 4]
         return m, s, a, b, c, st
 
-    return group_reduce
+    return _tree_reduce(put, take, combine)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -370,11 +476,7 @@ def _kernels(dtype: np.dtype, stats: bool = False, kind: str | None = None):
     acc_t = numba.from_dtype(dtype)  # the numba type of the accumulators and shared slots
     io = _codec(_kind(dtype, kind))  # the logits and the gradient
     out_io = _codec(_kind(dtype, None))  # softmax's output, in the compute dtype
-    SAME = io is out_io  # softmax: the output's words can hold the input's elements
-    P, OUT_P = np.int32(io.per_word), np.int32(out_io.per_word)
-    WORDED, OUT_WORDED = P > 1, OUT_P > 1  # float64: every element is a word already (no word code)
-    load, store, get, put, span, edge = io.load, io.store, io.get, io.put, io.span, io.edge
-    out_store, out_put, out_span, out_edge = out_io.store, out_io.put, out_io.span, out_io.edge
+    load, view, out_view = io.load, io.view, out_io.view
 
     row_math = rowmath.make(f)  # the row math shared with numba_cpu
     push = cuda.jit(device=True)(rowmath.make_online(f).push)
@@ -386,6 +488,7 @@ def _kernels(dtype: np.dtype, stats: bool = False, kind: str | None = None):
     group_reduce = _group_reduce(dtype, stats, 2)  # a, b
     softmax_reduce = _group_reduce(dtype, False, 0)
     cap = _softcap(dtype)
+    group = _row_group()
 
     @cuda.jit(device=True)
     def log_sum(m, s):
@@ -393,12 +496,15 @@ def _kernels(dtype: np.dtype, stats: bool = False, kind: str | None = None):
         return NEG_INF if s == ZERO else m + math.log(s)
 
     @cuda.jit(device=True)
-    def ce_visit(j, y, m, s, a, b, st, q_row, weight, prob, has_weight, smoothing, keep, eps_r, softcap, inv_cap):
+    def ce_visit(j, y, _, state, args):
         """Pass 1 on column ``j`` (logit ``y``): the (max, sum exp) pair and, for smoothing or
         probability targets (``q_row``), the weighted sums a = sum_j w_j q'_j y_j and b = sum_j w_j q'_j
         with q' = keep * q + eps_r (class targets: a = sum_j w_j y_j, b = sum_j w_j); with STATS the
         statistics st = (t = sum exp(y - m) (y - m), the best value and its index, the first NaN's
-        index), whatever the order the columns come in."""
+        index), whatever the order the columns come in. ``state``: ``(m, s, a, b, c, st)`` as ``group_reduce``
+        takes it (c unused)."""
+        m, s, a, b, c, st = state
+        q_row, weight, prob, has_weight, smoothing, keep, eps_r, softcap, inv_cap = args
         y = cap(y, softcap, inv_cap)[0]
         if STATS:
             t_sum, best, best_j, nan_j = st
@@ -418,15 +524,15 @@ def _kernels(dtype: np.dtype, stats: bool = False, kind: str | None = None):
         elif smoothing > ZERO:
             a += w * y
             b += w
-        return m, s, a, b, st
+        return (m, s, a, b, c, st), ZERO
 
     @cuda.jit(device=True)
-    def ce_grad(j, y, t, a_p, sk, se, st_, m, log_s, finite, q_row, weight, prob, has_weight, smoothing, softcap,
-                inv_cap):  # fmt: skip
+    def ce_grad(j, y, _, state, args):
         """Pass 2 on column ``j``: scale * (coef_p * p_j - w_j q'_j), times the softcap's tanh', with
         ``a_p = scale * coef_p``, ``sk = scale * keep``, ``se = scale * eps_r`` and ``st_ = sk * w_t`` (the
         target ``t``'s term). p_j = exp((y_j - m) - log s): no rounded lse of the size of m, so p_t - 1
         stays accurate when p_t is close to 1."""
+        t, a_p, sk, se, st_, m, log_s, finite, q_row, weight, prob, has_weight, smoothing, softcap, inv_cap = args
         y, th = cap(y, softcap, inv_cap)
         g = ZERO if y == NEG_INF and finite else a_p * math.exp((y - m) - log_s)
         w = weight[j] if has_weight else ONE
@@ -438,7 +544,9 @@ def _kernels(dtype: np.dtype, stats: bool = False, kind: str | None = None):
             g -= st_
         if softcap > ZERO:
             g *= ONE - th * th
-        return g
+        return state, g
+
+    ce_pass1, ce_pass2 = _walk(ce_visit, io), _walk(ce_grad, io, io)
 
     @cuda.jit
     def ce_kernel(
@@ -446,20 +554,15 @@ def _kernels(dtype: np.dtype, stats: bool = False, kind: str | None = None):
         grad, grad_words, grad_off, grad_stride, loss, lse, argmax, entropy_out,
         ignore_index, smoothing, eps_r, z_loss, softcap, prob, has_weight, want_grad, threads_per_row,
     ):  # fmt: skip
+        # one shared array a line: the simulator tells them apart by their line
         sm = cuda.shared.array((MAX_THREADS, 4), acc_t)
         sm_st = cuda.shared.array((SM_STATS, 2), acc_t)
         sm_j = cuda.shared.array((SM_STATS, 2), int64)
-        n_rows = logits.shape[0]
-        n_classes = logits.shape[1]
-        tid = int64(cuda.threadIdx.x)
-        lane = tid % threads_per_row
-        lane32, step, r32 = int32(lane), int32(threads_per_row), int32(n_classes)
-        rows_per_block = int64(cuda.blockDim.x) // threads_per_row
+        n_rows, n_classes = logits.shape
+        tid, lane, base, step = group(threads_per_row)
         keep = ONE - smoothing
         inv_cap = ONE / softcap if softcap > ZERO else ZERO
         per_row_scale = grad_scale.shape[0] > 1
-        # Every thread runs the same number of iterations: syncthreads inside must not diverge.
-        base = int64(cuda.blockIdx.x) * rows_per_block
         while base < n_rows:
             row = base + tid // threads_per_row
             live = row < n_rows
@@ -467,7 +570,6 @@ def _kernels(dtype: np.dtype, stats: bool = False, kind: str | None = None):
             t = int32(-1)
             y_t = ZERO
             w_t = ZERO
-            x_row = logits[row if live else 0]
             q_row = probs[row if live and prob else 0]
             if live and not prob:
                 t64 = int64(target[row])
@@ -477,33 +579,20 @@ def _kernels(dtype: np.dtype, stats: bool = False, kind: str | None = None):
                     w_t = NAN
                 elif kept:  # read before any thread overwrites the row (in-place gradient)
                     t = int32(t64)
-                    y_t = cap(load(x_row, t), softcap, inv_cap)[0]
+                    y_t = cap(load(logits[row], t), softcap, inv_cap)[0]
                     w_t = weight[t] if has_weight else ONE
 
-            # pass 1: the row's words, then its edge elements
-            m = NEG_INF
-            s = a = b = ZERO
-            st = (ZERO, NEG_INF, BIG, BIG)
-            h, nb, wb = span(logits_off, logits_stride, row, n_classes)
-            x_words = logits_words[wb:]
+            # pass 1: the (max, sum exp) pair, the sums a, b and the statistics
+            v = (NEG_INF, ZERO, ZERO, ZERO, ZERO, (ZERO, NEG_INF, BIG, BIG))
             if kept:
-                for c in range(lane32, r32 - nb * (P - 1), step):
-                    if WORDED and c < nb:
-                        word = x_words[c]
-                        for q in range(P):
-                            m, s, a, b, st = ce_visit(
-                                h + c * P + q, get(word, q), m, s, a, b, st, q_row, weight, prob, has_weight,
-                                smoothing, keep, eps_r, softcap, inv_cap,
-                            )  # fmt: skip
-                    else:
-                        j = edge(c - nb, h, nb)
-                        m, s, a, b, st = ce_visit(
-                            j, load(x_row, j), m, s, a, b, st, q_row, weight, prob, has_weight, smoothing, keep,
-                            eps_r, softcap, inv_cap,
-                        )  # fmt: skip
-            m, s, a, b, _, st = group_reduce(sm, sm_st, sm_j, tid, lane, threads_per_row, m, s, a, b, ZERO, st)
+                x = view(logits, logits_words, logits_off, logits_stride, row)
+                v = ce_pass1(
+                    x, x, x, lane, threads_per_row, True, True, v,
+                    (q_row, weight, prob, has_weight, smoothing, keep, eps_r, softcap, inv_cap),
+                )  # fmt: skip
+            m, s, a, b, _, st = group_reduce((sm, sm_st, sm_j), tid, lane, threads_per_row, v)
             if not live:
-                base += int64(cuda.gridDim.x) * rows_per_block
+                base += step
                 continue
             # s > 0 unless the row's softmax is NaN in torch: s = 0 for a row of -inf, NaN for a row
             # holding NaN or +inf. There torch's loss is NaN and its gradient NaN on the whole row.
@@ -534,39 +623,27 @@ def _kernels(dtype: np.dtype, stats: bool = False, kind: str | None = None):
                 scale = ZERO
                 if kept:
                     scale = grad_scale[row] if per_row_scale else grad_scale[0]
-                a_p = scale * coef_p
                 sk = scale * keep
-                se = scale * eps_r
-                st_ = sk * w_t
-                h, nb, wb = span(grad_off, grad_stride, row, n_classes)
-                g_words = grad_words[wb:]
-                g_row = grad[row]
-                x_words = logits_words[span(logits_off, logits_stride, row, n_classes)[2] :]
-                for c in range(lane32, r32 - nb * (P - 1), step):
-                    if WORDED and c < nb:
-                        word = x_words[c] if kept else int64(0)
-                        acc = int64(0)
-                        for q in range(P):
-                            g = ce_grad(
-                                h + c * P + q, get(word, q), t, a_p, sk, se, st_, m, log_s, finite, q_row, weight,
-                                prob, has_weight, smoothing, softcap, inv_cap,
-                            )  # fmt: skip
-                            acc = put(acc, q, g)
-                        g_words[c] = acc
-                    else:
-                        j = edge(c - nb, h, nb)
-                        g = ce_grad(
-                            j, load(x_row, j) if kept else ZERO, t, a_p, sk, se, st_, m, log_s, finite, q_row,
-                            weight, prob, has_weight, smoothing, softcap, inv_cap,
-                        )  # fmt: skip
-                        store(g_row, j, g)
-            base += int64(cuda.gridDim.x) * rows_per_block
+                x = view(logits, logits_words, logits_off, logits_stride, row)  # not held through pass 1: registers
+                ce_pass2(
+                    x, x, view(grad, grad_words, grad_off, grad_stride, row), lane, threads_per_row, kept, True, (),
+                    (t, scale * coef_p, sk, scale * eps_r, sk * w_t, m, log_s, finite, q_row, weight, prob,
+                     has_weight, smoothing, softcap, inv_cap),
+                )  # fmt: skip
+            base += step
 
     @cuda.jit(device=True)
-    def softmax_value(y, m, log_s, finite, log):
+    def softmax_visit(j, y, _, v, args):
+        return push(v[0], v[1], y) + v[2:], ZERO
+
+    @cuda.jit(device=True)
+    def softmax_value(j, y, _, state, args):
+        m, log_s, finite, log = args
         if log:
-            return (y - m) - log_s  # no rounded lse of the size of m
-        return ZERO if y == NEG_INF and finite else math.exp((y - m) - log_s)
+            return state, (y - m) - log_s  # no rounded lse of the size of m
+        return state, ZERO if y == NEG_INF and finite else math.exp((y - m) - log_s)
+
+    softmax_pass1, softmax_pass2 = _walk(softmax_visit, io), _walk(softmax_value, io, out_io)
 
     @cuda.jit
     def softmax_kernel(x, x_words, x_off, x_stride, out, out_words, out_off, out_stride, log, threads_per_row):
@@ -574,72 +651,40 @@ def _kernels(dtype: np.dtype, stats: bool = False, kind: str | None = None):
         sm_st = cuda.shared.array((1, 2), acc_t)
         sm_j = cuda.shared.array((1, 2), int64)
         n_rows = x.shape[0]
-        n_classes = x.shape[1]
-        tid = int64(cuda.threadIdx.x)
-        lane = tid % threads_per_row
-        lane32, step, r32 = int32(lane), int32(threads_per_row), int32(n_classes)
-        rows_per_block = int64(cuda.blockDim.x) // threads_per_row
-        base = int64(cuda.blockIdx.x) * rows_per_block
+        tid, lane, base, step = group(threads_per_row)
         while base < n_rows:
             row = base + tid // threads_per_row
             live = row < n_rows
-            x_row = x[row if live else 0]
-            m = NEG_INF
-            s = ZERO
-            h, nb, wb = span(x_off, x_stride, row, n_classes)
-            xw = x_words[wb:]
+            src = view(x, x_words, x_off, x_stride, row if live else 0)
+            v = (NEG_INF, ZERO, ZERO, ZERO, ZERO, (ZERO, NEG_INF, BIG, BIG))  # (m, s); no sums, no statistics
             if live:
-                for c in range(lane32, r32 - nb * (P - 1), step):
-                    if WORDED and c < nb:
-                        word = xw[c]
-                        for q in range(P):
-                            m, s = push(m, s, get(word, q))
-                    else:
-                        m, s = push(m, s, load(x_row, edge(c - nb, h, nb)))
-            m, s, _, _, _, _ = softmax_reduce(
-                sm, sm_st, sm_j, tid, lane, threads_per_row, m, s, ZERO, ZERO, ZERO, (ZERO, NEG_INF, BIG, BIG)
-            )
+                v = softmax_pass1(src, src, src, lane, threads_per_row, True, True, v, ())
+            m, s, _, _, _, _ = softmax_reduce((sm, sm_st, sm_j), tid, lane, threads_per_row, v)
             if live:
                 finite = s > ZERO  # else NaN, as in torch: a row of -inf (s = 0), or holding NaN or +inf
-                log_s = math.log(s) if finite else NAN
                 # pass 2 in the output's words; the input from its own word of the same columns where it
                 # holds them (a float input laid out as the output), else one by one
-                hx = h
-                h, nb, wb = out_span(out_off, out_stride, row, n_classes)
-                same = SAME and hx == h
-                o_words = out_words[wb:]
-                o_row = out[row]
-                for c in range(lane32, r32 - nb * (OUT_P - 1), step):
-                    if OUT_WORDED and c < nb:
-                        word = xw[c] if same else int64(0)
-                        acc = int64(0)
-                        for q in range(OUT_P):
-                            y = get(word, q) if same else load(x_row, h + c * OUT_P + q)
-                            acc = out_put(acc, q, softmax_value(y, m, log_s, finite, log))
-                        o_words[c] = acc
-                    else:
-                        j = out_edge(c - nb, h, nb)
-                        out_store(o_row, j, softmax_value(load(x_row, j), m, log_s, finite, log))
-            base += int64(cuda.gridDim.x) * rows_per_block
+                dst = out_view(out, out_words, out_off, out_stride, row)
+                softmax_pass2(
+                    src, src, dst, lane, threads_per_row, True, src[2] == dst[2], (),
+                    (m, math.log(s) if finite else NAN, finite, log),
+                )  # fmt: skip
+            base += step
 
     @cuda.jit
     def bce_kernel(p, y, w, loss, grad, has_weight, want_grad):
-        start = int64(cuda.blockIdx.x) * int64(cuda.blockDim.x) + int64(cuda.threadIdx.x)
-        step = int64(cuda.gridDim.x) * int64(cuda.blockDim.x)
-        for i in range(start, p.shape[0], step):
-            loss_i, grad_i = bce(p[i], y[i], w[i] if has_weight else ONE)
-            loss[i] = loss_i
+        tid, _, base, step = group(1)
+        for i in range(base + tid, p.shape[0], step):
+            loss[i], grad_i = bce(p[i], y[i], w[i] if has_weight else ONE)
             if want_grad:
                 grad[i] = grad_i
 
     @cuda.jit
     def bce_logits_kernel(x, y, w, pos_weight, loss, grad, has_weight, has_pos_weight, want_grad):
-        start = int64(cuda.blockIdx.x) * int64(cuda.blockDim.x) + int64(cuda.threadIdx.x)
-        step = int64(cuda.gridDim.x) * int64(cuda.blockDim.x)
-        for i in range(start, x.shape[0], step):
+        tid, _, base, step = group(1)
+        for i in range(base + tid, x.shape[0], step):
             wi = w[i] if has_weight else ONE
-            loss_i, grad_i = bce_logits(x[i], y[i], wi, pos_weight[i] if has_pos_weight else ONE)
-            loss[i] = loss_i
+            loss[i], grad_i = bce_logits(x[i], y[i], wi, pos_weight[i] if has_pos_weight else ONE)
             if want_grad:
                 grad[i] = grad_i
 
@@ -747,6 +792,11 @@ class _Launch:
             stream = cuda.external_stream(torch.cuda.current_stream(self.device).cuda_stream)
             kernel[grid, block, stream](*args)
 
+    def row_kernel(self, kernel, n_rows: int, n_classes: int, *args) -> None:
+        """Launch a row kernel: a group of threads per row (``_row_layout``), their number its last argument."""
+        tpr, rows_per_block = _row_layout(n_classes)
+        self.launch(kernel, _grid(n_rows, rows_per_block), tpr * rows_per_block, *args, tpr)
+
 
 # During a launch the simulator swaps this module's ``cuda`` global for its fake module, which
 # breaks any other thread's host code here: under it, one call at a time.
@@ -778,6 +828,18 @@ def _moved(fn):
 
 def _compute(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     return t.detach() if t.dtype == dt else t.detach().to(dt)
+
+
+def _targets(target: torch.Tensor, weight, dt: torch.dtype, dev: torch.device) -> tuple:
+    """A row kernel's target arguments: (whether the targets are probabilities, the class targets (int64),
+    the probabilities and the weight (compute dtype), a one-element stand-in of the compute dtype), with
+    the stand-in (or one of int64) for the kind of targets not given and for no weight."""
+    prob = target.is_floating_point()
+    dummy = torch.zeros(1, dtype=dt, device=dev)
+    t = torch.zeros(1, dtype=torch.int64, device=dev) if prob else target.detach().to(torch.int64)
+    q = _compute(target, dt) if prob else dummy.view(1, 1)
+    w = dummy if weight is None else _compute(weight, dt)
+    return prob, t, q, w, dummy
 
 
 def _rows_of(t: torch.Tensor) -> torch.Tensor:
@@ -848,27 +910,21 @@ def cross_entropy(
     dev = logits.device
     n_rows, n_classes = logits.shape
     x = _rows_of(logits)  # read in its own dtype
-    prob = target.is_floating_point()
     loss = torch.empty(n_rows, dtype=dt, device=dev)
     lse = torch.empty(n_rows, dtype=dt, device=dev)
     if n_rows == 0:
         return loss, lse
-    dummy_f = torch.zeros(1, dtype=dt, device=dev)
-    t = torch.zeros(1, dtype=torch.int64, device=dev) if prob else target.detach().to(torch.int64)
-    q = _compute(target, dt) if prob else dummy_f.view(1, 1)
-    w = dummy_f if weight is None else _compute(weight, dt)
+    prob, t, q, w, dummy = _targets(target, weight, dt, dev)
     scale = _row_scale(grad_scale, n_rows, dt, dev)
-    tpr, rows_per_block = _row_layout(n_classes)
     args = _Launch(dev)
-    stats_out = stats if stats is not None else (t, dummy_f)  # never written without stats
+    stats_out = stats if stats is not None else (t, dummy)  # never written without stats
     with _row_grad(grad, x) as g:
         xr, gr = _rows_alike(x, g)
-        args.launch(
-            _kernels(np_dt, stats is not None, KINDS[x.dtype])[0], _grid(n_rows, rows_per_block),
-            tpr * rows_per_block, *args.rows(xr), args(t), args(q), args(w), args(scale), *args.rows(gr),
-            args(loss), args(lse), args(stats_out[0]), args(stats_out[1]),
-            int(ignore_index), f(label_smoothing), f(label_smoothing / n_classes), f(z_loss), f(softcap or 0.0),
-            bool(prob), weight is not None, grad is not None, tpr,
+        args.row_kernel(
+            _kernels(np_dt, stats is not None, KINDS[x.dtype])[0], n_rows, n_classes, *args.rows(xr), args(t),
+            args(q), args(w), args(scale), *args.rows(gr), args(loss), args(lse), args(stats_out[0]),
+            args(stats_out[1]), int(ignore_index), f(label_smoothing), f(label_smoothing / n_classes), f(z_loss),
+            f(softcap or 0.0), bool(prob), weight is not None, grad is not None,
         )  # fmt: skip
     return loss, lse
 
@@ -883,12 +939,9 @@ def softmax(x, *, log):
     n_rows, n_classes = a.shape
     if n_rows == 0:
         return out
-    tpr, rows_per_block = _row_layout(n_classes)
     args = _Launch(a.device)
-    args.launch(
-        _kernels(np_dt, False, KINDS[a.dtype])[1], _grid(n_rows, rows_per_block), tpr * rows_per_block,
-        *args.rows(_Rows(a)), *args.rows(_Rows(out)), bool(log), tpr,
-    )  # fmt: skip
+    kernel = _kernels(np_dt, False, KINDS[a.dtype])[1]
+    args.row_kernel(kernel, n_rows, n_classes, *args.rows(_Rows(a)), *args.rows(_Rows(out)), bool(log))
     return out
 
 
@@ -943,16 +996,18 @@ def _vocab_parallel_kernels(dtype: np.dtype, kind: str | None = None):
     int64, int32 = numba.int64, numba.int32
     acc_t = numba.from_dtype(dtype)
     io = _codec(_kind(dtype, kind))
-    P = np.int32(io.per_word)
-    WORDED = P > 1  # float64: every element is a word already (no word code)
-    load, store, get, put, span, edge = io.load, io.store, io.get, io.put, io.span, io.edge
+    load, view = io.load, io.view
     push = cuda.jit(device=True)(rowmath.make_online(f).push)
     group_reduce = _group_reduce(dtype, False, 3)  # a, b, c
     cap = _softcap(dtype)
+    group = _row_group()
 
     @cuda.jit(device=True)
-    def partials_visit(j, y, m, s, a, b, c, q_row, weight, prob, has_weight, smoothing, softcap, inv_cap):
-        """(m, s) of the soft-capped logits; probability targets: a = sum w q y, b = sum w q; c = sum w y."""
+    def partials_visit(j, y, _, state, args):
+        """(m, s) of the soft-capped logits; probability targets: a = sum w q y, b = sum w q; c = sum w y.
+        ``state``: ``(m, s, a, b, c, st)`` as ``group_reduce`` takes it (st unused)."""
+        m, s, a, b, c, st = state
+        q_row, weight, prob, has_weight, smoothing, softcap, inv_cap = args
         y = cap(y, softcap, inv_cap)[0]
         m, s = push(m, s, y)
         w = weight[j] if has_weight else ONE
@@ -962,7 +1017,9 @@ def _vocab_parallel_kernels(dtype: np.dtype, kind: str | None = None):
             b += wq
         if smoothing:
             c += w * y
-        return m, s, a, b, c
+        return (m, s, a, b, c, st), ZERO
+
+    partials_pass = _walk(partials_visit, io)
 
     @cuda.jit
     def partials_kernel(
@@ -972,14 +1029,9 @@ def _vocab_parallel_kernels(dtype: np.dtype, kind: str | None = None):
         sm = cuda.shared.array((MAX_THREADS, 5), acc_t)
         sm_st = cuda.shared.array((1, 2), acc_t)
         sm_j = cuda.shared.array((1, 2), int64)
-        n_rows = logits.shape[0]
-        n_classes = logits.shape[1]
-        tid = int64(cuda.threadIdx.x)
-        lane = tid % threads_per_row
-        lane32, step, r32 = int32(lane), int32(threads_per_row), int32(n_classes)
-        rows_per_block = int64(cuda.blockDim.x) // threads_per_row
+        n_rows, n_classes = logits.shape
+        tid, lane, base, step = group(threads_per_row)
         inv_cap = ONE / softcap if softcap > ZERO else ZERO
-        base = int64(cuda.blockIdx.x) * rows_per_block
         while base < n_rows:  # every thread runs the same iterations: syncthreads must not diverge
             i = base + tid // threads_per_row
             live = i < n_rows
@@ -988,34 +1040,19 @@ def _vocab_parallel_kernels(dtype: np.dtype, kind: str | None = None):
             if live and not prob:
                 t = int64(target[i])
                 kept = t != ignore_index
-            x_row = logits[i if live else 0]
+            x = view(logits, logits_words, logits_off, logits_stride, i if live else 0)
             q_row = probs[i if live and prob else 0]
-            m = NEG_INF
-            s = a = b = c = ZERO
-            h, nb, wb = span(logits_off, logits_stride, i, n_classes)
-            x_words = logits_words[wb:]
+            v = (NEG_INF, ZERO, ZERO, ZERO, ZERO, (ZERO, ZERO, int64(0), int64(0)))
             if kept:
-                for k in range(lane32, r32 - nb * (P - 1), step):
-                    if WORDED and k < nb:
-                        word = x_words[k]
-                        for q in range(P):
-                            m, s, a, b, c = partials_visit(
-                                h + k * P + q, get(word, q), m, s, a, b, c, q_row, weight, prob, has_weight,
-                                smoothing, softcap, inv_cap,
-                            )  # fmt: skip
-                    else:
-                        j = edge(k - nb, h, nb)
-                        m, s, a, b, c = partials_visit(
-                            j, load(x_row, j), m, s, a, b, c, q_row, weight, prob, has_weight, smoothing, softcap,
-                            inv_cap,
-                        )  # fmt: skip
-            m, s, a, b, c, _ = group_reduce(
-                sm, sm_st, sm_j, tid, lane, threads_per_row, m, s, a, b, c, (ZERO, ZERO, int64(0), int64(0))
-            )
+                v = partials_pass(
+                    x, x, x, lane, threads_per_row, True, True, v,
+                    (q_row, weight, prob, has_weight, smoothing, softcap, inv_cap),
+                )  # fmt: skip
+            m, s, a, b, c, _ = group_reduce((sm, sm_st, sm_j), tid, lane, threads_per_row, v)
             if live and lane == 0:
                 local = t - class_offset
                 if not prob and kept and 0 <= local < n_classes:
-                    y_t = cap(load(x_row, local), softcap, inv_cap)[0]
+                    y_t = cap(load(x[0], local), softcap, inv_cap)[0]
                     w_t = weight[local] if has_weight else ONE
                     a = w_t * (y_t - m)
                     b = w_t
@@ -1026,13 +1063,13 @@ def _vocab_parallel_kernels(dtype: np.dtype, kind: str | None = None):
                 out[i, 2] = a
                 out[i, 3] = b
                 out[i, 4] = c
-            base += int64(cuda.gridDim.x) * rows_per_block
+            base += step
 
     @cuda.jit(device=True)
-    def backward_grad(j, y, local, a, scale, sk, se, lse_i, es, ey, q_row, weight, prob, has_weight, has_entropy,
-                      softcap, inv_cap):  # fmt: skip
+    def backward_grad(j, y, _, state, args):
         """[scale (coef p_j - m_j) + es p_j ((lse - H) - y_j)] dy_j/dx_j, with ``a = scale * coef``,
         ``sk = scale * keep``, ``se = scale * eps_r``."""
+        local, a, sk, se, lse_i, es, ey, q_row, weight, prob, has_weight, has_entropy, softcap, inv_cap = args
         y, th = cap(y, softcap, inv_cap)
         p = math.exp(y - lse_i)
         g = a * p
@@ -1047,7 +1084,9 @@ def _vocab_parallel_kernels(dtype: np.dtype, kind: str | None = None):
                 g -= sk * w
         if softcap > ZERO:
             g *= ONE - th * th
-        return g
+        return state, g
+
+    backward_pass = _walk(backward_grad, io, io)
 
     @cuda.jit
     def backward_kernel(
@@ -1055,17 +1094,13 @@ def _vocab_parallel_kernels(dtype: np.dtype, kind: str | None = None):
         entropy_scale, grad, grad_words, grad_off, grad_stride, ignore_index, smoothing, eps_r, class_offset, softcap,
         prob, has_weight, has_entropy, threads_per_row,
     ):  # fmt: skip
-        n_rows = logits.shape[0]
-        n_classes = logits.shape[1]
-        tid = int64(cuda.threadIdx.x)
-        lane = tid % threads_per_row
-        lane32, step, r32 = int32(lane), int32(threads_per_row), int32(n_classes)
-        rows_per_block = int64(cuda.blockDim.x) // threads_per_row
+        n_rows, n_classes = logits.shape
+        tid, lane, base, step = group(threads_per_row)
         inv_cap = ONE / softcap if softcap > ZERO else ZERO
         keep = ONE - smoothing
         per_row = grad_scale.shape[0] > 1
         ent_per_row = entropy_scale.shape[0] > 1
-        i = int64(cuda.blockIdx.x) * rows_per_block + tid // threads_per_row
+        i = base + tid // threads_per_row
         while i < n_rows:  # no syncthreads here: rows loop independently
             t = int64(-1) if prob else int64(target[i])
             kept = prob or t != ignore_index
@@ -1079,33 +1114,14 @@ def _vocab_parallel_kernels(dtype: np.dtype, kind: str | None = None):
                 if has_entropy:
                     es = entropy_scale[i] if ent_per_row else entropy_scale[0]
                     ey = lse_i - entropy[i]
-            sk = scale * keep
-            se = scale * eps_r
-            x_row = logits[i]
-            q_row = probs[i if prob else 0]
-            g_row = grad[i]
-            h, nb, wb = span(grad_off, grad_stride, i, n_classes)  # no words: not laid out as the logits
-            g_words = grad_words[wb:]
-            x_words = logits_words[span(logits_off, logits_stride, i, n_classes)[2] :]
-            for c in range(lane32, r32 - nb * (P - 1), step):
-                if WORDED and c < nb:
-                    word = x_words[c] if kept else int64(0)
-                    acc = int64(0)
-                    for q in range(P):
-                        g = backward_grad(
-                            h + c * P + q, get(word, q), local, a, scale, sk, se, lse_i, es, ey, q_row, weight, prob,
-                            has_weight, has_entropy, softcap, inv_cap,
-                        )  # fmt: skip
-                        acc = put(acc, q, g)
-                    g_words[c] = acc
-                else:
-                    j = edge(c - nb, h, nb)
-                    g = backward_grad(
-                        j, load(x_row, j) if kept else ZERO, local, a, scale, sk, se, lse_i, es, ey, q_row, weight,
-                        prob, has_weight, has_entropy, softcap, inv_cap,
-                    )  # fmt: skip
-                    store(g_row, j, g)
-            i += int64(cuda.gridDim.x) * rows_per_block
+            x = view(logits, logits_words, logits_off, logits_stride, i)
+            # the gradient: no words where it is not laid out as the logits
+            backward_pass(
+                x, x, view(grad, grad_words, grad_off, grad_stride, i), lane, threads_per_row, kept, True, (),
+                (local, a, scale * keep, scale * eps_r, lse_i, es, ey, probs[i if prob else 0], weight, prob,
+                 has_weight, has_entropy, softcap, inv_cap),
+            )  # fmt: skip
+            i += step
 
     return partials_kernel, backward_kernel
 
@@ -1120,19 +1136,14 @@ def row_partials(logits, target, weight, *, ignore_index, softcap, class_offset,
     if n_rows == 0:
         return
     x = _rows_of(logits)
-    prob = target.is_floating_point()
-    dummy_f = torch.zeros(1, dtype=dt, device=dev)
-    t = torch.zeros(1, dtype=torch.int64, device=dev) if prob else target.detach().to(torch.int64)
-    q = _compute(target, dt) if prob else dummy_f.view(1, 1)
-    w = dummy_f if weight is None else _compute(weight, dt)
-    tpr, rows_per_block = _row_layout(max(n_classes, 1))
+    prob, t, q, w, _ = _targets(target, weight, dt, dev)
     args = _Launch(dev)
     direct = out.device == dev and out.dtype == dt and out.is_contiguous()
     o = out if direct else torch.empty(out.shape, dtype=dt, device=dev)
-    args.launch(
-        _vocab_parallel_kernels(np_dt, KINDS[x.dtype])[0], _grid(n_rows, rows_per_block), tpr * rows_per_block,
-        *args.rows(_Rows(x)), args(t), args(q), args(w), args(o), int(ignore_index), int(class_offset),
-        np_dt.type(softcap or 0.0), bool(prob), weight is not None, bool(smoothing), tpr,
+    args.row_kernel(
+        _vocab_parallel_kernels(np_dt, KINDS[x.dtype])[0], n_rows, n_classes, *args.rows(_Rows(x)), args(t),
+        args(q), args(w), args(o), int(ignore_index), int(class_offset), np_dt.type(softcap or 0.0), bool(prob),
+        weight is not None, bool(smoothing),
     )  # fmt: skip
     if o is not out:
         out.copy_(o)
@@ -1154,23 +1165,18 @@ def cross_entropy_backward(
     if n_rows == 0 or n_local == 0:
         return
     x = _rows_of(logits)  # read in its own dtype; an in-place gradient overwrites it word by word
-    prob = target.is_floating_point()
-    dummy_f = torch.zeros(1, dtype=dt, device=dev)
-    t = torch.zeros(1, dtype=torch.int64, device=dev) if prob else target.detach().to(torch.int64)
-    q = _compute(target, dt) if prob else dummy_f.view(1, 1)
-    w = dummy_f if weight is None else _compute(weight, dt)
-    ent = dummy_f if entropy is None else _compute(entropy, dt)
+    prob, t, q, w, dummy = _targets(target, weight, dt, dev)
+    ent = dummy if entropy is None else _compute(entropy, dt)
     es = _row_scale(entropy_scale, n_rows, dt, dev)
-    tpr, rows_per_block = _row_layout(n_local)
     args = _Launch(dev)
     with _row_grad(grad, x) as g:
         xr, gr = _rows_alike(x, g)
-        args.launch(
-            _vocab_parallel_kernels(np_dt, KINDS[x.dtype])[1], _grid(n_rows, rows_per_block), tpr * rows_per_block,
-            *args.rows(xr), args(t), args(q), args(w), args(_compute(lse, dt)), args(_compute(coef, dt)), args(ent),
+        args.row_kernel(
+            _vocab_parallel_kernels(np_dt, KINDS[x.dtype])[1], n_rows, n_local, *args.rows(xr), args(t), args(q),
+            args(w), args(_compute(lse, dt)), args(_compute(coef, dt)), args(ent),
             args(_row_scale(grad_scale, n_rows, dt, dev)), args(es), *args.rows(gr), int(ignore_index),
             f(label_smoothing), f(label_smoothing / n_classes), int(class_offset), f(softcap or 0.0), bool(prob),
-            weight is not None, entropy is not None, tpr,
+            weight is not None, entropy is not None,
         )  # fmt: skip
 
 
@@ -1195,44 +1201,32 @@ def _distillation_kernel(dtype: np.dtype, kind: str | None = None):
     f = dtype.type
     ZERO, NEG_INF, NAN = f(0), f(-math.inf), f(math.nan)
     KL, REVERSE_KL = 0, 1
-    int64, int32 = numba.int64, numba.int32
     acc_t = numba.from_dtype(dtype)
     io = _codec(_kind(dtype, kind))
-    P = np.int32(io.per_word)
-    WORDED = P > 1  # float64: every element is a word already (no word code)
-    load, store, get, put, span, edge = io.load, io.store, io.get, io.put, io.span, io.edge
+    view = io.view
     row = rowmath.make(f)
     merge = cuda.jit(device=True)(row.merge)
     merge_cross = cuda.jit(device=True)(row.merge_cross)
     kl_from_sums = cuda.jit(device=True)(row.kl_from_sums)
+    group = _row_group()
 
     @cuda.jit(device=True)
-    def row_reduce(sm, tid, lane, threads_per_row, m1, s1, c1, m2, s2):
-        """``merge_cross`` (m1, s1, c1) and ``merge`` (m2, s2) over each row group's threads (every
-        thread of the block calls it); the group's result comes back to all its threads."""
-        sm[tid, 0] = m1
-        sm[tid, 1] = s1
-        sm[tid, 2] = c1
-        sm[tid, 3] = m2
-        sm[tid, 4] = s2
-        cuda.syncthreads()
-        stride = threads_per_row // 2
-        while stride > 0:
-            if lane < stride:
-                o = tid + stride
-                m1, s1, c1 = merge_cross(m1, s1, c1, sm[o, 0], sm[o, 1], sm[o, 2])
-                m2, s2 = merge(m2, s2, sm[o, 3], sm[o, 4])
-                sm[tid, 0] = m1
-                sm[tid, 1] = s1
-                sm[tid, 2] = c1
-                sm[tid, 3] = m2
-                sm[tid, 4] = s2
-            cuda.syncthreads()
-            stride //= 2
-        first = tid - lane
-        m1, s1, c1, m2, s2 = sm[first, 0], sm[first, 1], sm[first, 2], sm[first, 3], sm[first, 4]
-        cuda.syncthreads()  # the slots are rewritten for the next row
+    def put(sm, i, v):
+        sm[i, 0], sm[i, 1], sm[i, 2], sm[i, 3], sm[i, 4] = v
+
+    @cuda.jit(device=True)
+    def take(sm, i, v):
+        return sm[i, 0], sm[i, 1], sm[i, 2], sm[i, 3], sm[i, 4]
+
+    @cuda.jit(device=True)
+    def combine(sm, i, v, o):
+        m1, s1, c1, m2, s2 = v
+        m1, s1, c1 = merge_cross(m1, s1, c1, sm[o, 0], sm[o, 1], sm[o, 2])
+        m2, s2 = merge(m2, s2, sm[o, 3], sm[o, 4])
         return m1, s1, c1, m2, s2
+
+    # ``merge_cross`` (m1, s1, c1) and ``merge`` (m2, s2) over each row group's threads
+    row_reduce = _tree_reduce(put, take, combine)
 
     @cuda.jit(device=True)
     def log_mixture(log_ps, log_pt, log_beta, log_1mbeta):
@@ -1250,8 +1244,12 @@ def _distillation_kernel(dtype: np.dtype, kind: str | None = None):
         return math.log(s) if s > ZERO else (NEG_INF if s == ZERO else NAN)  # the simulator raises on log(0)
 
     @cuda.jit(device=True)
-    def visit_sums(s, t, m1, s1, c1, m2, s2, lead_is_teacher, divergence):
-        """Pass 1 on one element (S = s, T = t): (m1, s1, c1) of the lead row, (m2, s2) of the other."""
+    def visit_sums(j, s, t, sums, args):
+        """Pass 1 on one element (S = s / tau, T = t / tau): (m1, s1, c1) of the lead row, (m2, s2) of the other."""
+        m1, s1, c1, m2, s2 = sums
+        inv_tau, lead_is_teacher, divergence = args
+        s *= inv_tau
+        t *= inv_tau
         lead = t if lead_is_teacher else s
         other = s if lead_is_teacher else t
         if lead != NEG_INF:  # exp(lead - lead): 1, or NaN for +inf (a NaN row, as torch)
@@ -1259,25 +1257,30 @@ def _distillation_kernel(dtype: np.dtype, kind: str | None = None):
             m1, s1, c1 = merge_cross(m1, s1, c1, lead, math.exp(lead - lead), cross)
         if other != NEG_INF:
             m2, s2 = merge(m2, s2, other, math.exp(other - other))
-        return m1, s1, c1, m2, s2
+        return (m1, s1, c1, m2, s2), ZERO
 
     @cuda.jit(device=True)
-    def visit_jsd(s, t, kl_t, kl_s, m_s, log_ss, m_t, log_st, log_beta, log_1mbeta):
+    def visit_jsd(j, s, t, kl, args):
         """jsd pass 2 on one element: sum p_t (log p_t - log m) and K = sum p_s (log p_s - log m)."""
-        log_ps = (s - m_s) - log_ss
-        log_pt = (t - m_t) - log_st
+        inv_tau, m_s, log_ss, m_t, log_st, log_beta, log_1mbeta = args
+        log_ps = (s * inv_tau - m_s) - log_ss
+        log_pt = (t * inv_tau - m_t) - log_st
         log_m = log_mixture(log_ps, log_pt, log_beta, log_1mbeta)
         p_s = math.exp(log_ps)
         p_t = math.exp(log_pt)
+        kl_t, kl_s = kl
         if p_t > ZERO:
             kl_t += p_t * (log_pt - log_m)
         if p_s > ZERO:
             kl_s += p_s * (log_ps - log_m)
-        return kl_t, kl_s
+        return (kl_t, kl_s), ZERO
 
     @cuda.jit(device=True)
-    def grad_at(s, t, kept, finite, divergence, m_s, log_ss, m_t, log_st, mu, coef, log_beta, log_1mbeta):
+    def grad_at(j, s, t, state, args):
         """The gradient scale * tau * d div / d S on one element (``coef`` = scale * tau (* (1 - beta)))."""
+        inv_tau, kept, finite, divergence, m_s, log_ss, m_t, log_st, mu, coef, log_beta, log_1mbeta = args
+        s *= inv_tau
+        t *= inv_tau
         g = ZERO
         if kept and not finite:
             g = NAN
@@ -1293,7 +1296,13 @@ def _distillation_kernel(dtype: np.dtype, kind: str | None = None):
                     r = log_ps - log_mixture(log_ps, (t - m_t) - log_st, log_beta, log_1mbeta)
                 g = p_s * (r - mu)
             g *= coef
-        return g
+        return state, g
+
+    # both rows walked in the student's words: the host gives words to both (and the gradient) only where
+    # they are laid out alike
+    sums_pass = _walk(visit_sums, io, two=True)
+    jsd_pass = _walk(visit_jsd, io, two=True)
+    grad_pass = _walk(grad_at, io, io, two=True)
 
     @cuda.jit
     def kernel(
@@ -1303,50 +1312,24 @@ def _distillation_kernel(dtype: np.dtype, kind: str | None = None):
     ):  # fmt: skip
         sm = cuda.shared.array((MAX_THREADS, 5), acc_t)
         n_rows = student.shape[0]
-        n_classes = student.shape[1]
-        tid = int64(cuda.threadIdx.x)
-        lane = tid % threads_per_row
-        lane32, step, r32 = int32(lane), int32(threads_per_row), int32(n_classes)
-        rows_per_block = int64(cuda.blockDim.x) // threads_per_row
+        tid, lane, base, step = group(threads_per_row)
         per_row_scale = grad_scale.shape[0] > 1
         lead_is_teacher = divergence == KL
-        # Every thread runs the same number of iterations: syncthreads inside must not diverge.
-        base = int64(cuda.blockIdx.x) * rows_per_block
         while base < n_rows:
             row = base + tid // threads_per_row
             live = row < n_rows
             kept = live
             if live and has_target:
                 kept = target[row] != ignore_index
-            s_row = student[row if live else 0]
-            t_row = teacher[row if live else 0]
-            # the host gives words to both rows (and the gradient) only where they are laid out alike
-            h, nb, wb = span(student_off, student_stride, row, n_classes)
-            s_words = student_words[wb:]
-            t_words = teacher_words[span(teacher_off, teacher_stride, row, n_classes)[2] :]
-            n_chunks = r32 - nb * (P - 1)  # the words, then the edge elements
+            s_row = view(student, student_words, student_off, student_stride, row if live else 0)
+            t_row = view(teacher, teacher_words, teacher_off, teacher_stride, row if live else 0)
             # pass 1: (m1, s1, c1) of the lead row (the teacher for kl), (m2, s2) of the other
-            m1 = NEG_INF
-            s1 = c1 = ZERO
-            m2 = NEG_INF
-            s2 = ZERO
+            sums = (NEG_INF, ZERO, ZERO, NEG_INF, ZERO)
             if kept:
-                for c in range(lane32, n_chunks, step):
-                    if WORDED and c < nb:
-                        ws = s_words[c]
-                        wt = t_words[c]
-                        for q in range(P):
-                            m1, s1, c1, m2, s2 = visit_sums(
-                                get(ws, q) * inv_tau, get(wt, q) * inv_tau, m1, s1, c1, m2, s2, lead_is_teacher,
-                                divergence,
-                            )  # fmt: skip
-                    else:
-                        j = edge(c - nb, h, nb)
-                        m1, s1, c1, m2, s2 = visit_sums(
-                            load(s_row, j) * inv_tau, load(t_row, j) * inv_tau, m1, s1, c1, m2, s2, lead_is_teacher,
-                            divergence,
-                        )  # fmt: skip
-            m1, s1, c1, m2, s2 = row_reduce(sm, tid, lane, threads_per_row, m1, s1, c1, m2, s2)
+                sums = sums_pass(
+                    s_row, t_row, s_row, lane, threads_per_row, True, True, sums, (inv_tau, lead_is_teacher, divergence)
+                )
+            m1, s1, c1, m2, s2 = row_reduce(sm, tid, lane, threads_per_row, sums)
             m_s, sum_s, m_t, sum_t = (m2, s2, m1, s1) if lead_is_teacher else (m1, s1, m2, s2)
             log_ss = log_of(sum_s)
             log_st = log_of(sum_t)
@@ -1361,30 +1344,18 @@ def _distillation_kernel(dtype: np.dtype, kind: str | None = None):
                     mu = c1 / sum_s  # sum p_s (S - T)
                     div = kl_from_sums(mu, m_s, m_t, log_ss, log_st)
             if divergence == 2:  # pass 2: sum p_t (log p_t - log m) and K = sum p_s (log p_s - log m)
-                kl_t = ZERO
-                kl_s = ZERO
+                kl = (ZERO, ZERO)
                 if finite:
-                    for c in range(lane32, n_chunks, step):
-                        if WORDED and c < nb:
-                            ws = s_words[c]
-                            wt = t_words[c]
-                            for q in range(P):
-                                kl_t, kl_s = visit_jsd(
-                                    get(ws, q) * inv_tau, get(wt, q) * inv_tau, kl_t, kl_s, m_s, log_ss, m_t, log_st,
-                                    log_beta, log_1mbeta,
-                                )  # fmt: skip
-                        else:
-                            j = edge(c - nb, h, nb)
-                            kl_t, kl_s = visit_jsd(
-                                load(s_row, j) * inv_tau, load(t_row, j) * inv_tau, kl_t, kl_s, m_s, log_ss, m_t,
-                                log_st, log_beta, log_1mbeta,
-                            )  # fmt: skip
-                _, kl_t, kl_s, _, _ = row_reduce(sm, tid, lane, threads_per_row, NEG_INF, kl_t, kl_s, NEG_INF, ZERO)
+                    kl = jsd_pass(
+                        s_row, t_row, s_row, lane, threads_per_row, True, True, kl,
+                        (inv_tau, m_s, log_ss, m_t, log_st, log_beta, log_1mbeta),
+                    )  # fmt: skip
+                _, kl_t, kl_s, _, _ = row_reduce(sm, tid, lane, threads_per_row, (NEG_INF, kl[0], kl[1], NEG_INF, ZERO))
                 if finite:
                     div = beta * kl_t + (f(1) - beta) * kl_s
                     mu = kl_s
             if not live:
-                base += int64(cuda.gridDim.x) * rows_per_block
+                base += step
                 continue
             if lane == 0:
                 loss[row] = tau * tau * div if kept else ZERO
@@ -1392,33 +1363,12 @@ def _distillation_kernel(dtype: np.dtype, kind: str | None = None):
                 coef = (grad_scale[row] if per_row_scale else grad_scale[0]) * tau
                 if divergence == 2:
                     coef *= f(1) - beta
-                h, nb, wb = span(grad_off, grad_stride, row, n_classes)
-                g_words = grad_words[wb:]
-                g_row = grad[row]
-                for c in range(lane32, r32 - nb * (P - 1), step):
-                    if WORDED and c < nb:
-                        ws = s_words[c] if kept else int64(0)  # a left-out row is not read
-                        wt = t_words[c] if kept else int64(0)
-                        acc = int64(0)
-                        for q in range(P):
-                            g = grad_at(
-                                get(ws, q) * inv_tau, get(wt, q) * inv_tau, kept, finite, divergence, m_s, log_ss,
-                                m_t, log_st, mu, coef, log_beta, log_1mbeta,
-                            )  # fmt: skip
-                            acc = put(acc, q, g)
-                        g_words[c] = acc
-                    else:
-                        j = edge(c - nb, h, nb)
-                        sv = tv = ZERO
-                        if kept:
-                            sv = load(s_row, j)
-                            tv = load(t_row, j)
-                        g = grad_at(
-                            sv * inv_tau, tv * inv_tau, kept, finite, divergence, m_s, log_ss, m_t, log_st, mu, coef,
-                            log_beta, log_1mbeta,
-                        )  # fmt: skip
-                        store(g_row, j, g)
-            base += int64(cuda.gridDim.x) * rows_per_block
+                grad_pass(
+                    s_row, t_row, view(grad, grad_words, grad_off, grad_stride, row), lane, threads_per_row, kept,
+                    True, (), (inv_tau, kept, finite, divergence, m_s, log_ss, m_t, log_st, mu, coef, log_beta,
+                    log_1mbeta),
+                )  # fmt: skip
+            base += step
 
     return kernel
 
@@ -1439,16 +1389,15 @@ def distillation(student, teacher, target, *, divergence, beta, temperature, ign
     jsd = divergence == "jsd"
     s = _rows_of(student)  # both read in the student's dtype
     t = _rows_of(teacher if teacher.dtype == s.dtype else teacher.to(s.dtype))
-    tpr, rows_per_block = _row_layout(n_classes)
     args = _Launch(dev)
     with _row_grad(grad, s) as g:
         rows = _rows_alike(s, t, g) if grad is not None else _rows_alike(s, t) + [_Rows(g)]
         if any(r.off < 0 for r in rows):  # the three rows walked in the same words, or all one by one
             rows = [r.without_words() for r in rows]
-        args.launch(
-            _distillation_kernel(np_dt, KINDS[s.dtype]), _grid(n_rows, rows_per_block), tpr * rows_per_block,
-            *args.rows(rows[0]), *args.rows(rows[1]), args(tg), args(scale), *args.rows(rows[2]), args(loss),
-            target is not None, int(ignore_index), DIVERGENCE_CODES[divergence], f(1 / temperature), f(temperature),
-            f(beta), f(math.log(beta) if jsd else 0.0), f(math.log1p(-beta) if jsd else 0.0), grad is not None, tpr,
+        args.row_kernel(
+            _distillation_kernel(np_dt, KINDS[s.dtype]), n_rows, n_classes, *args.rows(rows[0]), *args.rows(rows[1]),
+            args(tg), args(scale), *args.rows(rows[2]), args(loss), target is not None, int(ignore_index),
+            DIVERGENCE_CODES[divergence], f(1 / temperature), f(temperature), f(beta),
+            f(math.log(beta) if jsd else 0.0), f(math.log1p(-beta) if jsd else 0.0), grad is not None,
         )  # fmt: skip
     return loss
