@@ -44,7 +44,9 @@ def test_repeated_calls_do_not_grow_memory(backend, rng):
     n, r = (4, 50) if backend.interpreted else (256, 4096)
     x = backend.tensor(rng.standard_normal((n, r)), dtype=torch.float32)
     t = backend.tensor(rng.integers(0, r, n), dtype=torch.int64)
-    calls = 5 if backend.interpreted else 40
+    # enough calls that one leaked (n, r) buffer a call passes the 64 MB bound; the torch backend is the
+    # slow reference (many temporaries a call): its 2 x 10 measured calls leak 80 MB at one 4 MB gradient each
+    calls = 5 if backend.interpreted else 10 if backend.name == "torch" else 40
 
     def work():
         for _ in range(calls):
