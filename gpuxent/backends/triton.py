@@ -107,6 +107,39 @@ def _unit_class_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+def _class_inputs(logits, target, weight):
+    """``(logits, target, weight, prob)`` as the kernels read them: the logits (and probability targets) with
+    unit class stride, the weight contiguous; ``prob``: whether the targets are probabilities."""
+    prob = target.is_floating_point()
+    target = _unit_class_stride(target) if prob else target
+    return _unit_class_stride(logits), target, None if weight is None else weight.contiguous(), prob
+
+
+def _check_grad(grad: torch.Tensor | None, like: torch.Tensor) -> None:
+    """A gradient buffer (written in place) must be (N, r) as ``like`` is, with unit class stride."""
+    if grad is not None and (grad.shape != like.shape or (grad.stride(1) != 1 and like.shape[1] > 1)):
+        raise ValueError(f"grad: expected an (N, r) tensor with unit class stride, got {tuple(grad.shape)}")
+
+
+def _stride(t: torch.Tensor | None) -> int:
+    """The row stride of ``t``; no ``t``: 0 (unused)."""
+    return t.stride(0) if t is not None else 0
+
+
+def _shift(t: torch.Tensor | None, x: torch.Tensor) -> int:
+    """The row stride of ``t`` less that of the peeled ``x`` (see "aligned rows")."""
+    return _stride(t) - x.stride(0)
+
+
+def _grad_scale_args(grad_scale, out: torch.Tensor) -> tuple[torch.Tensor, int, float, float, bool]:
+    """The gradient's factor as a kernel takes it, ``(pointer, its stride, hi, lo, SCALE_IS_PTR)``: a tensor
+    (one factor, or one per row) in ``out``'s dtype and device; or a float (None: 1) as a (hi, lo) pair."""
+    if isinstance(grad_scale, torch.Tensor):
+        t = grad_scale.to(device=out.device, dtype=out.dtype).reshape(-1)
+        return t, int(t.numel() > 1), 1.0, 0.0, True
+    return out, 0, *_split(1.0 if grad_scale is None else float(grad_scale)), False
+
+
 # --------------------------------------------------------------------------- device helpers
 
 
@@ -166,6 +199,16 @@ def _tanh(u):
 # offset plus ``rows * (its stride - the logits' stride)``, a shift the JIT specialises like a stride
 # (0, the usual case, is a multiple of 16), so that operand's accesses are 128-bit too when they can be.
 # A base pointer off 16 bytes (a sliced view) is not peeled: element-wide accesses, still correct.
+#
+# So every pass of a row kernel is the same walk, written with the helpers below: ``_row_peel`` lays the
+# rows out, ``_row_ptrs`` gives each operand's row starts and body origins; with PEEL the pass's step
+# function takes the edge chunk (``_edge_chunk``, columns from the row starts), then, in the loop, the
+# BLOCK chunks of the body, or of the whole row without PEEL (``_chunk``, offsets from the origins). The
+# edge chunk has its own shape, so it is a call of its own before the loop.
+# ptxas's register allocation follows closely the order of the operations, of the kernel parameters, and
+# even which inlined helper an operation comes from (its debug scope): a few registers either way can cost
+# a block per SM. So the helpers keep the kernels' order of operations (the distillation's loop 1 keeps its
+# S/T updates interleaved), and benchmarks/gpu_audit.py, with triton 3.6 and 3.9, shows what a change does.
 
 ALIGN_BYTES = 16  # a 128-bit access
 
@@ -180,25 +223,157 @@ def _peel(x: torch.Tensor, n_classes: int) -> int:
     return 0 if aligned else vec
 
 
-@triton.jit
-def _row_peel(row_off, n_classes, VEC: tl.constexpr):
-    """Rows that start ``row_off`` elements past a 16-byte-aligned base: ``head``, the columns before
-    the first aligned one; the offset of that one (a multiple of VEC, and the compiler is told); and
-    ``body``, the largest multiple of VEC columns from there that fits in the row."""
-    head = ((-row_off) & (VEC - 1)).to(tl.int32)
-    body_off = tl.multiple_of(row_off + head, VEC)
-    body = tl.maximum(n_classes - head, 0) // VEC * VEC
-    return head, body_off, tl.multiple_of(body, VEC)
+def _launch_rows(kernel, x: torch.Tensor, *args, jsd: bool = False, **constexprs) -> None:
+    """Launches a row kernel with ``args`` and ``constexprs`` on the rows of the (N, r) ``x``, the operand
+    whose rows it peels: ROWS, BLOCK and num_warps from ``_launch_config`` (or ``_jsd_config`` for jsd),
+    PEEL from ``_peel``, one program per ROWS rows."""
+    n_rows, n_classes = x.shape
+    block, rows, num_warps = _launch_config(max(n_classes, 1), x.element_size())
+    if jsd:
+        block, rows, num_warps = _jsd_config(block, rows, num_warps, x.element_size())
+    with _device_ctx(x):
+        kernel[(triton.cdiv(n_rows, rows),)](
+            *args, ROWS=rows, BLOCK=block, PEEL=_peel(x, n_classes), num_warps=num_warps, **constexprs
+        )
 
 
 @triton.jit
-def _edge_cols(head, body, n_classes, VEC: tl.constexpr):
-    """The columns outside each row's aligned body, as (ROWS, 2 VEC) columns and mask: lanes below VEC
-    are the head [0, head), the others the tail [head + body, r)."""
+def _program_rows(n_rows, acc_ptr, ROWS: tl.constexpr):
+    """This program's rows (int32, as ``n_rows`` is; int64 where they meet a stride), which of them exist,
+    and a (ROWS,) zero in the accumulation dtype, ``acc_ptr``'s (float32, or float64 for float64 inputs)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    return rows, rows < n_rows, tl.zeros([ROWS], dtype=acc_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _row_peel(rows, stride, n_classes, VEC: tl.constexpr):
+    """The rows' layout, for rows ``rows * stride`` elements past a 16-byte-aligned base: ``head``, the
+    columns before the first aligned one; ``body``, the largest multiple of VEC columns from there that fits
+    in the row; and the offset of that first aligned column, the chunks' origin (a multiple of VEC, and the
+    compiler is told). VEC 0 (no peel): the origin is the row's start, ``head`` and ``body`` unused."""
+    row_off = rows.to(tl.int64) * stride
+    if VEC:
+        head = ((-row_off) & (VEC - 1)).to(tl.int32)
+        origin = tl.multiple_of(row_off + head, VEC)
+        body = tl.multiple_of(tl.maximum(n_classes - head, 0) // VEC * VEC, VEC)
+    else:
+        head = tl.zeros_like(rows)
+        origin = row_off
+        body = head
+    return head, body, origin
+
+
+@triton.jit
+def _row_ptrs(ptr, rows, stride, origin, PEEL: tl.constexpr):
+    """An (N, r) operand's rows as (ROWS, 1) pointers: to each row's start, where the edge chunk's columns
+    count from, and to its chunks' origin: with PEEL ``origin`` (the logits' origin, shifted by rows * the
+    operand's stride less theirs), else the row's start."""
+    row_ptrs = (ptr + rows.to(tl.int64) * stride)[:, None]
+    if PEEL:
+        body_ptrs = ptr + origin[:, None]
+    else:
+        body_ptrs = row_ptrs
+    return row_ptrs, body_ptrs
+
+
+@triton.jit
+def _chunk(start, head, body, n_classes, BLOCK: tl.constexpr, PEEL: tl.constexpr):
+    """The BLOCK columns from ``start`` of each row's aligned body (PEEL) or of the row: (columns, their mask,
+    their offsets from the body origins of ``_row_ptrs``). Unpeeled, columns and mask are one (1, BLOCK) row."""
+    offs = start + tl.arange(0, BLOCK)
+    if PEEL:
+        cols = head[:, None] + offs[None, :]
+        ok = offs[None, :] < body[:, None]
+    else:
+        cols = offs[None, :]
+        ok = (offs < n_classes)[None, :]
+    return cols, ok, offs[None, :]
+
+
+@triton.jit
+def _edge_chunk(head, body, n_classes, VEC: tl.constexpr):
+    """The columns outside each row's aligned body, as one (ROWS, 2 VEC) chunk: (columns, their mask); lanes
+    below VEC are the head [0, head), the others the tail [head + body, r)."""
     e = tl.arange(0, 2 * VEC)[None, :]
     cols = tl.where(e < VEC, e, (head + body)[:, None] + (e - VEC))
     ok = (cols < n_classes) & ((e >= VEC) | (e < head[:, None]))
     return cols, ok
+
+
+# --------------------------------------------------------------------------- rows: targets and softmax sums
+
+
+@triton.jit
+def _class_target(target_ptr, stride, rows, row_mask, ignore_index):
+    """Each row's class target, and whether the row counts: it exists and its target is not ``ignore_index``."""
+    target = tl.load(target_ptr + rows.to(tl.int64) * stride, mask=row_mask, other=ignore_index)
+    return target, row_mask & (target != ignore_index)
+
+
+@triton.jit
+def _target_column(target, class_offset, n_classes):
+    """The target's column among the ``n_classes`` from ``class_offset`` where it is one of them, else 0 (an
+    index that reads nothing out of bounds); and whether it is."""
+    col = target - class_offset
+    inside = (col >= 0) & (col < n_classes)
+    return tl.where(inside, col, 0), inside
+
+
+@triton.jit
+def _target_logit(x_ptr, stride, rows, col, hit, softcap, inv_cap, HAS_SOFTCAP: tl.constexpr):
+    """The (soft-capped) logit at each row's column ``col`` where ``hit``, else 0; in ``softcap``'s dtype."""
+    y_t = tl.load(x_ptr + rows.to(tl.int64) * stride + col, mask=hit, other=0).to(softcap.dtype)
+    if HAS_SOFTCAP:
+        y_t = softcap * _tanh(y_t * inv_cap)
+    return y_t
+
+
+@triton.jit
+def _target_weight(weight_ptr, col, hit, zero, HAS_WEIGHT: tl.constexpr):
+    """The class weight of each row's column ``col`` where ``hit``, else 0; 1 without weights. ``zero``'s dtype."""
+    if HAS_WEIGHT:
+        w_t = tl.load(weight_ptr + col, mask=hit, other=0).to(zero.dtype)
+    else:
+        w_t = zero + 1
+    return w_t
+
+
+@triton.jit
+def _grad_scale(scale_ptr, stride_scale, scale_hi, scale_lo, rows, row_mask, zero, SCALE_IS_PTR: tl.constexpr):
+    """Each row's gradient factor: read (one factor at stride 0, or one per row) or the float ``hi + lo``."""
+    if SCALE_IS_PTR:
+        scale = tl.load(scale_ptr + rows * stride_scale, mask=row_mask, other=0).to(zero.dtype)
+    else:
+        scale = _scalar(scale_hi, scale_lo, zero)
+    return scale
+
+
+@triton.jit
+def _store_grad(g_ptrs, g, col_ok, kept, row_mask):
+    """Stores a chunk of the gradient in the rows that exist: 0 in ignored rows."""
+    g = tl.where(kept[:, None], g, 0)
+    tl.store(g_ptrs, g.to(g_ptrs.dtype.element_ty), mask=row_mask[:, None] & col_ok)
+
+
+@triton.jit
+def _load_logits(x_ptrs, mask, softcap, inv_cap, HAS_SOFTCAP: tl.constexpr):
+    """A chunk of logits in ``softcap``'s dtype (the accumulation dtype), soft-capped; -inf where masked."""
+    if HAS_SOFTCAP:
+        y = tl.load(x_ptrs, mask=mask, other=0).to(softcap.dtype)
+        y = tl.where(mask, softcap[:, None] * _tanh(y * inv_cap[:, None]), NEG_INF)
+    else:
+        y = tl.load(x_ptrs, mask=mask, other=NEG_INF).to(softcap.dtype)
+    return y
+
+
+@triton.jit
+def _online_max(y, m):
+    """A chunk ``y`` (-inf where masked) into each row's running max ``m``: the new max, and the shift of the
+    exponents: the max, but 0 for a row of -inf so far, which must not give -inf - -inf. The sums kept so far
+    are rescaled by ``exp(m - shift)``: the sum of exp becomes ``d * exp(m - shift) + sum(exp(y - shift))``.
+    (The distillation's loop 1 writes the same update for S and T interleaved: see "aligned rows".)"""
+    m_new = tl.maximum(m, tl.max(y, axis=1))
+    return m_new, tl.where(m_new == NEG_INF, 0, m_new)
 
 
 # --------------------------------------------------------------------------- fused cross-entropy
@@ -215,11 +390,7 @@ def _ce_loop1_step(
     smoothing / probability-target sums and the statistics, updated. The order of chunks is free."""
     acc_dtype = m.dtype
     mask = kept[:, None] & col_ok
-    if HAS_SOFTCAP:
-        y = tl.load(x_ptrs, mask=mask, other=0).to(acc_dtype)
-        y = tl.where(mask, softcap[:, None] * _tanh(y * inv_cap[:, None]), NEG_INF)
-    else:
-        y = tl.load(x_ptrs, mask=mask, other=NEG_INF).to(acc_dtype)
+    y = _load_logits(x_ptrs, mask, softcap, inv_cap, HAS_SOFTCAP)
     if HAS_WEIGHT:  # (1, BLOCK) unpeeled: the logits' rank, so one row per program loads it in their layout
         w = tl.load(w_ptrs, mask=col_ok, other=0).to(acc_dtype)
     if PROB_TARGET or HAS_SMOOTHING:
@@ -237,8 +408,7 @@ def _ce_loop1_step(
             sum_w += tl.sum(w, axis=1)
         else:
             sum_wy += tl.sum(y_in, axis=1)
-    m_new = tl.maximum(m, tl.max(y, axis=1))
-    m_shift = tl.where(m_new == NEG_INF, 0, m_new)  # a row of -inf so far must not give -inf - -inf
+    m_new, shift = _online_max(y, m)
     if STATS:
         y_max = tl.max(y, axis=1)
         j_max = tl.min(tl.where(y == y_max[:, None], cols, 2147483647), axis=1)
@@ -246,24 +416,30 @@ def _ce_loop1_step(
         best_j = tl.where(y_max > best, j_max, tl.where(y_max == best, tl.minimum(best_j, j_max), best_j))
         best = tl.maximum(best, y_max)
         nan_j = tl.minimum(nan_j, tl.min(tl.where(y != y, cols, 2147483647), axis=1))
-        e = tl.exp(y - m_shift[:, None])
-        alpha = tl.exp(m - m_shift)
+        e = tl.exp(y - shift[:, None])
+        alpha = tl.exp(m - shift)
         # where() before the products: no -inf * 0 (a row of -inf so far, masked or -inf lanes)
-        t_sum = (t_sum + tl.where(m == NEG_INF, 0, m - m_shift) * d) * alpha
-        t_sum += tl.sum(e * tl.where(e > 0, y - m_shift[:, None], 0), axis=1)
+        t_sum = (t_sum + tl.where(m == NEG_INF, 0, m - shift) * d) * alpha
+        t_sum += tl.sum(e * tl.where(e > 0, y - shift[:, None], 0), axis=1)
         d = d * alpha + tl.sum(e, axis=1)
     else:
-        d = d * tl.exp(m - m_shift) + tl.sum(tl.exp(y - m_shift[:, None]), axis=1)
+        d = d * tl.exp(m - shift) + tl.sum(tl.exp(y - shift[:, None]), axis=1)
     return m_new, d, sum_w, sum_wy, sum_wq, best, best_j, nan_j, t_sum
 
 
 @triton.jit
-def _ce_grad_step(
+def _grad_step(
     x_ptrs, q_ptrs, w_ptrs, g_ptrs, cols, col_ok, kept, row_mask, softcap, inv_cap, smoothing, eps_r,
-    coef, scale, m, log_d, target_col, w_t,
+    scale, coef, m, log_d, target_col, w_t, es, ey,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
 ):  # fmt: skip
-    """One chunk of loop 2: reads the logits of columns ``cols`` and writes their gradient."""
+    """One chunk of a gradient pass (the fused kernel's loop 2, and ``cross_entropy_backward``): reads the
+    logits of columns ``cols`` and writes their gradient, with ``p_j = exp((y_j - m) - log_d)``
+    (``cross_entropy_backward``: m = lse, log_d = 0):
+        grad_j = coef p_j - scale w_j q'_j                                              (probability targets)
+        grad_j = coef p_j - scale eps_r w_j - scale (1 - smoothing) w_t [j == target_col]    (class targets)
+    plus ``es p_j (ey - y_j)`` (HAS_ENTROPY), times 1 - tanh^2 under a softcap; 0 in ignored rows."""
     acc_dtype = m.dtype
     mask = kept[:, None] & col_ok
     x = tl.load(x_ptrs, mask=mask, other=0).to(acc_dtype)
@@ -272,7 +448,10 @@ def _ce_grad_step(
         y = softcap[:, None] * th
     else:
         y = x
-    g = coef[:, None] * tl.exp((y - m[:, None]) - log_d[:, None])
+    p = tl.exp((y - m[:, None]) - log_d[:, None])
+    g = coef[:, None] * p
+    if HAS_ENTROPY:  # 0, not 0 * inf, where p = 0
+        g += tl.where(p > 0, es[:, None] * p * (ey[:, None] - y), 0)
     if HAS_WEIGHT:
         w = tl.load(w_ptrs, mask=col_ok, other=0).to(acc_dtype)
     if PROB_TARGET:
@@ -287,12 +466,10 @@ def _ce_grad_step(
                 g -= (scale * eps_r)[:, None] * w
             else:
                 g -= (scale * eps_r)[:, None]
-        hit = cols == target_col[:, None]  # a bad row is NaN whatever it hits
-        g = tl.where(hit, g - (scale * (1 - smoothing) * w_t)[:, None], g)
+        g = tl.where(cols == target_col[:, None], g - (scale * (1 - smoothing) * w_t)[:, None], g)
     if HAS_SOFTCAP:
         g = g * (1 - th * th)
-    g = tl.where(kept[:, None], g, 0)
-    tl.store(g_ptrs, g.to(g_ptrs.dtype.element_ty), mask=row_mask[:, None] & col_ok)
+    _store_grad(g_ptrs, g, col_ok, kept, row_mask)
 
 
 @triton.jit
@@ -305,30 +482,24 @@ def _cross_entropy_kernel(
     HAS_SOFTCAP: tl.constexpr, WANT_GRAD: tl.constexpr, SCALE_IS_PTR: tl.constexpr, STATS: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr,
 ):  # fmt: skip
-    acc_dtype = loss_ptr.dtype.element_ty  # float32, or float64 for float64 inputs
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # int32 (n_rows is), int64 where it meets a stride
-    row_mask = rows < n_rows
-    zero = tl.zeros([ROWS], dtype=acc_dtype)
+    rows, row_mask, zero = _program_rows(n_rows, loss_ptr, ROWS)
+    acc_dtype = zero.dtype
     smoothing = _scalar(smoothing_hi, smoothing_lo, zero)
     softcap = _scalar(softcap_hi, softcap_lo, zero)
     inv_cap = 1 / softcap  # one division per row, a multiplication per element
     eps_r = smoothing / n_classes
-    x_rows = logits_ptr + rows.to(tl.int64) * stride_logits
-    t_rows = target_ptr + rows.to(tl.int64) * stride_target
-    if PEEL:  # the aligned body of each row (see "aligned rows")
-        head, x_body, body = _row_peel(rows.to(tl.int64) * stride_logits, n_classes, PEEL)
-        t_body = x_body + rows.to(tl.int64) * shift_target
-        g_body = x_body + rows.to(tl.int64) * shift_grad
-
+    head, body, x0 = _row_peel(rows, stride_logits, n_classes, PEEL)  # the logits' origin, then the others'
+    t0 = x0 + rows.to(tl.int64) * shift_target
+    g0 = x0 + rows.to(tl.int64) * shift_grad
     if PROB_TARGET:
         kept = row_mask
     else:
-        target = tl.load(t_rows, mask=row_mask, other=ignore_index)
-        kept = row_mask & (target != ignore_index)
+        target, kept = _class_target(target_ptr, stride_target, rows, row_mask, ignore_index)
         # functional.py checks the indices on the host; a bad one that slips through (compile mode)
         # reads nothing out of bounds and gives NaN.
-        valid = (target >= 0) & (target < n_classes)
-        target_safe = tl.where(valid, target, 0)
+        target_safe, valid = _target_column(target, 0, n_classes)
+    x_rows, x_body = _row_ptrs(logits_ptr, rows, stride_logits, x0, PEEL)
+    t_rows, t_body = _row_ptrs(target_ptr, rows, stride_target, t0, PEEL)
 
     # loop 1: online max and sum of exp, and the sums of the smoothing / probability-target terms
     m = tl.full([ROWS], NEG_INF, dtype=acc_dtype)
@@ -342,29 +513,18 @@ def _cross_entropy_kernel(
     best_j = tl.zeros([ROWS], dtype=tl.int32)
     nan_j = tl.full([ROWS], 2147483647, dtype=tl.int32)
     t_sum = zero
-    if PEEL:
-        e_cols, e_ok = _edge_cols(head, body, n_classes, PEEL)  # named apart: loop variables keep one shape
+    if PEEL:  # named apart: loop variables keep one shape
+        e_cols, e_ok = _edge_chunk(head, body, n_classes, PEEL)
         m, d, sum_w, sum_wy, sum_wq, best, best_j, nan_j, t_sum = _ce_loop1_step(
-            x_rows[:, None] + e_cols, t_rows[:, None] + e_cols, weight_ptr + e_cols, e_cols, e_ok, kept, softcap,
-            inv_cap,
+            x_rows + e_cols, t_rows + e_cols, weight_ptr + e_cols, e_cols, e_ok, kept, softcap, inv_cap,
             smoothing, eps_r, m, d, sum_w, sum_wy, sum_wq, best, best_j, nan_j, t_sum,
             PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, STATS,
         )  # fmt: skip
     for start in range(0, n_classes, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        if PEEL:
-            cols = head[:, None] + offs[None, :]
-            ok = offs[None, :] < body[:, None]
-            x_ptrs = logits_ptr + x_body[:, None] + offs[None, :]
-            q_ptrs = target_ptr + t_body[:, None] + offs[None, :]
-        else:
-            cols = offs[None, :]
-            ok = (offs < n_classes)[None, :]
-            x_ptrs = x_rows[:, None] + cols
-            q_ptrs = t_rows[:, None] + cols
+        cols, ok, offs = _chunk(start, head, body, n_classes, BLOCK, PEEL)
         m, d, sum_w, sum_wy, sum_wq, best, best_j, nan_j, t_sum = _ce_loop1_step(
-            x_ptrs, q_ptrs, weight_ptr + cols, cols, ok, kept, softcap, inv_cap, smoothing, eps_r,
-            m, d, sum_w, sum_wy, sum_wq, best, best_j, nan_j, t_sum,
+            x_body + offs, t_body + offs, weight_ptr + cols, cols, ok, kept, softcap, inv_cap,
+            smoothing, eps_r, m, d, sum_w, sum_wy, sum_wq, best, best_j, nan_j, t_sum,
             PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, STATS,
         )  # fmt: skip
     # lse = m + log_d; the two parts stay apart where a sum of them would round away p_t - 1 when p_t ~ 1
@@ -381,15 +541,9 @@ def _cross_entropy_kernel(
     else:
         # the target's logit and weight: read after loop 1, so that they are not live across it, and
         # before loop 2 overwrites the row (in-place gradient)
-        y_t = tl.load(x_rows + target_safe, mask=kept, other=0).to(acc_dtype)
-        if HAS_SOFTCAP:
-            y_t = softcap * _tanh(y_t * inv_cap)
+        y_t = _target_logit(logits_ptr, stride_logits, rows, target_safe, kept, softcap, inv_cap, HAS_SOFTCAP)
         y_t = tl.where(valid, y_t, NAN)
-        if HAS_WEIGHT:
-            w_t = tl.load(weight_ptr + target_safe, mask=kept, other=0).to(acc_dtype)
-        else:
-            w_t = zero + 1
-        w_t = tl.where(valid, w_t, NAN)
+        w_t = tl.where(valid, _target_weight(weight_ptr, target_safe, kept, zero, HAS_WEIGHT), NAN)
         target_col = target_safe.to(tl.int32)
         loss = (1 - smoothing) * w_t * ((m - y_t) + log_d)
         coef = (1 - smoothing) * w_t
@@ -412,37 +566,23 @@ def _cross_entropy_kernel(
 
     # loop 2: grad_j = scale * (coef p_j - w_j q'_j)               (probability targets)
     #         grad_j = scale * (coef p_j - eps_r w_j - (1 - eps) w_t [j == t])   (class targets)
-    # times 1 - tanh^2 under a softcap; ignored rows get 0.
+    # times 1 - tanh^2 under a softcap; ignored rows get 0; a bad row is NaN (coef) whatever it hits.
     if WANT_GRAD:
-        if SCALE_IS_PTR:  # one factor (stride 0) or one per row
-            scale = tl.load(grad_scale_ptr + rows * stride_scale, mask=row_mask, other=0).to(acc_dtype)
-        else:
-            scale = _scalar(scale_hi, scale_lo, zero)
+        scale = _grad_scale(grad_scale_ptr, stride_scale, scale_hi, scale_lo, rows, row_mask, zero, SCALE_IS_PTR)
         coef = scale * coef
-        g_rows = grad_ptr + rows.to(tl.int64) * stride_grad
+        g_rows, g_body = _row_ptrs(grad_ptr, rows, stride_grad, g0, PEEL)
         if PEEL:
-            _ce_grad_step(
-                x_rows[:, None] + e_cols, t_rows[:, None] + e_cols, weight_ptr + e_cols, g_rows[:, None] + e_cols,
-                e_cols, e_ok, kept, row_mask, softcap, inv_cap, smoothing, eps_r, coef, scale, m, log_d, target_col,
-                w_t, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+            _grad_step(
+                x_rows + e_cols, t_rows + e_cols, weight_ptr + e_cols, g_rows + e_cols, e_cols, e_ok,
+                kept, row_mask, softcap, inv_cap, smoothing, eps_r, scale, coef, m, log_d, target_col, w_t,
+                zero, zero, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, False,
             )  # fmt: skip
         for start in range(0, n_classes, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            if PEEL:
-                cols = head[:, None] + offs[None, :]
-                ok = offs[None, :] < body[:, None]
-                x_ptrs = logits_ptr + x_body[:, None] + offs[None, :]
-                q_ptrs = target_ptr + t_body[:, None] + offs[None, :]
-                g_ptrs = grad_ptr + g_body[:, None] + offs[None, :]
-            else:
-                cols = offs[None, :]
-                ok = cols < n_classes
-                x_ptrs = x_rows[:, None] + cols
-                q_ptrs = t_rows[:, None] + cols
-                g_ptrs = g_rows[:, None] + cols
-            _ce_grad_step(
-                x_ptrs, q_ptrs, weight_ptr + cols, g_ptrs, cols, ok, kept, row_mask, softcap, inv_cap, smoothing,
-                eps_r, coef, scale, m, log_d, target_col, w_t, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+            cols, ok, offs = _chunk(start, head, body, n_classes, BLOCK, PEEL)
+            _grad_step(
+                x_body + offs, t_body + offs, weight_ptr + cols, g_body + offs, cols, ok,
+                kept, row_mask, softcap, inv_cap, smoothing, eps_r, scale, coef, m, log_d, target_col, w_t,
+                zero, zero, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, False,
             )  # fmt: skip
 
 
@@ -453,40 +593,25 @@ def cross_entropy(
     see ``gpuxent.backends`` for the contract."""
     if logits.dim() != 2:
         raise ValueError(f"logits: expected a (N, r) tensor, got shape {tuple(logits.shape)}")
-    n_rows, n_classes = logits.shape
-    logits = _unit_class_stride(logits)
-    prob = target.is_floating_point()
-    if prob:
-        target = _unit_class_stride(target)
+    n_rows = logits.shape[0]
+    logits, target, weight, prob = _class_inputs(logits, target, weight)
     dt = compute_dtype(logits.dtype)
     loss = torch.empty(n_rows, dtype=dt, device=logits.device)
     lse = torch.empty(n_rows, dtype=dt, device=logits.device)
-    if weight is not None:
-        weight = weight.contiguous()
-    scale_is_ptr = isinstance(grad_scale, torch.Tensor)
-    if scale_is_ptr:
-        grad_scale = grad_scale.to(device=logits.device, dtype=dt).reshape(-1)
-    if grad is not None and (grad.shape != logits.shape or (grad.stride(1) != 1 and n_classes > 1)):
-        raise ValueError(f"grad: expected an (N, r) tensor with unit class stride, got {tuple(grad.shape)}")
+    _check_grad(grad, logits)
     if n_rows == 0:
         return loss, lse
-    block, rows, num_warps = _launch_config(n_classes, logits.element_size())
-    grid = (triton.cdiv(n_rows, rows),)
-    stride_grad = grad.stride(0) if grad is not None else 0
-    with _device_ctx(logits):
-        _cross_entropy_kernel[grid](
-            logits, target, weight if weight is not None else loss, grad_scale if scale_is_ptr else loss,
-            grad if grad is not None else loss, loss, lse, *(stats if stats is not None else (loss, loss)),
-            logits.stride(0), target.stride(0), stride_grad, 1 if scale_is_ptr and grad_scale.numel() > 1 else 0,
-            target.stride(0) - logits.stride(0), stride_grad - logits.stride(0),
-            n_rows, n_classes, int(ignore_index),
-            *_split(label_smoothing), *_split(z_loss), *_split(softcap or 1.0),
-            *_split(1.0 if grad_scale is None or scale_is_ptr else float(grad_scale)),
-            PROB_TARGET=prob, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0,
-            HAS_Z_LOSS=z_loss > 0, HAS_SOFTCAP=bool(softcap), WANT_GRAD=grad is not None,
-            SCALE_IS_PTR=scale_is_ptr, STATS=stats is not None, ROWS=rows, BLOCK=block,
-            PEEL=_peel(logits, n_classes), num_warps=num_warps,
-        )  # fmt: skip
+    scale, stride_scale, scale_hi, scale_lo, scale_is_ptr = _grad_scale_args(grad_scale, loss)
+    _launch_rows(
+        _cross_entropy_kernel, logits,
+        logits, target, weight if weight is not None else loss, scale, grad if grad is not None else loss, loss, lse,
+        *(stats if stats is not None else (loss, loss)),
+        logits.stride(0), target.stride(0), _stride(grad), stride_scale, _shift(target, logits), _shift(grad, logits),
+        n_rows, logits.shape[1], int(ignore_index),
+        *_split(label_smoothing), *_split(z_loss), *_split(softcap or 1.0), scale_hi, scale_lo,
+        PROB_TARGET=prob, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0, HAS_Z_LOSS=z_loss > 0,
+        HAS_SOFTCAP=bool(softcap), WANT_GRAD=grad is not None, SCALE_IS_PTR=scale_is_ptr, STATS=stats is not None,
+    )  # fmt: skip
     return loss, lse
 
 
@@ -494,18 +619,17 @@ def cross_entropy(
 
 
 @triton.jit
-def _softmax_max_sum(x_ptrs, mask, m, d):
+def _softmax_max_sum(x_ptrs, col_ok, row_mask, m, d):
     """One chunk of the softmax's first loop: the running max and sum of exp, updated."""
-    x = tl.load(x_ptrs, mask=mask, other=NEG_INF).to(m.dtype)
-    m_new = tl.maximum(m, tl.max(x, axis=1))
-    m_shift = tl.where(m_new == NEG_INF, 0, m_new)
-    d = d * tl.exp(m - m_shift) + tl.sum(tl.exp(x - m_shift[:, None]), axis=1)
-    return m_new, d
+    x = tl.load(x_ptrs, mask=row_mask[:, None] & col_ok, other=NEG_INF).to(m.dtype)
+    m_new, shift = _online_max(x, m)
+    return m_new, d * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
 
 
 @triton.jit
-def _softmax_out(x_ptrs, o_ptrs, mask, m, log_d, LOG: tl.constexpr):
+def _softmax_out(x_ptrs, o_ptrs, col_ok, row_mask, m, log_d, LOG: tl.constexpr):
     """One chunk of the softmax's second loop: reads x, writes the (log-)softmax."""
+    mask = row_mask[:, None] & col_ok
     x = tl.load(x_ptrs, mask=mask, other=0).to(m.dtype)
     y = (x - m[:, None]) - log_d[:, None]  # not x - (m + log d): m + log d rounds at the scale of m
     if not LOG:
@@ -520,60 +644,32 @@ def _softmax_kernel(
     n_rows, n_classes, shift_out,
     LOG: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr,
 ):  # fmt: skip
-    acc_dtype = out_ptr.dtype.element_ty
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_mask = rows < n_rows
-    x_rows = x_ptr + rows * stride_x
-    o_rows = out_ptr + rows * stride_out
-    if PEEL:  # the aligned body of each row (see "aligned rows")
-        head, x_body, body = _row_peel(rows * stride_x, n_classes, PEEL)
-        o_body = x_body + rows * shift_out
-        e_cols, e_ok = _edge_cols(head, body, n_classes, PEEL)
-        e_mask = row_mask[:, None] & e_ok
-    m = tl.full([ROWS], NEG_INF, dtype=acc_dtype)
-    d = tl.zeros([ROWS], dtype=acc_dtype)
+    rows, row_mask, zero = _program_rows(n_rows, out_ptr, ROWS)
+    head, body, x0 = _row_peel(rows, stride_x, n_classes, PEEL)
+    x_rows, x_body = _row_ptrs(x_ptr, rows, stride_x, x0, PEEL)
+    o_rows, o_body = _row_ptrs(out_ptr, rows, stride_out, x0 + rows.to(tl.int64) * shift_out, PEEL)
+    m = tl.full([ROWS], NEG_INF, dtype=zero.dtype)
+    d = zero
     if PEEL:
-        m, d = _softmax_max_sum(x_rows[:, None] + e_cols, e_mask, m, d)
+        e_cols, e_ok = _edge_chunk(head, body, n_classes, PEEL)
+        m, d = _softmax_max_sum(x_rows + e_cols, e_ok, row_mask, m, d)
     for start in range(0, n_classes, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        if PEEL:
-            m, d = _softmax_max_sum(
-                x_ptr + x_body[:, None] + offs[None, :], row_mask[:, None] & (offs[None, :] < body[:, None]), m, d
-            )
-        else:
-            m, d = _softmax_max_sum(
-                x_rows[:, None] + offs[None, :], row_mask[:, None] & (offs < n_classes)[None, :], m, d
-            )
+        cols, ok, offs = _chunk(start, head, body, n_classes, BLOCK, PEEL)
+        m, d = _softmax_max_sum(x_body + offs, ok, row_mask, m, d)
     log_d = tl.log(d)
     if PEEL:
-        _softmax_out(x_rows[:, None] + e_cols, o_rows[:, None] + e_cols, e_mask, m, log_d, LOG)
+        _softmax_out(x_rows + e_cols, o_rows + e_cols, e_ok, row_mask, m, log_d, LOG)
     for start in range(0, n_classes, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        if PEEL:
-            _softmax_out(
-                x_ptr + x_body[:, None] + offs[None, :], out_ptr + o_body[:, None] + offs[None, :],
-                row_mask[:, None] & (offs[None, :] < body[:, None]), m, log_d, LOG,
-            )  # fmt: skip
-        else:
-            _softmax_out(
-                x_rows[:, None] + offs[None, :], o_rows[:, None] + offs[None, :],
-                row_mask[:, None] & (offs < n_classes)[None, :], m, log_d, LOG,
-            )  # fmt: skip
+        cols, ok, offs = _chunk(start, head, body, n_classes, BLOCK, PEEL)
+        _softmax_out(x_body + offs, o_body + offs, ok, row_mask, m, log_d, LOG)
 
 
 def softmax(x, *, log):
     """Row softmax (or log-softmax) of a (N, r) tensor, returned in the compute dtype."""
     x = _unit_class_stride(x)
-    n_rows, n_classes = x.shape
-    out = torch.empty((n_rows, n_classes), dtype=compute_dtype(x.dtype), device=x.device)
-    if out.numel() == 0:
-        return out
-    block, rows, num_warps = _launch_config(n_classes, x.element_size())
-    with _device_ctx(x):
-        _softmax_kernel[(triton.cdiv(n_rows, rows),)](
-            x, out, x.stride(0), out.stride(0), n_rows, n_classes, out.stride(0) - x.stride(0),
-            LOG=log, ROWS=rows, BLOCK=block, PEEL=_peel(x, n_classes), num_warps=num_warps,
-        )  # fmt: skip
+    out = torch.empty(x.shape, dtype=compute_dtype(x.dtype), device=x.device)
+    if out.numel() > 0:
+        _launch_rows(_softmax_kernel, x, x, out, x.stride(0), out.stride(0), *x.shape, _shift(out, x), LOG=log)
     return out
 
 
@@ -590,20 +686,31 @@ def _log1p(v):
 
 
 @triton.jit
+def _bce_inputs(
+    x_ptr, x_other: tl.constexpr, target_ptr, weight_ptr, loss_ptr, n_elements,
+    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """This program's elements: offsets, mask, and the input (``x_other`` past the end), target and weight (1
+    without) in the accumulation dtype, ``loss_ptr``'s."""
+    acc_dtype = loss_ptr.dtype.element_ty
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    x = tl.load(x_ptr + offs, mask=mask, other=x_other).to(acc_dtype)
+    y = tl.load(target_ptr + offs, mask=mask, other=0).to(acc_dtype)
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + offs, mask=mask, other=0).to(acc_dtype)
+    else:
+        w = tl.zeros_like(x) + 1
+    return offs, mask, x, y, w
+
+
+@triton.jit
 def _bce_kernel(
     probs_ptr, target_ptr, weight_ptr, loss_ptr, grad_ptr,
     n_elements,
     HAS_WEIGHT: tl.constexpr, WANT_GRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    acc_dtype = loss_ptr.dtype.element_ty
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_elements
-    p = tl.load(probs_ptr + offs, mask=mask, other=0.5).to(acc_dtype)
-    y = tl.load(target_ptr + offs, mask=mask, other=0).to(acc_dtype)
-    if HAS_WEIGHT:
-        w = tl.load(weight_ptr + offs, mask=mask, other=0).to(acc_dtype)
-    else:
-        w = tl.zeros_like(p) + 1
+    offs, mask, p, y, w = _bce_inputs(probs_ptr, 0.5, target_ptr, weight_ptr, loss_ptr, n_elements, HAS_WEIGHT, BLOCK)
     log_p = tl.maximum(tl.log(p), -100.0)  # torch clamps each log at -100
     log_1mp = tl.maximum(_log1p(-p), -100.0)
     tl.store(loss_ptr + offs, -w * (y * log_p + (1 - y) * log_1mp), mask=mask)
@@ -619,17 +726,9 @@ def _bce_logits_kernel(
     n_elements,
     HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, WANT_GRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    acc_dtype = loss_ptr.dtype.element_ty
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_elements
-    x = tl.load(logits_ptr + offs, mask=mask, other=0).to(acc_dtype)
-    y = tl.load(target_ptr + offs, mask=mask, other=0).to(acc_dtype)
-    if HAS_WEIGHT:
-        w = tl.load(weight_ptr + offs, mask=mask, other=0).to(acc_dtype)
-    else:
-        w = tl.zeros_like(x) + 1
+    offs, mask, x, y, w = _bce_inputs(logits_ptr, 0, target_ptr, weight_ptr, loss_ptr, n_elements, HAS_WEIGHT, BLOCK)
     if HAS_POS_WEIGHT:
-        pw = tl.load(pos_weight_ptr + offs, mask=mask, other=1).to(acc_dtype)
+        pw = tl.load(pos_weight_ptr + offs, mask=mask, other=1).to(x.dtype)
         lw = (pw - 1) * y + 1
         pw_y = pw * y
     else:
@@ -683,7 +782,8 @@ def binary_cross_entropy_with_logits(logits, target, weight, pos_weight, *, grad
 # ------------------------------------------------------------ vocab-parallel: row partials and the gradient pass
 # A rank that holds a slice of the classes reduces it to a few numbers per row (``row_partials``, the
 # first loop of the fused kernel); the ranks combine them, and ``cross_entropy_backward`` (its second
-# loop) writes the slice's gradient from the global lse and coefficient. Contract: ``gpuxent.backends``.
+# loop, ``_grad_step``) writes the slice's gradient from the global lse and coefficient. Contract:
+# ``gpuxent.backends``.
 
 
 @triton.jit
@@ -694,11 +794,7 @@ def _partials_step(
     """One chunk of the row partials: the running max and sum of exp and the target / smoothing sums."""
     acc_dtype = m.dtype
     mask = kept[:, None] & col_ok
-    if HAS_SOFTCAP:
-        y = tl.load(x_ptrs, mask=mask, other=0).to(acc_dtype)
-        y = tl.where(mask, softcap[:, None] * _tanh(y * inv_cap[:, None]), NEG_INF)
-    else:
-        y = tl.load(x_ptrs, mask=mask, other=NEG_INF).to(acc_dtype)
+    y = _load_logits(x_ptrs, mask, softcap, inv_cap, HAS_SOFTCAP)
     if PROB_TARGET or SMOOTHING:
         y_in = tl.where(mask, y, 0)
         if HAS_WEIGHT:
@@ -713,10 +809,8 @@ def _partials_step(
             wq = q * w if HAS_WEIGHT else q
             a += tl.sum(q * wy, axis=1)
             b += tl.sum(wq, axis=1)
-    m_new = tl.maximum(m, tl.max(y, axis=1))
-    m_shift = tl.where(m_new == NEG_INF, 0, m_new)
-    d = d * tl.exp(m - m_shift) + tl.sum(tl.exp(y - m_shift[:, None]), axis=1)
-    return m_new, d, a, b, c
+    m_new, shift = _online_max(y, m)
+    return m_new, d * tl.exp(m - shift) + tl.sum(tl.exp(y - shift[:, None]), axis=1), a, b, c
 
 
 @triton.jit
@@ -727,63 +821,42 @@ def _row_partials_kernel(
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr,
 ):  # fmt: skip
-    acc_dtype = out_ptr.dtype.element_ty
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_mask = rows < n_rows
-    zero = tl.zeros([ROWS], dtype=acc_dtype)
+    rows, row_mask, zero = _program_rows(n_rows, out_ptr, ROWS)
     softcap = _scalar(softcap_hi, softcap_lo, zero)
     inv_cap = 1 / softcap
-    x_rows = logits_ptr + rows.to(tl.int64) * stride_logits
-    t_rows = target_ptr + rows.to(tl.int64) * stride_target
+    head, body, x0 = _row_peel(rows, stride_logits, n_classes, PEEL)
+    x_rows, x_body = _row_ptrs(logits_ptr, rows, stride_logits, x0, PEEL)
+    t_rows, t_body = _row_ptrs(target_ptr, rows, stride_target, x0 + rows.to(tl.int64) * shift_target, PEEL)
     if PROB_TARGET:
         kept = row_mask
     else:
-        target = tl.load(t_rows, mask=row_mask, other=ignore_index)
-        kept = row_mask & (target != ignore_index)
-        local = target - class_offset
-        hit = kept & (local >= 0) & (local < n_classes)
-        local = tl.where(hit, local, 0)
-    m = tl.full([ROWS], NEG_INF, dtype=acc_dtype)
+        target, kept = _class_target(target_ptr, stride_target, rows, row_mask, ignore_index)
+        col_t, inside = _target_column(target, class_offset, n_classes)
+        hit = kept & inside
+    m = tl.full([ROWS], NEG_INF, dtype=zero.dtype)
     d = zero
     a = zero  # sum_j w_j q_j y_j (probability targets)
     b = zero  # sum_j w_j q_j (probability targets)
     c = zero  # sum_j w_j y_j (label smoothing)
-    if PEEL:  # the aligned body of each row (see "aligned rows"), and the edge chunk first
-        head, x_body, body = _row_peel(rows.to(tl.int64) * stride_logits, n_classes, PEEL)
-        t_body = x_body + rows.to(tl.int64) * shift_target
-        e_cols, e_ok = _edge_cols(head, body, n_classes, PEEL)
+    if PEEL:  # named apart: loop variables keep one shape
+        e_cols, e_ok = _edge_chunk(head, body, n_classes, PEEL)
         m, d, a, b, c = _partials_step(
-            x_rows[:, None] + e_cols, t_rows[:, None] + e_cols, weight_ptr + e_cols, e_ok, kept, softcap, inv_cap,
+            x_rows + e_cols, t_rows + e_cols, weight_ptr + e_cols, e_ok, kept, softcap, inv_cap,
             m, d, a, b, c, PROB_TARGET, HAS_WEIGHT, SMOOTHING, HAS_SOFTCAP,
         )  # fmt: skip
     for start in range(0, n_classes, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        if PEEL:
-            cols = head[:, None] + offs[None, :]
-            ok = offs[None, :] < body[:, None]
-            x_ptrs = logits_ptr + x_body[:, None] + offs[None, :]
-            q_ptrs = target_ptr + t_body[:, None] + offs[None, :]
-        else:
-            cols = offs[None, :]
-            ok = (offs < n_classes)[None, :]
-            x_ptrs = x_rows[:, None] + cols
-            q_ptrs = t_rows[:, None] + cols
+        cols, ok, offs = _chunk(start, head, body, n_classes, BLOCK, PEEL)
         m, d, a, b, c = _partials_step(
-            x_ptrs, q_ptrs, weight_ptr + cols, ok, kept, softcap, inv_cap, m, d, a, b, c,
-            PROB_TARGET, HAS_WEIGHT, SMOOTHING, HAS_SOFTCAP,
+            x_body + offs, t_body + offs, weight_ptr + cols, ok, kept, softcap, inv_cap,
+            m, d, a, b, c, PROB_TARGET, HAS_WEIGHT, SMOOTHING, HAS_SOFTCAP,
         )  # fmt: skip
-    if not PROB_TARGET:
-        y_t = tl.load(x_rows + local, mask=hit, other=0).to(acc_dtype)
-        if HAS_SOFTCAP:
-            y_t = softcap * _tanh(y_t * inv_cap)
-        if HAS_WEIGHT:
-            w_t = tl.load(weight_ptr + local, mask=hit, other=0).to(acc_dtype)
-        else:
-            w_t = zero + 1
+    if PROB_TARGET:
+        a = tl.where(m != NEG_INF, a - b * m, a)
+    else:
+        y_t = _target_logit(logits_ptr, stride_logits, rows, col_t, hit, softcap, inv_cap, HAS_SOFTCAP)
+        w_t = _target_weight(weight_ptr, col_t, hit, zero, HAS_WEIGHT)
         a = tl.where(hit, w_t * (y_t - m), 0)
         b = tl.where(hit, w_t, 0)
-    else:
-        a = tl.where(m != NEG_INF, a - b * m, a)
     o_rows = out_ptr + rows.to(tl.int64) * stride_out
     tl.store(o_rows, tl.where(kept, m, NEG_INF), mask=row_mask)
     tl.store(o_rows + 1, tl.where(kept, d, 0), mask=row_mask)
@@ -794,71 +867,16 @@ def _row_partials_kernel(
 
 def row_partials(logits, target, weight, *, ignore_index, softcap, class_offset, smoothing, out):
     """Per-row partials of a slice of the classes into ``out`` (N, 5); see ``gpuxent.backends``."""
-    n_rows, n_classes = logits.shape
-    logits = _unit_class_stride(logits)
-    prob = target.is_floating_point()
-    if prob:
-        target = _unit_class_stride(target)
-    if weight is not None:
-        weight = weight.contiguous()
-    if n_rows == 0:
+    logits, target, weight, prob = _class_inputs(logits, target, weight)
+    if logits.shape[0] == 0:
         return
-    block, rows, num_warps = _launch_config(max(n_classes, 1), logits.element_size())
-    with _device_ctx(logits):
-        _row_partials_kernel[(triton.cdiv(n_rows, rows),)](
-            logits, target, weight if weight is not None else out, out,
-            logits.stride(0), target.stride(0), out.stride(0),
-            n_rows, n_classes, int(ignore_index), int(class_offset), *_split(softcap or 1.0),
-            target.stride(0) - logits.stride(0),
-            PROB_TARGET=prob, HAS_WEIGHT=weight is not None, SMOOTHING=bool(smoothing), HAS_SOFTCAP=bool(softcap),
-            ROWS=rows, BLOCK=block, PEEL=_peel(logits, n_classes), num_warps=num_warps,
-        )  # fmt: skip
-
-
-@triton.jit
-def _backward_step(
-    x_ptrs, q_ptrs, w_ptrs, g_ptrs, cols, col_ok, kept, row_mask, softcap, inv_cap, smoothing, eps_r,
-    lse, a, scale, es, ey, local,
-    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ENTROPY: tl.constexpr,
-):  # fmt: skip
-    """One chunk of the gradient pass: reads the logits of columns ``cols`` and writes their gradient."""
-    acc_dtype = lse.dtype
-    mask = kept[:, None] & col_ok
-    x = tl.load(x_ptrs, mask=mask, other=0).to(acc_dtype)
-    if HAS_SOFTCAP:
-        th = _tanh(x * inv_cap[:, None])
-        y = softcap[:, None] * th
-    else:
-        y = x
-    p = tl.exp(y - lse[:, None])
-    g = a[:, None] * p
-    if HAS_ENTROPY:  # 0, not 0 * inf, where p = 0
-        g += tl.where(p > 0, es[:, None] * p * (ey[:, None] - y), 0)
-    if HAS_WEIGHT:
-        w = tl.load(w_ptrs, mask=col_ok, other=0).to(acc_dtype)
-    if PROB_TARGET:
-        q = tl.load(q_ptrs, mask=mask, other=0).to(acc_dtype)
-        q = (1 - smoothing[:, None]) * q + eps_r[:, None]
-        if HAS_WEIGHT:
-            q = q * w
-        g -= scale[:, None] * q
-    else:
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                g -= (scale * eps_r)[:, None] * w
-            else:
-                g -= (scale * eps_r)[:, None]
-        hit = cols == local[:, None]
-        if HAS_WEIGHT:
-            w_hit = w
-        else:
-            w_hit = 1
-        g = tl.where(hit, g - (scale * (1 - smoothing))[:, None] * w_hit, g)
-    if HAS_SOFTCAP:
-        g = g * (1 - th * th)
-    g = tl.where(kept[:, None], g, 0)
-    tl.store(g_ptrs, g.to(g_ptrs.dtype.element_ty), mask=row_mask[:, None] & col_ok)
+    _launch_rows(
+        _row_partials_kernel, logits,
+        logits, target, weight if weight is not None else out, out,
+        logits.stride(0), target.stride(0), out.stride(0),
+        *logits.shape, int(ignore_index), int(class_offset), *_split(softcap or 1.0), _shift(target, logits),
+        PROB_TARGET=prob, HAS_WEIGHT=weight is not None, SMOOTHING=bool(smoothing), HAS_SOFTCAP=bool(softcap),
+    )  # fmt: skip
 
 
 @triton.jit
@@ -870,60 +888,47 @@ def _cross_entropy_backward_kernel(
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ENTROPY: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr,
 ):  # fmt: skip
-    acc_dtype = lse_ptr.dtype.element_ty
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_mask = rows < n_rows
-    zero = tl.zeros([ROWS], dtype=acc_dtype)
+    rows, row_mask, zero = _program_rows(n_rows, lse_ptr, ROWS)
+    acc_dtype = zero.dtype
     smoothing = _scalar(eps_hi, eps_lo, zero)
     eps_r = _scalar(eps_r_hi, eps_r_lo, zero)
     softcap = _scalar(softcap_hi, softcap_lo, zero)
     inv_cap = 1 / softcap
-    x_rows = logits_ptr + rows.to(tl.int64) * stride_logits
-    t_rows = target_ptr + rows.to(tl.int64) * stride_target
-    g_rows = grad_ptr + rows.to(tl.int64) * stride_grad
+    head, body, x0 = _row_peel(rows, stride_logits, n_classes, PEEL)
+    x_rows, x_body = _row_ptrs(logits_ptr, rows, stride_logits, x0, PEEL)
+    t_rows, t_body = _row_ptrs(target_ptr, rows, stride_target, x0 + rows.to(tl.int64) * shift_target, PEEL)
+    g_rows, g_body = _row_ptrs(grad_ptr, rows, stride_grad, x0 + rows.to(tl.int64) * shift_grad, PEEL)
     if PROB_TARGET:
         kept = row_mask
-        local = tl.zeros([ROWS], dtype=tl.int32)  # unused
+        col_t = tl.zeros([ROWS], dtype=tl.int32)  # unused
+        w_t = zero  # unused
     else:
-        target = tl.load(t_rows, mask=row_mask, other=ignore_index)
-        kept = row_mask & (target != ignore_index)
-        local = target - class_offset  # the target's column here, or outside [0, n_classes)
+        target, kept = _class_target(target_ptr, stride_target, rows, row_mask, ignore_index)
+        local, inside = _target_column(target, class_offset, n_classes)
+        w_t = _target_weight(weight_ptr, local, kept & inside, zero, HAS_WEIGHT)
+        col_t = target - class_offset  # the target's column here, or outside [0, n_classes): no column matches
     lse = tl.load(lse_ptr + rows, mask=kept, other=0).to(acc_dtype)
     scale = tl.load(grad_scale_ptr + rows * stride_scale, mask=kept, other=0).to(acc_dtype)
-    a = scale * tl.load(coef_ptr + rows, mask=kept, other=0).to(acc_dtype)
+    coef = scale * tl.load(coef_ptr + rows, mask=kept, other=0).to(acc_dtype)
     if HAS_ENTROPY:
         es = tl.load(entropy_scale_ptr + rows * stride_entropy_scale, mask=kept, other=0).to(acc_dtype)
         ey = lse - tl.load(entropy_ptr + rows, mask=kept, other=0).to(acc_dtype)  # E_p[y]
     else:
         es = zero  # unused
         ey = zero
-    if PEEL:  # the aligned body of each row (see "aligned rows"), and the edge chunk first
-        head, x_body, body = _row_peel(rows.to(tl.int64) * stride_logits, n_classes, PEEL)
-        t_body = x_body + rows.to(tl.int64) * shift_target
-        g_body = x_body + rows.to(tl.int64) * shift_grad
-        e_cols, e_ok = _edge_cols(head, body, n_classes, PEEL)
-        _backward_step(
-            x_rows[:, None] + e_cols, t_rows[:, None] + e_cols, weight_ptr + e_cols, g_rows[:, None] + e_cols,
-            e_cols, e_ok, kept, row_mask, softcap, inv_cap, smoothing, eps_r, lse, a, scale, es, ey, local,
+    if PEEL:  # named apart: loop variables keep one shape
+        e_cols, e_ok = _edge_chunk(head, body, n_classes, PEEL)
+        _grad_step(
+            x_rows + e_cols, t_rows + e_cols, weight_ptr + e_cols, g_rows + e_cols, e_cols, e_ok, kept,
+            row_mask, softcap, inv_cap, smoothing, eps_r, scale, coef, lse, zero, col_t, w_t, es, ey,
             PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_ENTROPY,
         )  # fmt: skip
     for start in range(0, n_classes, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        if PEEL:
-            cols = head[:, None] + offs[None, :]
-            ok = offs[None, :] < body[:, None]
-            x_ptrs = logits_ptr + x_body[:, None] + offs[None, :]
-            q_ptrs = target_ptr + t_body[:, None] + offs[None, :]
-            g_ptrs = grad_ptr + g_body[:, None] + offs[None, :]
-        else:
-            cols = offs[None, :]
-            ok = (offs < n_classes)[None, :]
-            x_ptrs = x_rows[:, None] + cols
-            q_ptrs = t_rows[:, None] + cols
-            g_ptrs = g_rows[:, None] + cols
-        _backward_step(
-            x_ptrs, q_ptrs, weight_ptr + cols, g_ptrs, cols, ok, kept, row_mask, softcap, inv_cap, smoothing, eps_r,
-            lse, a, scale, es, ey, local, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_ENTROPY,
+        cols, ok, offs = _chunk(start, head, body, n_classes, BLOCK, PEEL)
+        _grad_step(
+            x_body + offs, t_body + offs, weight_ptr + cols, g_body + offs, cols, ok, kept,
+            row_mask, softcap, inv_cap, smoothing, eps_r, scale, coef, lse, zero, col_t, w_t, es, ey,
+            PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_ENTROPY,
         )  # fmt: skip
 
 
@@ -933,15 +938,9 @@ def cross_entropy_backward(
 ):  # fmt: skip
     """The gradient of a slice of the classes from the global lse and coefficient; see ``gpuxent.backends``."""
     n_rows, n_local = logits.shape
-    logits = _unit_class_stride(logits)
-    prob = target.is_floating_point()
-    if prob:
-        target = _unit_class_stride(target)
+    logits, target, weight, prob = _class_inputs(logits, target, weight)
     dt = compute_dtype(logits.dtype)
-    if weight is not None:
-        weight = weight.contiguous()
-    if grad.shape != logits.shape or (grad.stride(1) != 1 and n_local > 1):
-        raise ValueError(f"grad: expected an (N, r) tensor with unit class stride, got {tuple(grad.shape)}")
+    _check_grad(grad, logits)
     lse, coef = lse.to(dt).contiguous(), coef.to(dt).contiguous()
     scales = []
     for name, s in (("grad_scale", grad_scale), ("entropy_scale", entropy_scale)):
@@ -952,19 +951,17 @@ def cross_entropy_backward(
         scales.append(s)
     if n_rows == 0 or n_local == 0:
         return
-    block, rows, num_warps = _launch_config(n_local, logits.element_size())
-    with _device_ctx(logits):
-        _cross_entropy_backward_kernel[(triton.cdiv(n_rows, rows),)](
-            logits, target, weight if weight is not None else lse, lse, coef,
-            entropy.to(dt).contiguous() if entropy is not None else lse, scales[0], scales[1], grad,
-            logits.stride(0), target.stride(0), grad.stride(0), int(scales[0].numel() > 1),
-            int(scales[1].numel() > 1), n_rows, n_local, int(ignore_index), int(class_offset),
-            *_split(label_smoothing), *_split(label_smoothing / n_classes), *_split(softcap or 1.0),
-            target.stride(0) - logits.stride(0), grad.stride(0) - logits.stride(0),
-            PROB_TARGET=prob, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0,
-            HAS_SOFTCAP=bool(softcap), HAS_ENTROPY=entropy is not None, ROWS=rows, BLOCK=block,
-            PEEL=_peel(logits, n_local), num_warps=num_warps,
-        )  # fmt: skip
+    _launch_rows(
+        _cross_entropy_backward_kernel, logits,
+        logits, target, weight if weight is not None else lse, lse, coef,
+        entropy.to(dt).contiguous() if entropy is not None else lse, scales[0], scales[1], grad,
+        logits.stride(0), target.stride(0), grad.stride(0), int(scales[0].numel() > 1), int(scales[1].numel() > 1),
+        n_rows, n_local, int(ignore_index), int(class_offset),
+        *_split(label_smoothing), *_split(label_smoothing / n_classes), *_split(softcap or 1.0),
+        _shift(target, logits), _shift(grad, logits),
+        PROB_TARGET=prob, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0,
+        HAS_SOFTCAP=bool(softcap), HAS_ENTROPY=entropy is not None,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- distillation
@@ -1010,13 +1007,19 @@ def _log_mixture(log_ps, log_pt, log_beta, log_1mbeta):
 
 
 @triton.jit
+def _load_tempered(s_ptrs, t_ptrs, mask, inv_tau):
+    """A chunk of S and T (the logits over tau) in ``inv_tau``'s dtype, the accumulation dtype; -inf where masked."""
+    s = tl.load(s_ptrs, mask=mask, other=NEG_INF).to(inv_tau.dtype) * inv_tau[:, None]
+    t = tl.load(t_ptrs, mask=mask, other=NEG_INF).to(inv_tau.dtype) * inv_tau[:, None]
+    return s, t
+
+
+@triton.jit
 def _distill_sums_step(
-    s_ptrs, t_ptrs, mask, inv_tau, m_s, m_t, d_s, d_t, cross, DIVERGENCE: tl.constexpr,
+    s_ptrs, t_ptrs, col_ok, kept, inv_tau, m_s, m_t, d_s, d_t, cross, DIVERGENCE: tl.constexpr,
 ):  # fmt: skip
     """One chunk of loop 1: online (max, sum of exp) of S and T, and the cross term of kl / reverse_kl."""
-    acc_dtype = m_s.dtype
-    s = tl.load(s_ptrs, mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
-    t = tl.load(t_ptrs, mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
+    s, t = _load_tempered(s_ptrs, t_ptrs, kept[:, None] & col_ok, inv_tau)
     m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
     m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
     shift_s = tl.where(m_s_new == NEG_INF, 0, m_s_new)  # a row of -inf so far must not give -inf - -inf
@@ -1035,11 +1038,9 @@ def _distill_sums_step(
 
 
 @triton.jit
-def _jsd_step(s_ptrs, t_ptrs, mask, inv_tau, m_s, m_t, log_ds, log_dt, log_beta, log_1mbeta, kl_t, kl_s):
+def _jsd_step(s_ptrs, t_ptrs, col_ok, kept, inv_tau, m_s, m_t, log_ds, log_dt, log_beta, log_1mbeta, kl_t, kl_s):
     """One chunk of jsd's loop 2: sum p_t (log p_t - log m) and K = sum p_s (log p_s - log m)."""
-    acc_dtype = m_s.dtype
-    s = tl.load(s_ptrs, mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
-    t = tl.load(t_ptrs, mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
+    s, t = _load_tempered(s_ptrs, t_ptrs, kept[:, None] & col_ok, inv_tau)
     log_ps = (s - m_s[:, None]) - log_ds[:, None]
     log_pt = (t - m_t[:, None]) - log_dt[:, None]
     p_s = tl.exp(log_ps)
@@ -1052,13 +1053,11 @@ def _jsd_step(s_ptrs, t_ptrs, mask, inv_tau, m_s, m_t, log_ds, log_dt, log_beta,
 
 @triton.jit
 def _distill_grad_step(
-    s_ptrs, t_ptrs, g_ptrs, mask, store_mask, kept, no_softmax, inv_tau, m_s, m_t, log_ds, log_dt, log_beta,
+    s_ptrs, t_ptrs, g_ptrs, col_ok, kept, row_mask, no_softmax, inv_tau, m_s, m_t, log_ds, log_dt, log_beta,
     log_1mbeta, mu, coef, DIVERGENCE: tl.constexpr,
 ):  # fmt: skip
     """One chunk of the last loop: reads both rows, writes the student's gradient."""
-    acc_dtype = m_s.dtype
-    s = tl.load(s_ptrs, mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
-    t = tl.load(t_ptrs, mask=mask, other=NEG_INF).to(acc_dtype) * inv_tau[:, None]
+    s, t = _load_tempered(s_ptrs, t_ptrs, kept[:, None] & col_ok, inv_tau)
     log_ps = (s - m_s[:, None]) - log_ds[:, None]
     p_s = tl.exp(log_ps)
     if DIVERGENCE == KL:
@@ -1071,8 +1070,7 @@ def _distill_grad_step(
         g = tl.where(p_s > 0, p_s * ((log_ps - log_m) - mu[:, None]), 0)
     # float("nan"), not the global NAN: the JIT checks that a helper sees a global's value unchanged, NaN != NaN
     g = tl.where(no_softmax[:, None], float("nan"), coef[:, None] * g)
-    g = tl.where(kept[:, None], g, 0)
-    tl.store(g_ptrs, g.to(g_ptrs.dtype.element_ty), mask=store_mask)
+    _store_grad(g_ptrs, g, col_ok, kept, row_mask)
 
 
 @triton.jit
@@ -1084,49 +1082,35 @@ def _distillation_kernel(
     DIVERGENCE: tl.constexpr, HAS_TARGET: tl.constexpr, WANT_GRAD: tl.constexpr, SCALE_IS_PTR: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, PEEL: tl.constexpr,
 ):  # fmt: skip
-    acc_dtype = loss_ptr.dtype.element_ty
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_mask = rows < n_rows
-    zero = tl.zeros([ROWS], dtype=acc_dtype)
+    rows, row_mask, zero = _program_rows(n_rows, loss_ptr, ROWS)
     inv_tau = _scalar(inv_tau_hi, inv_tau_lo, zero)
     tau = _scalar(tau_hi, tau_lo, zero)
     beta = _scalar(beta_hi, beta_lo, zero)
     if HAS_TARGET:
-        target = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index)
-        kept = row_mask & (target != ignore_index)
+        _, kept = _class_target(target_ptr, 1, rows, row_mask, ignore_index)
     else:
         kept = row_mask
-    s_rows = student_ptr + rows.to(tl.int64) * stride_student
-    t_rows = teacher_ptr + rows.to(tl.int64) * stride_teacher
-    if PEEL:  # the aligned body of each row (see "aligned rows")
-        head, s_body, body = _row_peel(rows.to(tl.int64) * stride_student, n_classes, PEEL)
-        t_body = s_body + rows.to(tl.int64) * shift_teacher
-        e_cols, e_ok = _edge_cols(head, body, n_classes, PEEL)
-        e_mask = kept[:, None] & e_ok
+    head, body, s0 = _row_peel(rows, stride_student, n_classes, PEEL)  # the student's origin, then the others'
+    s_rows, s_body = _row_ptrs(student_ptr, rows, stride_student, s0, PEEL)
+    t_rows, t_body = _row_ptrs(teacher_ptr, rows, stride_teacher, s0 + rows.to(tl.int64) * shift_teacher, PEEL)
+    if PEEL:  # named apart: loop variables keep one shape
+        e_cols, e_ok = _edge_chunk(head, body, n_classes, PEEL)
 
     # loop 1: online (max, sum of exp) of S and T, and the cross term of kl / reverse_kl
-    m_s = tl.full([ROWS], NEG_INF, dtype=acc_dtype)
-    m_t = tl.full([ROWS], NEG_INF, dtype=acc_dtype)
+    m_s = tl.full([ROWS], NEG_INF, dtype=zero.dtype)
+    m_t = tl.full([ROWS], NEG_INF, dtype=zero.dtype)
     d_s = zero
     d_t = zero
     cross = zero
     if PEEL:
         m_s, m_t, d_s, d_t, cross = _distill_sums_step(
-            s_rows[:, None] + e_cols, t_rows[:, None] + e_cols, e_mask, inv_tau, m_s, m_t, d_s, d_t, cross,
-            DIVERGENCE,
-        )  # fmt: skip
+            s_rows + e_cols, t_rows + e_cols, e_ok, kept, inv_tau, m_s, m_t, d_s, d_t, cross, DIVERGENCE
+        )
     for start in range(0, n_classes, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        if PEEL:
-            m_s, m_t, d_s, d_t, cross = _distill_sums_step(
-                student_ptr + s_body[:, None] + offs[None, :], teacher_ptr + t_body[:, None] + offs[None, :],
-                kept[:, None] & (offs[None, :] < body[:, None]), inv_tau, m_s, m_t, d_s, d_t, cross, DIVERGENCE,
-            )  # fmt: skip
-        else:
-            m_s, m_t, d_s, d_t, cross = _distill_sums_step(
-                s_rows[:, None] + offs[None, :], t_rows[:, None] + offs[None, :],
-                kept[:, None] & (offs < n_classes)[None, :], inv_tau, m_s, m_t, d_s, d_t, cross, DIVERGENCE,
-            )  # fmt: skip
+        cols, ok, offs = _chunk(start, head, body, n_classes, BLOCK, PEEL)
+        m_s, m_t, d_s, d_t, cross = _distill_sums_step(
+            s_body + offs, t_body + offs, ok, kept, inv_tau, m_s, m_t, d_s, d_t, cross, DIVERGENCE
+        )
     m_s = tl.where(kept, m_s, 0)
     m_t = tl.where(kept, m_t, 0)
     log_ds = tl.log(tl.where(kept, d_s, 1))
@@ -1148,23 +1132,15 @@ def _distillation_kernel(
         kl_s = zero
         if PEEL:
             kl_t, kl_s = _jsd_step(
-                s_rows[:, None] + e_cols, t_rows[:, None] + e_cols, e_mask, inv_tau, m_s, m_t, log_ds, log_dt,
+                s_rows + e_cols, t_rows + e_cols, e_ok, kept, inv_tau, m_s, m_t, log_ds, log_dt,
                 log_beta, log_1mbeta, kl_t, kl_s,
             )  # fmt: skip
         for start in range(0, n_classes, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            if PEEL:
-                kl_t, kl_s = _jsd_step(
-                    student_ptr + s_body[:, None] + offs[None, :], teacher_ptr + t_body[:, None] + offs[None, :],
-                    kept[:, None] & (offs[None, :] < body[:, None]), inv_tau, m_s, m_t, log_ds, log_dt, log_beta,
-                    log_1mbeta, kl_t, kl_s,
-                )  # fmt: skip
-            else:
-                kl_t, kl_s = _jsd_step(
-                    s_rows[:, None] + offs[None, :], t_rows[:, None] + offs[None, :],
-                    kept[:, None] & (offs < n_classes)[None, :], inv_tau, m_s, m_t, log_ds, log_dt, log_beta,
-                    log_1mbeta, kl_t, kl_s,
-                )  # fmt: skip
+            cols, ok, offs = _chunk(start, head, body, n_classes, BLOCK, PEEL)
+            kl_t, kl_s = _jsd_step(
+                s_body + offs, t_body + offs, ok, kept, inv_tau, m_s, m_t, log_ds, log_dt,
+                log_beta, log_1mbeta, kl_t, kl_s,
+            )  # fmt: skip
         div = beta * kl_t + (1 - beta) * kl_s
         mu = kl_s
     div = tl.where(no_softmax, NAN, div)
@@ -1172,71 +1148,43 @@ def _distillation_kernel(
 
     # last loop: grad = scale * tau * d div / d S
     if WANT_GRAD:
-        if SCALE_IS_PTR:  # one factor (stride 0) or one per row
-            scale = tl.load(grad_scale_ptr + rows * stride_scale, mask=row_mask, other=0).to(acc_dtype)
-        else:
-            scale = _scalar(scale_hi, scale_lo, zero)
-        coef = scale * tau
+        coef = _grad_scale(grad_scale_ptr, stride_scale, scale_hi, scale_lo, rows, row_mask, zero, SCALE_IS_PTR) * tau
         if DIVERGENCE == JSD:
             coef = coef * (1 - beta)
-        g_rows = grad_ptr + rows.to(tl.int64) * stride_grad
+        g_rows, g_body = _row_ptrs(grad_ptr, rows, stride_grad, s0 + rows.to(tl.int64) * shift_grad, PEEL)
         if PEEL:
-            g_body = s_body + rows.to(tl.int64) * shift_grad
             _distill_grad_step(
-                s_rows[:, None] + e_cols, t_rows[:, None] + e_cols, g_rows[:, None] + e_cols, e_mask,
-                row_mask[:, None] & e_ok, kept, no_softmax, inv_tau, m_s, m_t, log_ds, log_dt, log_beta, log_1mbeta,
-                mu, coef, DIVERGENCE,
+                s_rows + e_cols, t_rows + e_cols, g_rows + e_cols, e_ok, kept, row_mask,
+                no_softmax, inv_tau, m_s, m_t, log_ds, log_dt, log_beta, log_1mbeta, mu, coef, DIVERGENCE,
             )  # fmt: skip
         for start in range(0, n_classes, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            if PEEL:
-                ok = offs[None, :] < body[:, None]
-                _distill_grad_step(
-                    student_ptr + s_body[:, None] + offs[None, :], teacher_ptr + t_body[:, None] + offs[None, :],
-                    grad_ptr + g_body[:, None] + offs[None, :], kept[:, None] & ok, row_mask[:, None] & ok, kept,
-                    no_softmax, inv_tau, m_s, m_t, log_ds, log_dt, log_beta, log_1mbeta, mu, coef, DIVERGENCE,
-                )  # fmt: skip
-            else:
-                col_mask = offs < n_classes
-                _distill_grad_step(
-                    s_rows[:, None] + offs[None, :], t_rows[:, None] + offs[None, :], g_rows[:, None] + offs[None, :],
-                    kept[:, None] & col_mask[None, :], row_mask[:, None] & col_mask[None, :], kept, no_softmax,
-                    inv_tau, m_s, m_t, log_ds, log_dt, log_beta, log_1mbeta, mu, coef, DIVERGENCE,
-                )  # fmt: skip
+            cols, ok, offs = _chunk(start, head, body, n_classes, BLOCK, PEEL)
+            _distill_grad_step(
+                s_body + offs, t_body + offs, g_body + offs, ok, kept, row_mask,
+                no_softmax, inv_tau, m_s, m_t, log_ds, log_dt, log_beta, log_1mbeta, mu, coef, DIVERGENCE,
+            )  # fmt: skip
 
 
 def distillation(student, teacher, target, *, divergence, beta, temperature, ignore_index, grad_scale, grad):
     """Per-row tau**2 * divergence of (N, r) student and teacher logits; see ``gpuxent.backends``."""
     if student.dim() != 2 or teacher.shape != student.shape:
         raise ValueError(f"student, teacher: expected two (N, r) tensors of one shape, got {tuple(student.shape)}")
-    n_rows, n_classes = student.shape
     student = _unit_class_stride(student)
     teacher = _unit_class_stride(teacher)
-    dt = compute_dtype(student.dtype)
-    loss = torch.empty(n_rows, dtype=dt, device=student.device)
-    scale_is_ptr = isinstance(grad_scale, torch.Tensor)
-    if scale_is_ptr:
-        grad_scale = grad_scale.to(device=student.device, dtype=dt).reshape(-1)
-    if grad is not None and (grad.shape != student.shape or (grad.stride(1) != 1 and n_classes > 1)):
-        raise ValueError(f"grad: expected an (N, r) tensor with unit class stride, got {tuple(grad.shape)}")
-    if n_rows == 0:
+    loss = torch.empty(student.shape[0], dtype=compute_dtype(student.dtype), device=student.device)
+    _check_grad(grad, student)
+    if loss.numel() == 0:
         return loss
-    if target is not None:
-        target = target.contiguous()
-    block, rows, num_warps = _launch_config(n_classes, student.element_size())
-    if divergence == "jsd":
-        block, rows, num_warps = _jsd_config(block, rows, num_warps, student.element_size())
-    with _device_ctx(student):
-        _distillation_kernel[(triton.cdiv(n_rows, rows),)](
-            student, teacher, target if target is not None else loss, grad_scale if scale_is_ptr else loss,
-            grad if grad is not None else loss, loss,
-            student.stride(0), teacher.stride(0), grad.stride(0) if grad is not None else 0,
-            1 if scale_is_ptr and grad_scale.numel() > 1 else 0,
-            n_rows, n_classes, int(ignore_index),
-            *_split(1 / temperature), *_split(temperature), *_split(beta),
-            *_split(1.0 if grad_scale is None or scale_is_ptr else float(grad_scale)),
-            teacher.stride(0) - student.stride(0), (grad.stride(0) if grad is not None else 0) - student.stride(0),
-            DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_TARGET=target is not None, WANT_GRAD=grad is not None,
-            SCALE_IS_PTR=scale_is_ptr, ROWS=rows, BLOCK=block, PEEL=_peel(student, n_classes), num_warps=num_warps,
-        )  # fmt: skip
+    scale, stride_scale, scale_hi, scale_lo, scale_is_ptr = _grad_scale_args(grad_scale, loss)
+    _launch_rows(
+        _distillation_kernel, student,
+        student, teacher, target.contiguous() if target is not None else loss, scale,
+        grad if grad is not None else loss, loss,
+        student.stride(0), teacher.stride(0), _stride(grad), stride_scale,
+        *student.shape, int(ignore_index),
+        *_split(1 / temperature), *_split(temperature), *_split(beta), scale_hi, scale_lo,
+        _shift(teacher, student), _shift(grad, student),
+        DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_TARGET=target is not None, WANT_GRAD=grad is not None,
+        SCALE_IS_PTR=scale_is_ptr, jsd=divergence == "jsd",
+    )  # fmt: skip
     return loss
