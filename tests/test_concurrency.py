@@ -104,12 +104,13 @@ def test_numbas_threading_layer_is_never_started():
 
 
 def _probe(n_rows: int, n_classes: int) -> set:
-    """The threads that ran a launch of ``n_rows`` rows: each task sleeps (releasing the GIL) so that
-    every thread the launch asked for gets some."""
+    """The threads that ran a launch of ``n_rows`` rows: each task (a thread's range of rows) sleeps,
+    releasing the GIL, long enough for a worker to wake on a busy machine and take its own (the caller
+    runs a task no worker has taken yet)."""
     seen = np.full(n_rows, -1, np.int64)  # poisoned: a row that did not run shows -1
 
     def rows(lo, hi, out):
-        time.sleep(0.002)
+        time.sleep(0.1)
         out[lo:hi] = threading.get_ident()
 
     runtime.launch(rows, n_rows, n_classes, seen)
@@ -127,7 +128,7 @@ def torch_threads():
 
 def test_torch_set_num_threads_governs_the_cpu_kernels(torch_threads):
     n_classes = 4096
-    n_rows = runtime.PARALLEL_MIN_ELEMENTS // n_classes  # 64 rows: 4 tasks of 16
+    n_rows = runtime.PARALLEL_MIN_ELEMENTS // n_classes  # 64 rows: the smallest input run on several threads
     torch_threads(1)
     assert _probe(n_rows, n_classes) == {threading.get_ident()}, "torch.set_num_threads(1): the caller only"
     if runtime._CPUS < 2:
@@ -143,7 +144,7 @@ def test_a_workers_error_reaches_the_caller(torch_threads):
     torch_threads(2)
 
     def rows(lo, hi, out):
-        time.sleep(0.002)
+        time.sleep(0.1)
         if lo >= 32:
             raise ZeroDivisionError(f"rows {lo}..{hi}")
 
