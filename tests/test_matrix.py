@@ -330,8 +330,7 @@ def pairwise_cover(seed: int, extra: int = 0) -> list[Case]:
 # pytest-xdist workers collect the same cases: one seed per run, from the run's shared id
 _RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
 SEED = int(
-    os.environ.get("GPUXENT_TEST_SEED")
-    or (int(_RUN[:8], 16) if _RUN else np.random.SeedSequence().entropy % (2**32))
+    os.environ.get("GPUXENT_TEST_SEED") or (int(_RUN[:8], 16) if _RUN else np.random.SeedSequence().entropy % (2**32))
 )
 CASES = pairwise_cover(SEED, int(os.environ.get("GPUXENT_MATRIX_CASES", "0")))
 
