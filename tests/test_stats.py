@@ -73,7 +73,9 @@ def _check(backend, x, t, w, reduction, a, b, entropy, what="", dtype=torch.floa
         assert got.dtype == torch.float32 and got.device == x.device and got.shape == want.shape, name
         assert_close(got, want, dtype, f"{what} {name}")
     torch.autograd.backward([out.loss, out.entropy] if entropy else [out.loss], [a, b][: 1 + entropy])
-    assert_close(xg.grad, x64.grad, dtype, f"{what} grad")
+    # the entropy's gradient p_j (lse - H - y_j) carries y_j - lse, rounded to |y_j| eps in the compute dtype
+    # (every backend the same: seed 3971200220 gave 2.49e-6 against 2e-6 on numba_cpu and torch alike)
+    assert_close(xg.grad, x64.grad, dtype, f"{what} grad", scale=4.0 if entropy else 1.0)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
