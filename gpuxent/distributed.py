@@ -812,7 +812,7 @@ def vocab_parallel_linear_cross_entropy(
             ("bias_shard", "ce_weight"), hidden=hidden, weight_shard=weight_shard, target=target, bias_shard=bias_shard,
             ce_weight=ce_weight,
         )  # fmt: skip
-        linear.check_linear(h, w, b, names=("hidden", "weight_shard", "bias_shard"), classes="r_local")
+        linear.check_linear(h, w, b, names=("hidden", "weight_shard", "bias_shard"), classes="r_local", empty_ok=True)
         opts = check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
         chunk_size = check_chunk_size(chunk_size)
         temp = check_temperature(temperature, h.shape[:-1], h, compute_dtype(h.dtype))

@@ -130,9 +130,10 @@ class ChunkGrads:
 # --------------------------------------------------------------------------- checks
 
 
-def check_linear(hidden, weight, bias, names=("hidden", "weight", "bias"), classes="r") -> None:
+def check_linear(hidden, weight, bias, names=("hidden", "weight", "bias"), classes="r", empty_ok=False) -> None:
     """Shape, dtype and device checks of ``hidden @ weight.T + bias``, the three called ``names`` and the
-    class axis ``classes`` in the messages (a rank's ``weight_shard`` holds ``r_local`` rows, maybe none)."""
+    class axis ``classes`` in the messages; ``empty_ok``: the class axis may be empty (a rank's
+    ``weight_shard`` of ``r_local`` rows)."""
     hn, wn, bn = names
     check_float(hidden, hn)
     check_float(weight, wn)
@@ -141,6 +142,8 @@ def check_linear(hidden, weight, bias, names=("hidden", "weight", "bias"), class
     if weight.dim() != 2:
         raise ValueError(f"{wn}: expected shape ({classes}, d) (classes x features), got {tuple(weight.shape)}")
     n_classes, d = weight.shape
+    if n_classes == 0 and not empty_ok:
+        raise ValueError(f"{wn}: the class axis is empty ({classes} = 0)")
     if hidden.shape[-1] != d:
         raise ValueError(
             f"{hn}: last axis has {hidden.shape[-1]} features but {wn} has shape {tuple(weight.shape)} "
@@ -159,11 +162,9 @@ def check_linear(hidden, weight, bias, names=("hidden", "weight", "bias"), class
 
 
 def _check_linear(hidden, weight, bias, ce_weight):
-    """:func:`check_linear`, a non-empty class axis and the class weights; the target and the CE keywords
+    """:func:`check_linear` and the class weights; the target and the CE keywords
     are checked by ``prepare_cross_entropy``."""
     check_linear(hidden, weight, bias)
-    if weight.shape[0] == 0:
-        raise ValueError("weight: the class axis is empty (r = 0)")
     check_class_weight(hidden, ce_weight, weight.shape[0], "ce_weight")
 
 

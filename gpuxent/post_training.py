@@ -173,8 +173,6 @@ def linear_log_probs(
 def _check_head(hidden, weight, bias, who: str):
     """Shape, dtype and device checks of one head (``who``: "student" or "teacher")."""
     check_linear(hidden, weight, bias, names=(f"{who}_hidden", f"{who}_weight", f"{who}_bias"))
-    if weight.shape[0] == 0:
-        raise ValueError(f"{who}_weight: the class axis is empty (r = 0)")
 
 
 def default_distill_chunk_size(n_classes: int, dtype: torch.dtype, hidden_size: int) -> int:
