@@ -511,26 +511,31 @@ def audit_triton_kernel(kernel_io, signature, compiled, ptxas_log, num_warps) ->
 
 
 def triton_tasks(only: str = "", cover: bool = False):
-    """(Variant, kernel attribute, signature, constexprs, attrs, options) for every Triton variant
-    (of the cover, see ``triton_calls``) whose key contains ``only``."""
+    """One task per distinct compilation: ``(variants, kernel attribute, signature, constexprs, attrs,
+    options)``, for the Triton variants (of the cover, see ``triton_calls``) whose key contains ``only``.
+    Variants that launch the same kernel with the same specialization (131072 and 50304 classes are
+    both multiples of 16) share one compile, as they share one binary on a GPU."""
     from gpuxent.backends import triton as tb
 
-    tasks = []
+    tasks: dict[str, tuple] = {}
     for v, call in triton_calls(cover=cover):
         if only not in v.key:
             continue
         attr = TRITON_IO[v.kernel][0]
         _, args, kwargs = record_launch(tb, attr, call)
-        tasks.append((v, attr, *specialize(getattr(tb, attr), args, kwargs)))
-    return tasks
+        spec = specialize(getattr(tb, attr), args, kwargs)
+        key = repr((attr, *(sorted(part.items()) for part in spec)))
+        tasks.setdefault(key, ([], attr, *spec))[0].append(v)
+    return list(tasks.values())
 
 
-def _run_triton_task(task) -> dict:
+def _run_triton_task(task) -> list[dict]:
     from gpuxent.backends import triton as tb
 
-    v, attr, signature, constexprs, attrs, options = task
+    variants, attr, signature, constexprs, attrs, options = task
     compiled, log = compile_triton(getattr(tb, attr), signature, constexprs, attrs, options)
-    return _row(v, audit_triton_kernel(TRITON_IO[v.kernel], signature, compiled, log, options["num_warps"]))
+    metrics = audit_triton_kernel(TRITON_IO[variants[0].kernel], signature, compiled, log, options["num_warps"])
+    return [_row(v, metrics) for v in variants]
 
 
 # --------------------------------------------------------------------------- numba_cuda
@@ -864,7 +869,9 @@ def audit(backends=("triton", "numba_cuda"), jobs: int = 1, only: str = "", cove
             raise RuntimeError(f"{var} is set: the interpreters replace the compilers; unset it")
     rows = []
     if "triton" in backends:
-        rows += _map(_run_triton_task, triton_tasks(only, cover), jobs)
+        order = {v: i for i, (v, _) in enumerate(triton_calls(cover=cover))}
+        triton_rows = [r for rs in _map(_run_triton_task, triton_tasks(only, cover), jobs) for r in rs]
+        rows += sorted(triton_rows, key=lambda r: order[Variant(*(r[k] for k in ("backend", "kernel", "dtype", "variant")))])
     if "numba_cuda" in backends:
         try:
             _numba_setup()

@@ -14,6 +14,9 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+    import interpreters  # noqa: E402
+
+    interpreters.speed_up()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -70,11 +73,23 @@ def rng():
     return np.random.default_rng(seed)
 
 
-# The modules that take minutes (the GPU compile audit compiles ~400 kernels; gpu_check's dry run runs
-# every step) go first: under ``-n auto --dist loadfile`` a worker starts them while the others share
-# the rest, instead of one worker finishing them alone at the end.
-LONG_MODULES = ("test_gpu_audit.py", "test_gpu_check.py")
+# The modules that take longest, longest first (each about a minute or more: the GPU compile audit, gpu_check's
+# dry run of every step, the kernels on the interpreters and numba's first compile of each variant). Under
+# ``-n auto --dist loadfile`` a worker takes the next module when it is done with one, so the short modules
+# fill the end of the run instead of one worker finishing a long one alone. pytest-xdist would order the
+# modules by their number of tests (``loadscopereorder``): the order here replaces it.
+LONG_MODULES = (
+    "test_gpu_check.py", "test_gpu_audit.py", "test_cross_entropy.py", "test_stats.py", "test_triton.py",
+    "test_concurrency.py", "test_distillation.py", "test_vocab_parallel_kernels.py", "test_post_training.py",
+    "test_cli.py", "test_linear.py",
+)  # fmt: skip
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.path.name not in LONG_MODULES)  # stable: the rest keep their order
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

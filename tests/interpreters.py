@@ -1,0 +1,66 @@
+"""Two costs of the CPU interpreters that have nothing to do with the kernels they run, removed for the
+tests (the kernels, their launches and what the interpreters compute are unchanged):
+
+- **The CUDA simulator** runs each thread of a block as a Python thread, and its block manager
+  (``BlockManager.run``) polls them in a loop that holds the GIL until the interpreter's switch
+  interval (5 ms) takes it away: the simulated threads wait most of the time. Yielding the GIL at
+  each poll (``BlockThread.is_alive``, which the loop calls for every live thread) makes the numba_cuda
+  tests about 4x faster.
+- **Triton's interpreter** lists ``triton.language`` with ``inspect.getmembers`` to patch its builtins
+  at every launch and again at every call of a ``@triton.jit`` helper inside a kernel, hundreds of
+  times a launch. The builtins are the same each time: they are listed once per module and
+  re-checked by name (the triton tests about 1.5x faster).
+
+Each is applied only where the interpreter has the shape it is written against, else the interpreter
+runs as it comes.
+"""
+
+import inspect
+import threading
+import time
+
+
+def _yield_in_the_simulators_poll():
+    try:
+        from numba.cuda.simulator import kernel
+    except ImportError:
+        return
+    thread = getattr(kernel, "BlockThread", None)
+    if thread is None or not issubclass(thread, threading.Thread) or "is_alive" in vars(thread):
+        return
+
+    def is_alive(self):
+        time.sleep(0)  # releases the GIL: the block's threads run while the manager polls
+        return threading.Thread.is_alive(self)
+
+    thread.is_alive = is_alive
+
+
+def _list_triton_builtins_once():
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch_attr = getattr(interpreter, "_patch_attr", None)
+    is_builtin = getattr(tl.core, "is_builtin", None)
+    if patch_attr is None or is_builtin is None or not hasattr(interpreter, "_patch_builtin"):
+        return
+    builtins = {}  # id(module or class) -> names of its builtins, listed the first time (unpatched)
+
+    def _patch_builtin(pkg, builder, scope):
+        names = builtins.get(id(pkg))
+        if names is None:
+            names = builtins[id(pkg)] = [name for name, member in inspect.getmembers(pkg) if is_builtin(member)]
+        for name in names:
+            member = getattr(pkg, name, None)
+            if is_builtin(member):  # not already patched by the launch around this helper call
+                patch_attr(pkg, name, member, builder, scope)
+
+    interpreter._patch_builtin = _patch_builtin
+
+
+def speed_up():
+    """Apply both (call with the interpreters switched on, before any kernel runs)."""
+    _yield_in_the_simulators_poll()
+    _list_triton_builtins_once()
