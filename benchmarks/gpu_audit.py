@@ -869,9 +869,9 @@ def audit(backends=("triton", "numba_cuda"), jobs: int = 1, only: str = "", cove
             raise RuntimeError(f"{var} is set: the interpreters replace the compilers; unset it")
     rows = []
     if "triton" in backends:
-        order = {v: i for i, (v, _) in enumerate(triton_calls(cover=cover))}
+        order = {v: i for i, (v, _) in enumerate(triton_calls(cover=cover))}  # the rows in the calls' order
         triton_rows = [r for rs in _map(_run_triton_task, triton_tasks(only, cover), jobs) for r in rs]
-        rows += sorted(triton_rows, key=lambda r: order[Variant(*(r[k] for k in ("backend", "kernel", "dtype", "variant")))])
+        rows += sorted(triton_rows, key=lambda r: order[Variant(*(r[k] for k in Variant.__dataclass_fields__))])
     if "numba_cuda" in backends:
         try:
             _numba_setup()
