@@ -66,10 +66,10 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 
 def median_ms(fn, grad_to_none=None) -> float:
-    if not ON_GPU:  # --dry-run: wall clock on the CPU
-        from gpuxent.bench import time_ms
+    if not ON_GPU:  # --dry-run: one call on the interpreters, by the wall clock
+        from gpuxent.bench import time_once_ms
 
-        return time_ms(fn, repeats=3)
+        return time_once_ms(fn)
     from triton.testing import do_bench
 
     fn()  # compile / autotune / allocate outside the timing

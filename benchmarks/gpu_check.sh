@@ -96,7 +96,8 @@ PY
 
 tests() {
     if [ "$DRY_RUN" = 1 ]; then  # a few interpreter tests: the full share takes an hour on a CPU
-        python -m pytest -q -p no:cacheprovider -ra -k "(triton or numba_cuda) and (launch_config or row_layout)" tests
+        python -m pytest -q -p no:cacheprovider -ra -k "launch_config or row_layout" tests/test_triton.py \
+            tests/test_numba_cuda.py
     else  # numba_cpu, the trainer, gloo and the notebooks run in CI on every push
         local workers=()
         python -c "import xdist" 2>/dev/null && workers=(-n 8)
@@ -138,10 +139,10 @@ dtype = torch.float32 if dry else torch.bfloat16
 
 
 def median_ms(fn):
-    if dry:
-        from gpuxent.bench import time_ms
+    if dry:  # one call on the interpreters, by the wall clock
+        from gpuxent.bench import time_once_ms
 
-        return time_ms(fn, repeats=3)
+        return time_once_ms(fn)
     from triton.testing import do_bench
 
     fn()

@@ -35,9 +35,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from gpuxent.integrations.transformers import apply_gpuxent
 
 TEXT = Path(__file__).resolve().parents[1] / "README.md"
 SIZES = {
@@ -48,6 +45,9 @@ VARIANTS = ("unpatched", "gpuxent")
 
 
 def build_model(args, device):
+    # imported here: the parent process, which only runs the two variants, does without it
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
@@ -116,6 +116,8 @@ def run_variant(args):
     device = torch.device(args.device)
     model = build_model(args, device)
     if args.variant == "gpuxent":
+        from gpuxent.integrations.transformers import apply_gpuxent
+
         apply_gpuxent(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data = batches(args, device)

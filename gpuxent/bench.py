@@ -18,6 +18,7 @@ import datetime
 import functools
 import os
 import platform
+import time
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,15 @@ def time_ms(fn, repeats: int = 5) -> float:
     timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     first = timer.timeit(1)
     return 1e3 * timer.blocked_autorange(min_run_time=repeats * first.median).median
+
+
+def time_once_ms(fn) -> float:
+    """ms of one call of ``fn()`` after a warm-up call, by the wall clock: the timer of the GPU scripts'
+    dry runs on the CPU interpreters, whose times say only that the script runs."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - start)
 
 
 def write_json(path: str, result) -> None:
