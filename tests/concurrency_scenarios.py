@@ -235,6 +235,10 @@ SCENARIOS = {f.__name__: f for f in (threads, pool, fork, dataloader, fork_from_
 
 if __name__ == "__main__":
     name, backend = sys.argv[1:]
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":  # the simulator's own costs, as in the test process
+        import interpreters
+
+        interpreters.speed_up()
     SCENARIOS[name](backend)  # before the parent has called gpuxent
     _one_torch_thread_in_children()
     check(backend, 12345)
