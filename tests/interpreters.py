@@ -6,10 +6,12 @@ tests (the kernels, their launches and what the interpreters compute are unchang
   interval (5 ms) takes it away: the simulated threads wait most of the time. Yielding the GIL at
   each poll (``BlockThread.is_alive``, which the loop calls for every live thread) makes the numba_cuda
   tests about 4x faster.
-- **Triton's interpreter** lists ``triton.language`` with ``inspect.getmembers`` to patch its builtins
-  at every launch and again at every call of a ``@triton.jit`` helper inside a kernel, hundreds of
-  times a launch. The builtins are the same each time: they are listed once per module and
-  re-checked by name (the triton tests about 1.5x faster).
+- **Triton's interpreter** patches ``triton.language`` (its builtins listed by ``inspect.getmembers``)
+  at every launch, undone when the launch ends, and again at every call of a ``@triton.jit`` helper
+  inside the kernel, hundreds of times a launch, where it finds everything patched already. Here a
+  helper call patches only the language of a module the launch has not patched yet (``tl.zeros`` is
+  a helper of ``triton.language`` itself), and the builtins of a module are listed once and re-checked
+  by name (the triton tests about 1.8x faster).
 
 Each is applied only where the interpreter has the shape it is written against, else the interpreter
 runs as it comes.
@@ -60,7 +62,45 @@ def _list_triton_builtins_once():
     interpreter._patch_builtin = _patch_builtin
 
 
+def _patch_the_language_once_per_launch():
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch_lang = getattr(interpreter, "_patch_lang", None)
+    if patch_lang is None:
+        return
+    patched = set()  # ids of the module globals whose triton.language the running launch has patched
+
+    class Launch:  # the launch's scope: its restore ends the launch
+        def __init__(self, scope):
+            self.scope = scope
+
+        def restore(self):
+            patched.clear()
+            self.scope.restore()
+
+    class Done:
+        def restore(self):
+            pass
+
+    def _patch_lang(fn):
+        module = id(fn.__globals__)
+        if not patched:  # a launch (the interpreter restores what it patched when the launch ends)
+            scope = Launch(patch_lang(fn))
+            patched.add(module)
+            return scope
+        if module in patched:  # a helper of a module this launch has patched
+            return Done()
+        scope = patch_lang(fn)  # a helper of another module: patched as the interpreter does
+        patched.add(module)
+        return scope
+
+    interpreter._patch_lang = _patch_lang
+
+
 def speed_up():
-    """Apply both (call with the interpreters switched on, before any kernel runs)."""
+    """Apply them (call with the interpreters switched on, before any kernel runs)."""
     _yield_in_the_simulators_poll()
     _list_triton_builtins_once()
+    _patch_the_language_once_per_launch()
