@@ -45,10 +45,11 @@ def _code_cells(nb):
 
 
 def _text(cell) -> str:
-    """What a cell printed and returned, as text (images and HTML left out)."""
+    """What a cell printed and returned, as text (images, HTML and stderr left out: numba's one-time compile
+    notice goes there, in whichever cell first calls a kernel that no earlier test has compiled)."""
     parts = []
     for out in cell.outputs:
-        if out.output_type == "stream":
+        if out.output_type == "stream" and out.name == "stdout":
             parts.append(out.text)
         elif out.output_type in ("execute_result", "display_data") and "text/plain" in out.get("data", {}):
             if "image/png" not in out.data:  # a figure's text/plain is its repr, with an address
