@@ -38,15 +38,15 @@ def _yield_in_the_simulators_poll():
     thread.is_alive = is_alive
 
 
-def _list_triton_builtins_once():
+def _patch_triton_less():
     try:
         import triton.language as tl
         from triton.runtime import interpreter
     except ImportError:
         return
-    patch_attr = getattr(interpreter, "_patch_attr", None)
+    patch_attr, patch_lang = getattr(interpreter, "_patch_attr", None), getattr(interpreter, "_patch_lang", None)
     is_builtin = getattr(tl.core, "is_builtin", None)
-    if patch_attr is None or is_builtin is None or not hasattr(interpreter, "_patch_builtin"):
+    if None in (patch_attr, patch_lang, is_builtin) or not hasattr(interpreter, "_patch_builtin"):
         return
     builtins = {}  # id(module or class) -> names of its builtins, listed the first time (unpatched)
 
@@ -59,17 +59,6 @@ def _list_triton_builtins_once():
             if is_builtin(member):  # not already patched by the launch around this helper call
                 patch_attr(pkg, name, member, builder, scope)
 
-    interpreter._patch_builtin = _patch_builtin
-
-
-def _patch_the_language_once_per_launch():
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
-        return
-    patch_lang = getattr(interpreter, "_patch_lang", None)
-    if patch_lang is None:
-        return
     patched = set()  # ids of the module globals whose triton.language the running launch has patched
 
     class Launch:  # the launch's scope: its restore ends the launch
@@ -96,11 +85,11 @@ def _patch_the_language_once_per_launch():
         patched.add(module)
         return scope
 
+    interpreter._patch_builtin = _patch_builtin
     interpreter._patch_lang = _patch_lang
 
 
 def speed_up():
     """Apply them (call with the interpreters switched on, before any kernel runs)."""
     _yield_in_the_simulators_poll()
-    _list_triton_builtins_once()
-    _patch_the_language_once_per_launch()
+    _patch_triton_less()
