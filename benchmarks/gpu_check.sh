@@ -125,30 +125,21 @@ vocab() {  # the vocab-parallel kernels of one rank on one GPU, against the fuse
 import json
 import math
 import os
+import sys
 
 import torch
 
 from gpuxent import backends
 from gpuxent.bench import bytes_moved
 
+sys.path.insert(0, "benchmarks")
+from bench_gpu import median_ms  # noqa: E402 - the benchmark table's timer: do_bench, or one call in the dry run
+
 dry = os.environ.get("DRY_RUN") == "1"
 out_dir = os.environ["OUT_DIR"]
 device = "cpu" if dry else "cuda"  # the dry run: the interpreters on CPU tensors, wall clock
 sizes = [(4, 64), (4, 61)] if dry else [(16384, 131072), (16384, 50304), (16384, 50257)]
 dtype = torch.float32 if dry else torch.bfloat16
-
-
-def median_ms(fn):
-    if dry:  # one call on the interpreters, by the wall clock
-        from gpuxent.bench import time_once_ms
-
-        return time_once_ms(fn)
-    from triton.testing import do_bench
-
-    fn()
-    torch.cuda.synchronize()
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
-
 
 rows = []
 for name in ("triton", "numba_cuda"):
